@@ -1,0 +1,34 @@
+# Two commands do all the set-up: `make demo` and `make test` create .venv and install into it when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# Small-op workloads: one intra-op thread is faster on 2 cores (see DESIGN.md section 3).
+export OMP_NUM_THREADS ?= 1
+export WANDB_MODE ?= disabled
+
+.PHONY: demo test test-slow reproduce clean
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and exactly pinned: a loose requirement would pull a multi-GB CUDA build.
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) experiments/quadratic.py --preset demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+reproduce: $(STAMP)
+	$(PY) experiments/quadratic.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

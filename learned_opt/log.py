@@ -1,0 +1,98 @@
+"""Run logging: a JSONL file always, Weights & Biases when asked (offline mode needs no account or network).
+
+W&B is imported lazily and any W&B failure is reported once and then ignored: logging must never stop a run.
+The step is logged as a key (``meta_step``), never as ``wandb.log(step=...)``, which drops earlier steps after a
+resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Any, Dict, Optional
+
+WANDB_MODES = ("off", "disabled", "offline", "online")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 0)() == 1:
+        return _jsonable(v.item())
+    return v
+
+
+class Logger:
+    """Append metrics to ``path`` (JSONL) and, when ``wandb_mode`` is offline/online, to a W&B run."""
+
+    def __init__(self, path: Optional[str], wandb_mode: str = "off", config: Optional[Dict] = None,
+                 project: str = "learned_opt", run_dir: Optional[str] = None, name: Optional[str] = None):
+        if wandb_mode not in WANDB_MODES:
+            raise ValueError(f"unknown wandb mode {wandb_mode!r}; known: {', '.join(WANDB_MODES)}")
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.wandb = None
+        if wandb_mode in ("offline", "online"):
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=project, mode=wandb_mode, config=config or {}, name=name,
+                                        dir=run_dir or (os.path.dirname(os.path.abspath(path)) if path else None),
+                                        reinit=True)
+            except Exception as e:  # noqa: BLE001 - W&B must never stop a run
+                warnings.warn(f"W&B disabled: {type(e).__name__}: {e}")
+                self.wandb = None
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first ``lines`` lines of the JSONL file (used on resume, so nothing is logged twice)."""
+        if not self.path or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = f.readlines()[:lines]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def lines(self) -> int:
+        """Number of lines written so far."""
+        if not self.path or not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            return sum(1 for _ in f)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        """Write one record."""
+        clean = {k: _jsonable(v) for k, v in record.items()}
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(clean) + "\n")
+        self._wandb_call(lambda run: run.log({k: v for k, v in record.items()
+                                              if isinstance(_jsonable(v), (int, float))}))
+
+    def log_image(self, key: str, path: str) -> None:
+        """Send a figure file to W&B (no-op without W&B)."""
+        self._wandb_call(lambda run: run.log({key: __import__("wandb").Image(path)}))
+
+    def log_artifact(self, path: str, name: str, kind: str = "checkpoint") -> None:
+        """Send a file to W&B as an artifact (no-op without W&B)."""
+        def _send(run):
+            import wandb
+            art = wandb.Artifact(name, type=kind)
+            art.add_file(path)
+            run.log_artifact(art)
+        self._wandb_call(_send)
+
+    def _wandb_call(self, fn) -> None:
+        if self.wandb is None:
+            return
+        try:
+            fn(self.wandb)
+        except Exception as e:  # noqa: BLE001 - W&B must never stop a run
+            warnings.warn(f"W&B logging failed and is now off: {type(e).__name__}: {e}")
+            self.wandb = None
+
+    def close(self) -> None:
+        """Finish the W&B run, if any."""
+        self._wandb_call(lambda run: run.finish())
+        self.wandb = None

@@ -1,0 +1,448 @@
+"""Meta-training by truncated backpropagation through the unrolled inner loop.
+
+Following Andrychowicz et al. (2016): a batch of sampled tasks per meta-iteration, horizon T cut into
+truncations of K steps, one meta-update per truncation, the meta-loss summed over the truncation, second-order
+terms through the learner's gradient off by default. Added for robustness: other meta-losses (mean log loss,
+validation loss, the halting objective for the stop head), our own Adam as the meta-optimizer with global
+gradient-norm clipping, guards against non-finite losses and meta-gradients, a per-task loss ceiling, a
+curriculum over horizons (Chen et al. 2020), random truncation offsets, held-out validation keeping the best
+meta-weights, atomic checkpoints with exact resume, and JSONL / W&B logs.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .evaluate import evaluate, robust_mean, task_seed
+from .log import Logger
+from .optim.baselines import Adam, AdamState
+from .optim.learned import build_learned, kind_of
+from .tasks.base import check_positive_int, generator
+from .unroll import UnrollResult, unroll
+
+META_LOSSES = ("sum", "mean_log", "val", "halting")
+
+
+@dataclass
+class MetaConfig:
+    """Meta-training settings (the experiment scripts expose these as flags)."""
+    horizon: int = 100
+    truncation: int = 20
+    tasks_per_step: int = 1
+    iterations: int = 100
+    meta_lr: float = 1e-3
+    clip_norm: float = 1.0
+    meta_loss: str = "sum"
+    halting_lambda: float = 0.0
+    second_order: bool = False
+    control: str = "none"  # "none": update only; "learned": the LR and stop heads drive the unroll
+    loss_ceiling: float = 10.0  # inner losses clipped at this multiple of the task's initial loss
+    curriculum: Tuple[int, ...] = ()  # horizons, each used for an equal share of the iterations
+    random_offset: bool = False
+    val_every: int = 0  # meta-iterations between validations on held-out tasks (0: never)
+    val_tasks: int = 8
+    val_metric: str = "mean_final"  # or "mean_log_final", "val_at_stop"
+    keep_best: bool = True
+    checkpoint_every: int = 0  # meta-iterations between checkpoints (0: only at the end, if a run_dir is set)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        check_positive_int("horizon", self.horizon)
+        check_positive_int("truncation", self.truncation)
+        check_positive_int("tasks_per_step", self.tasks_per_step)
+        check_positive_int("iterations", self.iterations)
+        if self.truncation > self.horizon:
+            raise ValueError(f"truncation {self.truncation} is longer than the horizon {self.horizon}")
+        for h in self.curriculum:
+            check_positive_int("curriculum horizon", h)
+        if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
+            raise ValueError(f"meta_lr must be a finite number > 0, got {self.meta_lr!r}")
+        if not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
+        if self.meta_loss not in META_LOSSES:
+            raise ValueError(f"unknown meta-loss {self.meta_loss!r}; known: {', '.join(META_LOSSES)}")
+        if self.control not in ("none", "learned"):
+            raise ValueError(f"control must be 'none' or 'learned', got {self.control!r}")
+        if self.meta_loss == "halting" and self.control != "learned":
+            raise ValueError("the halting meta-loss trains the stop head: it needs control='learned'")
+        if not self.loss_ceiling > 1:
+            raise ValueError(f"loss_ceiling must be > 1, got {self.loss_ceiling!r}")
+        if self.val_metric not in ("mean_final", "mean_log_final", "val_at_stop"):
+            raise ValueError(f"unknown val_metric {self.val_metric!r}")
+
+
+def tree_detach(x: Any) -> Any:
+    """Detach every tensor in a nested structure of tuples, lists, dicts and NamedTuples."""
+    if isinstance(x, Tensor):
+        return x.detach()
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(tree_detach(v) for v in x))
+    if isinstance(x, (tuple, list)):
+        return type(x)(tree_detach(v) for v in x)
+    if isinstance(x, dict):
+        return {k: tree_detach(v) for k, v in x.items()}
+    return x
+
+
+def tree_finite(x: Any) -> bool:
+    """True when every floating tensor in a nested structure is finite."""
+    if isinstance(x, Tensor):
+        return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if isinstance(x, (tuple, list)):
+        return all(tree_finite(v) for v in x)
+    if isinstance(x, dict):
+        return all(tree_finite(v) for v in x.values())
+    return True
+
+
+@dataclass
+class InnerRun:
+    """One task's inner training in progress across truncations."""
+    task: Any
+    gen: torch.Generator
+    params: List[Tensor]
+    opt_state: Any
+    ctrl_state: Any
+    step: int
+    horizon: int
+    ceiling: Tensor  # per-problem loss ceiling
+    survival: float = 1.0  # halting: probability of not having stopped before ``step``
+
+
+def _clip(per_problem: Tensor, ceiling: Tensor) -> Tensor:
+    # min(loss, ceiling) keeps the gradient below the ceiling and cuts it above: a diverging unroll
+    # contributes a bounded constant instead of dominating the meta-gradient.
+    return torch.minimum(per_problem, ceiling)
+
+
+def truncation_loss(kind: str, res: UnrollResult, run: InnerRun, lam: float = 0.0) -> Tensor:
+    """The meta-loss of one truncation (rows after the first: the losses that depend on this truncation)."""
+    rows = res.problem_losses[1:]
+    if kind in ("sum", "mean_log"):
+        if not rows:
+            return res.train_losses[0] * 0
+        stacked = torch.stack([_clip(r, run.ceiling) for r in rows])  # (steps, problems)
+        if kind == "sum":
+            return stacked.mean(-1).sum()
+        return torch.log(stacked + 1e-12).mean()
+    vals = [v for v in res.val_losses[1:] if v is not None]
+    if kind == "val":
+        if not vals:
+            raise ValueError("the 'val' meta-loss needs validation losses (val_every=1)")
+        return torch.stack(vals).mean()
+    return halting_loss(res, run, lam)
+
+
+def halting_loss(res: UnrollResult, run: InnerRun, lam: float) -> Tensor:
+    """Truncated halting objective ``sum_t q_t (L_val(t) + lam t)``, ``q_t = p_t prod_{s<t} (1 - p_s)``.
+
+    The survival probability is carried (detached) across truncations; the mass left at the horizon is
+    charged to the last validation loss there.
+    """
+    survival = torch.as_tensor(run.survival, dtype=res.train_losses[0].dtype)
+    total = res.train_losses[0].new_zeros(())
+    steps = res.records["step"]
+    for i, p in enumerate(res.stop_probs):
+        t = steps[i]
+        val = res.val_losses[i]
+        total = total + survival * p * (val + lam * t)
+        survival = survival * (1 - p)
+    last = len(res.stop_probs)
+    if res.step >= run.horizon and last < len(res.val_losses) and res.val_losses[last] is not None:
+        total = total + survival * (res.val_losses[last] + lam * steps[last])
+    run.survival = float(survival.detach())
+    return total
+
+
+def halting_distribution(stop_probs: Tensor) -> Tensor:
+    """``q`` over steps ``0..T``: ``q_t = p_t prod_{s<t} (1 - p_s)`` for ``t < T``, the rest at ``T``."""
+    survival = torch.cumprod(torch.cat([stop_probs.new_ones(1), 1 - stop_probs]), 0)
+    return torch.cat([stop_probs * survival[:-1], survival[-1:]])
+
+
+def _opt_state_to_dict(s: AdamState) -> Dict[str, Any]:
+    return {"mu": list(s.mu), "nu": list(s.nu), "nu_max": list(s.nu_max), "count": s.count}
+
+
+def _opt_state_from_dict(d: Dict[str, Any]) -> AdamState:
+    return AdamState(tuple(d["mu"]), tuple(d["nu"]), tuple(d["nu_max"]), int(d["count"]))
+
+
+def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
+    """Write atomically (temporary file, fsync, rename) and keep the previous file as ``<path>.prev``.
+
+    A failure while writing (full disk, no permission) raises ``RuntimeError`` and leaves the earlier
+    checkpoints untouched.
+    """
+    tmp = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            os.replace(path, f"{path}.prev")
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError:
+            pass
+        raise RuntimeError(f"could not save checkpoint {path}: {e.strerror or e}") from e
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Load ``path``; if it is missing, truncated or corrupt, warn and fall back to ``<path>.prev``."""
+    errors = []
+    for candidate in (path, f"{path}.prev"):
+        if not os.path.exists(candidate):
+            errors.append(f"{candidate}: missing")
+            continue
+        try:
+            payload = torch.load(candidate, map_location="cpu", weights_only=True)
+            if not isinstance(payload, dict) or "format" not in payload:
+                raise ValueError("not a learned_opt checkpoint")
+            if candidate != path:
+                warnings.warn(f"checkpoint {path} is unreadable ({errors[-1]}); resumed from {candidate}")
+            return payload
+        except Exception as e:  # noqa: BLE001 - any unreadable file falls back
+            errors.append(f"{candidate}: {type(e).__name__}: {e}")
+    raise RuntimeError("no usable checkpoint: " + "; ".join(errors))
+
+
+def save_lopt(path: str, net) -> None:
+    """Save a trained meta-network (kind, constructor config and weights) for :func:`load_lopt`."""
+    save_checkpoint(path, {"format": "learned_opt.lopt/1", "kind": kind_of(net), "config": net.config,
+                           "state_dict": net.state_dict()})
+
+
+def load_lopt(path: str):
+    """Load a meta-network saved by :func:`save_lopt`."""
+    payload = load_checkpoint(path)
+    if payload.get("format") != "learned_opt.lopt/1":
+        raise ValueError(f"{path} is not a saved meta-network (format {payload.get('format')!r})")
+    net = build_learned(payload["kind"], **payload["config"])
+    try:
+        net.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit a {payload['kind']} network: {str(e).splitlines()[0]}")
+    return net
+
+
+class MetaTrainer:
+    """Meta-trains ``net`` on tasks from ``family``; ``run()`` returns the log of the run."""
+
+    def __init__(self, net, family, config: MetaConfig, *, run_dir: Optional[str] = None,
+                 logger: Optional[Logger] = None, progress: bool = False):
+        config.validate()
+        self.net, self.family, self.cfg = net, family, config
+        self.run_dir = run_dir
+        self.logger = logger or Logger(os.path.join(run_dir, "metrics.jsonl") if run_dir else None)
+        self.progress = progress
+        self.meta_params = [p for p in net.parameters()]
+        self.meta_opt = Adam(lr=config.meta_lr)
+        self.meta_state = self.meta_opt.init([p.detach() for p in self.meta_params])
+        self.gen = generator(task_seed("train", 0, config.seed))
+        self.iteration = 0
+        self.meta_step = 0
+        self.skipped = 0
+        self.best_score = math.inf
+        self.best_state = copy.deepcopy(net.state_dict())
+        self.train_seconds = 0.0
+        self.history: List[Dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_path(self) -> Optional[str]:
+        """Where the latest checkpoint lives (``None`` without a run directory)."""
+        return os.path.join(self.run_dir, "checkpoint.pt") if self.run_dir else None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume exactly."""
+        return {"format": "learned_opt.meta/1", "kind": kind_of(self.net), "net_config": self.net.config,
+                "config": asdict(self.cfg), "net": self.net.state_dict(),
+                "meta_opt": _opt_state_to_dict(self.meta_state), "generator": self.gen.get_state(),
+                "iteration": self.iteration, "meta_step": self.meta_step, "skipped": self.skipped,
+                "best_score": self.best_score, "best_state": self.best_state,
+                "train_seconds": self.train_seconds, "log_lines": self.logger.lines()}
+
+    def save(self) -> None:
+        """Write a checkpoint atomically (no-op without a run directory)."""
+        if self.checkpoint_path:
+            save_checkpoint(self.checkpoint_path, self.state_dict())
+
+    def resume(self) -> bool:
+        """Restore from the run directory's checkpoint if one exists; returns whether it did."""
+        path = self.checkpoint_path
+        if not path or not (os.path.exists(path) or os.path.exists(path + ".prev")):
+            return False
+        ck = load_checkpoint(path)
+        if ck.get("kind") != kind_of(self.net) or ck.get("net_config") != self.net.config:
+            raise ValueError(f"checkpoint {path} is for a {ck.get('kind')} network with config "
+                             f"{ck.get('net_config')}, not this {kind_of(self.net)} {self.net.config}")
+        try:
+            self.net.load_state_dict(ck["net"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}")
+        self.meta_state = _opt_state_from_dict(ck["meta_opt"])
+        self.gen.set_state(ck["generator"])
+        self.iteration, self.meta_step, self.skipped = ck["iteration"], ck["meta_step"], ck["skipped"]
+        self.best_score, self.best_state = ck["best_score"], ck["best_state"]
+        self.train_seconds = ck["train_seconds"]
+        self.logger.truncate(ck["log_lines"])
+        return True
+
+    # ------------------------------------------------------------------ training
+    def horizon_at(self, iteration: int) -> int:
+        """The inner horizon of meta-iteration ``iteration`` (curriculum stage or the fixed horizon)."""
+        stages = self.cfg.curriculum
+        if not stages:
+            return self.cfg.horizon
+        stage = min(len(stages) - 1, iteration * len(stages) // self.cfg.iterations)
+        return stages[stage]
+
+    def _controller(self):
+        return self.net.as_controller() if self.cfg.control == "learned" else None
+
+    def _new_run(self, horizon: int) -> InnerRun:
+        task_gen = generator(int(torch.randint(0, 2**62, (1,), generator=self.gen).item()))
+        task = self.family(task_gen)
+        params = task.init(task_gen)
+        with torch.no_grad():
+            initial = task.losses(params, task.sample_batch(task_gen, "train"))
+        ctrl = self._controller()
+        return InnerRun(task, task_gen, params, self.net.init([p.detach() for p in params]),
+                        ctrl.init() if ctrl is not None else None, 0, horizon,
+                        initial.detach().abs() * self.cfg.loss_ceiling + 1e-8)
+
+    def _truncation_lengths(self, horizon: int) -> List[int]:
+        k = min(self.cfg.truncation, horizon)
+        first = k
+        if self.cfg.random_offset:
+            first = int(torch.randint(1, k + 1, (1,), generator=self.gen).item())
+        lengths, left = [], horizon
+        while left > 0:
+            n = min(first if not lengths else k, left)
+            lengths.append(n)
+            left -= n
+        return lengths
+
+    def meta_step_on(self, runs: List[InnerRun], length: int) -> Dict[str, Any]:
+        """One truncation on every run, one guarded meta-update; returns the step's log record."""
+        cfg = self.cfg
+        ctrl = self._controller()
+        needs_val = cfg.meta_loss in ("val", "halting")
+        losses, results = [], []
+        for run in runs:
+            res = unroll(run.task, self.net, ctrl, steps=length, generator=run.gen, params=run.params,
+                         opt_state=run.opt_state, ctrl_state=run.ctrl_state, start_step=run.step,
+                         horizon=run.horizon, differentiable=True, second_order=cfg.second_order,
+                         val_every=1 if needs_val else 0)
+            losses.append(truncation_loss(cfg.meta_loss, res, run, cfg.halting_lambda))
+            results.append(res)
+        meta_loss = torch.stack(losses).mean()
+        record: Dict[str, Any] = {"meta_step": self.meta_step, "iteration": self.iteration,
+                                  "meta_loss": float(meta_loss.detach()), "skipped": 0}
+        inner_finite = all(torch.isfinite(torch.stack([r.sum() for r in res.problem_losses])).all()
+                           for res in results)
+        grads = None
+        if torch.isfinite(meta_loss) and inner_finite:
+            grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.meta_params)]
+            gnorm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+            record["meta_grad_norm"] = float(gnorm)
+            if not torch.isfinite(gnorm):
+                grads = None
+        if grads is None:
+            self.skipped += 1
+            record.update(skipped=1, skipped_total=self.skipped)
+            warnings.warn(f"meta-step {self.meta_step}: non-finite inner loss or meta-gradient; update skipped")
+        else:
+            factor = min(1.0, cfg.clip_norm / (float(gnorm) + 1e-12))
+            grads = [g * factor for g in grads]
+            updates, new_state = self.meta_opt.update(grads, self.meta_state,
+                                                      [p.detach() for p in self.meta_params])
+            if all(torch.isfinite(u).all() for u in updates):
+                with torch.no_grad():
+                    for p, u in zip(self.meta_params, updates):
+                        p.add_(u)
+                self.meta_state = new_state
+            else:  # never let the meta-weights become non-finite
+                self.skipped += 1
+                record.update(skipped=1, skipped_total=self.skipped)
+        for run, res in zip(runs, results):
+            run.params = [p.detach() for p in res.params]
+            run.opt_state = tree_detach(res.opt_state)
+            run.ctrl_state = tree_detach(res.ctrl_state)
+            run.step = res.step
+        lr = [r.records["lr_scale"] for r in results]
+        sp = [r.records["stop_prob"] for r in results]
+        record["lr_scale_mean"] = float(sum(map(sum, lr)) / max(1, sum(map(len, lr))))
+        record["stop_prob_mean"] = float(sum(map(sum, sp)) / max(1, sum(map(len, sp))))
+        record["inner_loss"] = float(sum(r.records["train_loss"][-1] for r in results) / len(results))
+        self.meta_step += 1
+        return record
+
+    def validate(self) -> float:
+        """Score the current meta-weights on held-out validation tasks (lower is better)."""
+        cfg = self.cfg
+        horizon = cfg.horizon
+        ctrl_fn = (lambda: self.net.as_controller()) if cfg.control == "learned" else None
+        res = evaluate(self.family, self.net, ctrl_fn, num_tasks=cfg.val_tasks, steps=horizon, split="val",
+                       seed=cfg.seed, val_every=1 if cfg.meta_loss in ("val", "halting") else 0,
+                       stop_metrics=cfg.val_metric == "val_at_stop")
+        if cfg.val_metric == "val_at_stop":
+            return robust_mean(res.val_at_stop)
+        final = res.final()
+        if cfg.val_metric == "mean_log_final":
+            return robust_mean(torch.log(torch.as_tensor(final) + 1e-12).numpy())
+        return robust_mean(final)
+
+    def run(self) -> "MetaTrainer":
+        """Meta-train for the configured iterations (continuing after :meth:`resume`)."""
+        cfg = self.cfg
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="meta-train", leave=False)
+        while self.iteration < cfg.iterations:
+            start = time.perf_counter()
+            horizon = self.horizon_at(self.iteration)
+            runs = [self._new_run(horizon) for _ in range(cfg.tasks_per_step)]
+            for length in self._truncation_lengths(horizon):
+                record = self.meta_step_on(runs, length)
+                self.logger.log(record)
+                self.history.append(record)
+                if any(r.step > r.horizon for r in runs):
+                    break
+            self.iteration += 1
+            self.train_seconds += time.perf_counter() - start
+            if cfg.val_every and self.iteration % cfg.val_every == 0:
+                score = self.validate()
+                improved = score < self.best_score
+                if improved:
+                    self.best_score = score
+                    self.best_state = copy.deepcopy(self.net.state_dict())
+                self.logger.log({"meta_step": self.meta_step, "iteration": self.iteration,
+                                 "val_score": score, "val_best": self.best_score})
+            if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                self.save()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if cfg.keep_best and cfg.val_every and math.isfinite(self.best_score):
+            self.net.load_state_dict(self.best_state)
+        self.save()
+        return self

@@ -1,0 +1,404 @@
+"""Learned optimizers: meta-networks that output updates, a learning-rate decision and a stop decision.
+
+* :class:`CoordLSTM` follows Andrychowicz et al. (2016), "Learning to learn by gradient descent by gradient
+  descent": a two-layer LSTM shared across coordinates, per-coordinate state, gradients preprocessed to
+  ``(log|g| / p, sign g)`` (or ``(-1, e^p g)`` for tiny gradients), output times a fixed scale.
+* :class:`CoordMLP` follows Metz et al. (2020/2022): a per-parameter MLP over gradient, parameter, momenta at
+  several decays (normalised per tensor) and a step embedding; update ``d * exp(m * c_exp) * c_step``.
+
+Both implement the optimizer protocol (``init`` / ``update``) *and* the controller protocol (``init`` is shared;
+``decide`` turns pooled hidden state plus global features into a learning-rate multiplier and a stop
+probability through :class:`DecisionHeads`). Their meta-weights are ``.parameters()``. All coordinates of all
+tensors are processed in one batched call; per-tensor statistics use a segment index over that flat layout.
+The update head starts at zero updates, the LR head at multiplier 1 and the stop head near probability 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from ..control import Decision, Observation
+
+STEP_TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+
+
+class Layout(NamedTuple):
+    """How a list of tensors maps to one flat vector of ``n`` coordinates."""
+    shapes: Tuple[torch.Size, ...]
+    sizes: Tuple[int, ...]
+    segment: Tensor  # (n,) index of the tensor each coordinate belongs to
+    counts: Tensor  # (num_tensors,) coordinates per tensor
+
+
+def make_layout(params: Sequence[Tensor]) -> Layout:
+    """The flat layout of ``params``."""
+    if len(params) == 0:
+        raise ValueError("cannot optimise an empty parameter list")
+    sizes = tuple(p.numel() for p in params)
+    device = params[0].device
+    segment = torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                      torch.tensor(sizes, device=device))
+    counts = torch.tensor(sizes, device=device, dtype=params[0].dtype)
+    return Layout(tuple(p.shape for p in params), sizes, segment, counts)
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors into one vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(flat: Tensor, layout: Layout) -> List[Tensor]:
+    """Split a flat vector back into tensors of the layout's shapes."""
+    return [c.reshape(s) for c, s in zip(torch.split(flat, layout.sizes), layout.shapes)]
+
+
+def segment_mean(x: Tensor, layout: Layout) -> Tensor:
+    """Mean over each tensor's coordinates: ``(n, ...) -> (num_tensors, ...)``."""
+    out = x.new_zeros((len(layout.sizes),) + x.shape[1:]).index_add(0, layout.segment, x)
+    return out / layout.counts.reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def preprocess_gradient(g: Tensor, p: float = 10.0) -> Tensor:
+    """L2L preprocessing: ``(log|g|/p, sign g)`` if ``|g| >= e^-p`` else ``(-1, e^p g)``; ``(n,) -> (n, 2)``."""
+    big = g.abs() >= math.exp(-p)
+    first = torch.where(big, torch.log(g.abs().clamp_min(math.exp(-p))) / p, torch.full_like(g, -1.0))
+    second = torch.where(big, torch.sign(g), g * math.exp(p))
+    return torch.stack([first, second], dim=-1)
+
+
+def step_embedding(count: int, like: Tensor, timescales: Sequence[float] = STEP_TIMESCALES) -> Tensor:
+    """``tanh(t / tau)`` for several timescales, a vector like ``like``'s dtype and device."""
+    return torch.tensor([math.tanh(count / tau) for tau in timescales], dtype=like.dtype, device=like.device)
+
+
+class DecisionState(NamedTuple):
+    """Running global statistics the decision heads read (all plain floats, never part of a graph)."""
+    loss0: float
+    gnorm0: float
+    val0: float
+    best_val: float
+    last_val: float
+    since_best: int
+    checks: int
+
+
+NUM_GLOBAL_FEATURES = 7 + len(STEP_TIMESCALES)
+
+
+def _safe_log_ratio(a: float, b: float) -> float:
+    if not (math.isfinite(a) and math.isfinite(b)) or a <= 0 or b <= 0:
+        return 0.0
+    return max(-20.0, min(20.0, math.log(a / b)))
+
+
+class DecisionHeads(nn.Module):
+    """Learning-rate and stop heads over ``(pooled hidden, global features)``.
+
+    The LR multiplier is ``exp(log(lr_bound) * tanh(z))``, inside ``[1/lr_bound, lr_bound]``; the stop
+    probability is ``stop_max * sigmoid(z + stop_bias)``. Last layers start at zero, so a fresh head gives an LR
+    multiplier of exactly 1 and a stop probability of ``stop_max * sigmoid(stop_bias)``.
+    """
+
+    def __init__(self, pooled_dim: int, hidden: int = 32, lr_bound: float = 10.0, stop_bias: float = -6.0,
+                 stop_max: float = 1.0, stop_threshold: float = 0.5):
+        super().__init__()
+        if not lr_bound > 1:
+            raise ValueError(f"lr_bound must be > 1, got {lr_bound!r}")
+        if not 0 < stop_max <= 1:
+            raise ValueError(f"stop_max must be in (0, 1], got {stop_max!r}")
+        self.lr_bound, self.stop_bias, self.stop_max = lr_bound, stop_bias, stop_max
+        self.stop_threshold = stop_threshold
+        dim = pooled_dim + NUM_GLOBAL_FEATURES
+        self.lr = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.stop = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        for head in (self.lr, self.stop):
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
+    def init(self) -> DecisionState:
+        """No statistics yet."""
+        return DecisionState(math.nan, math.nan, math.nan, math.inf, math.nan, 0, 0)
+
+    @staticmethod
+    def observe(obs: Observation, state: DecisionState) -> DecisionState:
+        """Fold this step's loss, gradient norm and (when present) validation loss into the statistics."""
+        loss = float(obs.loss.detach()) if obs.loss is not None else math.nan
+        gnorm = float(obs.grad_norm) if obs.grad_norm is not None else math.nan
+        loss0 = loss if math.isnan(state.loss0) else state.loss0
+        gnorm0 = gnorm if math.isnan(state.gnorm0) else state.gnorm0
+        val0, best, last, since, checks = state.val0, state.best_val, state.last_val, state.since_best, \
+            state.checks
+        if obs.val_loss is not None:
+            last = float(obs.val_loss.detach())
+            val0 = last if math.isnan(val0) else val0
+            checks += 1
+            if last < best:
+                best, since = last, 0
+            else:
+                since += 1
+        return DecisionState(loss0, gnorm0, val0, best, last, since, checks)
+
+    @staticmethod
+    def features(obs: Observation, state: DecisionState, like: Tensor) -> Tensor:
+        """Global features (detached inputs): loss, validation and gradient-norm ratios, time embeddings."""
+        loss = float(obs.loss.detach()) if obs.loss is not None else math.nan
+        gnorm = float(obs.grad_norm) if obs.grad_norm is not None else math.nan
+        has_val = state.checks > 0
+        feats = [
+            _safe_log_ratio(loss, state.loss0),
+            _safe_log_ratio(state.last_val, state.val0) if has_val else 0.0,
+            _safe_log_ratio(state.last_val, state.best_val) if has_val else 0.0,
+            math.tanh(state.since_best / 5.0),
+            math.tanh(state.since_best / 20.0),
+            _safe_log_ratio(gnorm, state.gnorm0),
+            1.0 if has_val else 0.0,
+        ]
+        base = torch.tensor(feats, dtype=like.dtype, device=like.device)
+        return torch.cat([base, step_embedding(obs.step, like)])
+
+    def forward(self, pooled: Tensor, obs: Observation, state: DecisionState, per_tensor: bool):
+        """``(lr_scale, stop_prob, new_state)``; ``pooled`` is ``(num_tensors, d)`` and ``(d,)`` globally."""
+        state = self.observe(obs, state)
+        g = self.features(obs, state, pooled)
+        global_in = torch.cat([pooled.mean(0), g])
+        stop_logit = self.stop(global_in).squeeze(-1) + self.stop_bias
+        stop_prob = self.stop_max * torch.sigmoid(stop_logit)
+        if per_tensor:
+            tensor_in = torch.cat([pooled, repeat(g, "f -> t f", t=pooled.shape[0])], dim=-1)
+            log_lr = math.log(self.lr_bound) * torch.tanh(self.lr(tensor_in).squeeze(-1))
+            lr_scale = list(torch.exp(log_lr).unbind(0))
+        else:
+            lr_scale = torch.exp(math.log(self.lr_bound) * torch.tanh(self.lr(global_in).squeeze(-1)))
+        return lr_scale, stop_prob, state
+
+    def decision(self, pooled: Tensor, obs: Observation, state: DecisionState, per_tensor: bool):
+        """A :class:`Decision`; a hard stop only outside meta-training, when the probability crosses the
+        threshold."""
+        lr_scale, stop_prob, state = self(pooled, obs, state, per_tensor)
+        stop = (not obs.training) and float(stop_prob) > self.stop_threshold
+        return Decision(lr_scale=lr_scale, stop_prob=stop_prob, stop=stop), state
+
+
+class _MetaNetwork(nn.Module):
+    """Shared plumbing: config for save/load, the controller half of the protocol."""
+    config: Dict[str, Any]
+    heads: DecisionHeads
+    lr_mode: str
+
+    def _check_common(self, lr_mode: str) -> None:
+        if lr_mode not in ("global", "per_tensor"):
+            raise ValueError(f"lr_mode must be 'global' or 'per_tensor', got {lr_mode!r}")
+
+    # Controller protocol: init() is shared with the optimizer protocol, so the controller state is separate.
+    def init_control(self) -> DecisionState:
+        """Initial controller state."""
+        return self.heads.init()
+
+    def decide(self, obs: Observation, state: Optional[DecisionState]):
+        """LR and stop decisions from the pooled hidden state held in ``obs.opt_state``."""
+        if state is None:
+            state = self.heads.init()
+        if obs.opt_state is None or getattr(obs.opt_state, "pooled", None) is None:
+            raise ValueError(f"{type(self).__name__}.decide needs its own optimizer state in the observation")
+        return self.heads.decision(obs.opt_state.pooled, obs, state, self.lr_mode == "per_tensor")
+
+    def as_controller(self) -> "LearnedControl":
+        """This network's decision heads as a stand-alone controller object."""
+        return LearnedControl(self)
+
+
+class LearnedControl:
+    """Controller-protocol view of a meta-network's LR and stop heads (``unroll(task, net, net.as_controller())``)."""
+
+    def __init__(self, net: _MetaNetwork):
+        self.net = net
+
+    def init(self) -> DecisionState:
+        """Initial controller state."""
+        return self.net.init_control()
+
+    def decide(self, obs: Observation, state: DecisionState):
+        """Delegate to the network's heads."""
+        return self.net.decide(obs, state)
+
+
+class LSTMState(NamedTuple):
+    """Per-coordinate LSTM state ``(layers, n, hidden)``, per-coordinate momenta, pooled hidden, count."""
+    h: Tensor
+    c: Tensor
+    momenta: Tuple[Tensor, ...]
+    pooled: Optional[Tensor]
+    count: int
+    layout: Layout
+
+
+EXTRA_INPUTS = ("param", "momentum", "loss")
+
+
+class CoordLSTM(_MetaNetwork):
+    """Coordinatewise LSTM optimizer (Andrychowicz et al. 2016) with learned LR and stop heads."""
+
+    def __init__(self, hidden: int = 20, layers: int = 2, preproc_p: float = 10.0, output_scale: float = 0.1,
+                 extra_inputs: Sequence[str] = (), momentum_decays: Sequence[float] = (0.9, 0.99),
+                 lr_mode: str = "global", lr_bound: float = 10.0, stop_bias: float = -6.0,
+                 stop_threshold: float = 0.5, init_zero: bool = True):
+        super().__init__()
+        bad = [e for e in extra_inputs if e not in EXTRA_INPUTS]
+        if bad:
+            raise ValueError(f"unknown extra input {bad[0]!r}; known: {', '.join(EXTRA_INPUTS)}")
+        if int(hidden) < 1 or int(layers) < 1:
+            raise ValueError(f"hidden and layers must be >= 1, got hidden={hidden!r}, layers={layers!r}")
+        if not preproc_p > 0:
+            raise ValueError(f"preproc_p must be > 0, got {preproc_p!r}")
+        self._check_common(lr_mode)
+        self.config = dict(hidden=hidden, layers=layers, preproc_p=preproc_p, output_scale=output_scale,
+                           extra_inputs=list(extra_inputs), momentum_decays=list(momentum_decays),
+                           lr_mode=lr_mode, lr_bound=lr_bound, stop_bias=stop_bias,
+                           stop_threshold=stop_threshold, init_zero=init_zero)
+        self.hidden, self.layers, self.p, self.output_scale = hidden, layers, preproc_p, output_scale
+        self.extra_inputs, self.lr_mode = tuple(extra_inputs), lr_mode
+        self.momentum_decays = tuple(momentum_decays) if "momentum" in extra_inputs else ()
+        in_dim = 2 + ("param" in extra_inputs) + 2 * len(self.momentum_decays) + ("loss" in extra_inputs)
+        self.cells = nn.ModuleList([nn.LSTMCell(in_dim if i == 0 else hidden, hidden) for i in range(layers)])
+        self.out = nn.Linear(hidden, 1)
+        if init_zero:  # start with zero updates: stable, and every meta-gradient is informative
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        self.heads = DecisionHeads(hidden, lr_bound=lr_bound, stop_bias=stop_bias,
+                                   stop_threshold=stop_threshold)
+
+    def init(self, params: Sequence[Tensor]) -> LSTMState:
+        """Zero LSTM state for every coordinate of ``params``."""
+        layout = make_layout(params)
+        n = sum(layout.sizes)
+        like = params[0]
+        zeros = like.new_zeros((self.layers, n, self.hidden))
+        momenta = tuple(like.new_zeros(n) for _ in self.momentum_decays)
+        return LSTMState(zeros, zeros, momenta, None, 0, layout)
+
+    def update(self, grads, state: LSTMState, params, *, loss: Optional[Tensor] = None):
+        """One step for all coordinates at once."""
+        layout = state.layout
+        if len(grads) != len(layout.sizes) or any(g.shape != s for g, s in zip(grads, layout.shapes)):
+            raise ValueError(f"gradient shapes {[tuple(g.shape) for g in grads]} do not match the state's "
+                             f"{[tuple(s) for s in layout.shapes]}")
+        g = flatten(grads)
+        inputs = [preprocess_gradient(g, self.p)]
+        if "param" in self.extra_inputs:
+            inputs.append(flatten(params).unsqueeze(-1))
+        momenta = tuple(b * m + (1 - b) * g for b, m in zip(self.momentum_decays, state.momenta))
+        inputs.extend(preprocess_gradient(m, self.p) for m in momenta)
+        if "loss" in self.extra_inputs:
+            value = 0.0 if loss is None else math.log(max(float(loss.detach()), 1e-30))
+            inputs.append(g.new_full((g.shape[0], 1), value / self.p))
+        x = torch.cat(inputs, dim=-1)
+        hs, cs = [], []
+        for i, cell in enumerate(self.cells):
+            h, c = cell(x, (state.h[i], state.c[i]))
+            hs.append(h)
+            cs.append(c)
+            x = h
+        step = self.out(x).squeeze(-1) * self.output_scale
+        pooled = segment_mean(x, layout)
+        new = LSTMState(torch.stack(hs), torch.stack(cs), momenta, pooled, state.count + 1, layout)
+        return unflatten(step, layout), new
+
+
+class MLPState(NamedTuple):
+    """Per-coordinate momenta and second moment, pooled hidden, count, layout."""
+    momenta: Tuple[Tensor, ...]
+    rms: Tensor
+    pooled: Optional[Tensor]
+    count: int
+    layout: Layout
+
+
+class CoordMLP(_MetaNetwork):
+    """Per-parameter MLP optimizer (Metz et al.) with learned LR and stop heads.
+
+    Features per coordinate: gradient, parameter, momenta at ``momentum_decays``, gradient and momenta divided
+    by the RMS of the gradient (Adam-like), each normalised by its root mean square over the tensor; plus a
+    step embedding. Output ``(d, m)``; update ``d * exp(m * exp_mult) * step_mult``.
+    """
+
+    def __init__(self, hidden: int = 32, layers: int = 2, momentum_decays: Sequence[float] = (0.5, 0.9, 0.99,
+                 0.999), rms_decay: float = 0.999, step_mult: float = 1e-3, exp_mult: float = 1e-3,
+                 lr_mode: str = "global", lr_bound: float = 10.0, stop_bias: float = -6.0,
+                 stop_threshold: float = 0.5, init_zero: bool = True):
+        super().__init__()
+        if int(hidden) < 1 or int(layers) < 1:
+            raise ValueError(f"hidden and layers must be >= 1, got hidden={hidden!r}, layers={layers!r}")
+        for b in (*momentum_decays, rms_decay):
+            if not 0 <= b < 1:
+                raise ValueError(f"decays must be in [0, 1), got {b!r}")
+        self._check_common(lr_mode)
+        self.config = dict(hidden=hidden, layers=layers, momentum_decays=list(momentum_decays),
+                           rms_decay=rms_decay, step_mult=step_mult, exp_mult=exp_mult, lr_mode=lr_mode,
+                           lr_bound=lr_bound, stop_bias=stop_bias, stop_threshold=stop_threshold,
+                           init_zero=init_zero)
+        self.momentum_decays, self.rms_decay = tuple(momentum_decays), rms_decay
+        self.step_mult, self.exp_mult, self.lr_mode = step_mult, exp_mult, lr_mode
+        k = len(self.momentum_decays)
+        in_dim = 2 + k + (1 + k) + len(STEP_TIMESCALES)
+        mods: List[nn.Module] = []
+        for i in range(layers):
+            mods += [nn.Linear(in_dim if i == 0 else hidden, hidden), nn.ReLU()]
+        self.body = nn.Sequential(*mods)
+        self.out = nn.Linear(hidden, 2)
+        if init_zero:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        self.heads = DecisionHeads(hidden, lr_bound=lr_bound, stop_bias=stop_bias,
+                                   stop_threshold=stop_threshold)
+
+    def init(self, params: Sequence[Tensor]) -> MLPState:
+        """Zero accumulators."""
+        layout = make_layout(params)
+        n = sum(layout.sizes)
+        like = params[0]
+        return MLPState(tuple(like.new_zeros(n) for _ in self.momentum_decays), like.new_zeros(n), None, 0,
+                        layout)
+
+    def update(self, grads, state: MLPState, params, *, loss: Optional[Tensor] = None):
+        """One step for all coordinates at once."""
+        layout = state.layout
+        if len(grads) != len(layout.sizes) or any(g.shape != s for g, s in zip(grads, layout.shapes)):
+            raise ValueError(f"gradient shapes {[tuple(g.shape) for g in grads]} do not match the state's "
+                             f"{[tuple(s) for s in layout.shapes]}")
+        g, p = flatten(grads), flatten(params)
+        count = state.count + 1
+        momenta = tuple(b * m + (1 - b) * g for b, m in zip(self.momentum_decays, state.momenta))
+        rms_acc = self.rms_decay * state.rms + (1 - self.rms_decay) * g * g
+        rms = torch.sqrt(rms_acc / (1 - self.rms_decay ** count)) + 1e-8
+        raw = torch.stack([g, p, *momenta, g / rms, *(m / rms for m in momenta)], dim=-1)
+        # Normalise each feature by its root mean square over the tensor it belongs to.
+        scale = torch.sqrt(segment_mean(raw * raw, layout) + 1e-12)
+        feats = raw / scale[layout.segment]
+        emb = repeat(step_embedding(count, g), "f -> n f", n=g.shape[0])
+        h = self.body(torch.cat([feats, emb], dim=-1))
+        d, m = rearrange(self.out(h), "n (two) -> two n", two=2)
+        step = d * torch.exp(m * self.exp_mult) * self.step_mult
+        new = MLPState(momenta, rms_acc, segment_mean(h, layout), count, layout)
+        return unflatten(step, layout), new
+
+
+LEARNED = {"lstm": CoordLSTM, "mlp": CoordMLP}
+
+
+def build_learned(kind: str, **config: Any) -> _MetaNetwork:
+    """A meta-network by kind (``lstm`` or ``mlp``) and constructor keyword arguments."""
+    if kind not in LEARNED:
+        raise ValueError(f"unknown meta-network {kind!r}; known: {', '.join(LEARNED)}")
+    return LEARNED[kind](**config)
+
+
+def kind_of(net: nn.Module) -> str:
+    """The registry key of a meta-network instance."""
+    for k, cls in LEARNED.items():
+        if type(net) is cls:
+            return k
+    raise ValueError(f"not a registered meta-network: {type(net).__name__}")

@@ -1,0 +1,24 @@
+"""Tasks (inner problems) and task families: quadratics, the MetaNet regression, digits classification."""
+from .base import SPLITS, Task, generator
+from .digits import Digits, DigitsFamily
+from .metanet import MetaNet, MetaNetFamily, MetaNetRegression
+from .quadratic import Quadratic, QuadraticFamily
+from .supervised import MLP, SupervisedTask
+
+FAMILIES = {
+    "quadratic": QuadraticFamily,
+    "metanet": MetaNetFamily,
+    "digits": DigitsFamily,
+}
+
+
+def get_family(name: str, **kwargs):
+    """Build a task family by name (``quadratic``, ``metanet``, ``digits``)."""
+    key = str(name).lower()
+    if key not in FAMILIES:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[key](**kwargs)
+
+
+__all__ = ["Task", "SPLITS", "generator", "Quadratic", "QuadraticFamily", "MetaNet", "MetaNetRegression",
+           "MetaNetFamily", "Digits", "DigitsFamily", "MLP", "SupervisedTask", "FAMILIES", "get_family"]

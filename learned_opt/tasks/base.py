@@ -1,0 +1,70 @@
+"""The task protocol (after learned_optimization's ``Task``) and helpers shared by the tasks.
+
+A task is one inner problem: ``init(generator) -> params``, ``sample_batch(generator, split) -> batch``,
+``loss(params, batch) -> scalar``. ``losses(params, batch)`` gives one loss per independent problem (a task
+may hold a batch of problems, as the L2L quadratics do; the scalar ``loss`` is their sum so that each problem
+gets its own gradient). A task family is a callable ``family(generator) -> task``. All randomness comes from
+explicit ``torch.Generator`` objects.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+SPLITS = ("train", "val", "test")
+
+
+class Task(Protocol):
+    """One inner problem."""
+    num_problems: int
+
+    def init(self, generator: torch.Generator) -> List[Tensor]:
+        """Initial learner parameters."""
+
+    def sample_batch(self, generator: torch.Generator, split: str = "train") -> Any:
+        """A batch of data from ``split`` (``train``, ``val`` or ``test``)."""
+
+    def loss(self, params: Sequence[Tensor], batch: Any) -> Tensor:
+        """Scalar loss (sum over problems) of ``params`` on ``batch``."""
+
+    def losses(self, params: Sequence[Tensor], batch: Any) -> Tensor:
+        """Per-problem losses, shape ``(num_problems,)``."""
+
+
+def check_split(split: str) -> None:
+    """Raise ``ValueError`` for a split name other than train / val / test."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+
+
+def generator(seed: int, device: Optional[torch.device] = None) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed`` (tasks move sampled tensors to their device)."""
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g
+
+
+def sample_minibatch(x: Tensor, y: Tensor, batch_size: Optional[int], generator: torch.Generator):
+    """A random minibatch of ``batch_size`` rows (all rows when ``batch_size`` is None or too large)."""
+    n = x.shape[0]
+    if batch_size is None or batch_size >= n:
+        return x, y
+    idx = torch.randperm(n, generator=generator)[:batch_size].to(x.device)
+    return x[idx], y[idx]
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def finite_or_inf(x: float) -> float:
+    """``x`` if finite, else ``inf`` (diverged runs rank last)."""
+    return x if math.isfinite(x) else math.inf
+
+
+Metrics = Dict[str, float]

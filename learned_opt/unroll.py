@@ -1,0 +1,170 @@
+"""The one inner loop: any optimizer, with any controller, on any task, for T steps.
+
+Used alike by hand-coded baselines, learned optimizers, evaluation and meta-training. With
+``differentiable=True`` the parameters keep their graph through the updates (meta-training); with
+``second_order=True`` the learner's gradients are themselves differentiated (Hessian-vector terms), otherwise
+they enter as constants, as in Andrychowicz et al. (2016). With ``differentiable=False`` every step is cut from
+the graph, so memory stays flat in the horizon.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .control import Constant, Decision, Observation
+from .tasks.base import check_positive_int
+
+RECORD_KEYS = ("step", "train_loss", "val_loss", "lr_scale", "stop_prob", "stop", "grad_norm", "update_norm")
+
+
+@dataclass
+class UnrollResult:
+    """What an unroll produced.
+
+    ``train_losses`` / ``val_losses`` / ``stop_probs`` / ``problem_losses`` (per-problem vectors) are
+    tensors, with graph when differentiable, one per recorded step; ``records`` holds Python floats of the
+    per-step statistics, keyed by :data:`RECORD_KEYS`. Row ``i`` belongs to inner step
+    ``records['step'][i]``: the loss *at* the parameters after that many updates.
+    """
+    params: List[Tensor]
+    opt_state: Any
+    ctrl_state: Any
+    step: int
+    stopped: bool = False
+    stop_step: Optional[int] = None
+    best_step: Optional[int] = None
+    diverged: bool = False
+    train_losses: List[Tensor] = field(default_factory=list)
+    val_losses: List[Optional[Tensor]] = field(default_factory=list)
+    stop_probs: List[Tensor] = field(default_factory=list)
+    records: Dict[str, list] = field(default_factory=lambda: {k: [] for k in RECORD_KEYS})
+    problem_losses: List[Tensor] = field(default_factory=list)
+
+    def problem_loss_matrix(self) -> Tensor:
+        """Per-problem losses stacked to ``(rows, num_problems)``, detached."""
+        return torch.stack([p.detach() for p in self.problem_losses])
+
+
+def _norm(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors))
+
+
+def _scale_for(scale, i: int):
+    return scale[i] if isinstance(scale, (list, tuple)) else scale
+
+
+def _float(x) -> float:
+    # detach first: float() of a tensor that requires grad (a learned scale or stop prob) warns
+    return float(x.detach()) if isinstance(x, Tensor) else float(x)
+
+
+def _mean_scale(scale) -> float:
+    if isinstance(scale, (list, tuple)):
+        return float(sum(_float(s) for s in scale) / max(len(scale), 1))
+    return _float(scale)
+
+
+def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Generator,
+           params: Optional[Sequence[Tensor]] = None, opt_state: Any = None, ctrl_state: Any = None,
+           start_step: int = 0, horizon: Optional[int] = None, differentiable: bool = False,
+           second_order: bool = False, val_every: int = 0, final_eval: bool = True) -> UnrollResult:
+    """Run ``steps`` inner steps of ``optimizer`` under ``controller`` on ``task``.
+
+    ``params`` / ``opt_state`` / ``ctrl_state`` / ``start_step`` continue an earlier unroll (truncations);
+    by default the task initialises the parameters. ``val_every=k`` evaluates the validation loss every ``k``
+    steps (0: never). The loop stops early when the controller decides to stop; without ``differentiable`` it
+    also stops when every problem's loss is non-finite (``diverged``).
+    """
+    check_positive_int("steps", steps)
+    horizon = start_step + steps if horizon is None else horizon
+    check_positive_int("horizon", horizon)
+    if val_every < 0:
+        raise ValueError(f"val_every must be >= 0, got {val_every!r}")
+    controller = Constant() if controller is None else controller
+    if params is None:
+        params = task.init(generator)
+    params = [p if differentiable else p.detach() for p in params]
+    if opt_state is None:
+        with torch.no_grad():
+            opt_state = optimizer.init([p.detach() for p in params])
+    if ctrl_state is None:
+        ctrl_state = controller.init()
+    restore_best = getattr(controller, "restore_best", False)
+    result = UnrollResult(params, opt_state, ctrl_state, start_step)
+    best = None
+    rec = result.records
+
+    def evaluate(ps, t, need_grad):
+        batch = task.sample_batch(generator, "train")
+        ps = [p if p.requires_grad else p.detach().requires_grad_(need_grad) for p in ps]
+        with torch.set_grad_enabled(need_grad or differentiable):
+            per_problem = task.losses(ps, batch)
+            loss = per_problem.sum()
+        val = None
+        if val_every and t % val_every == 0:
+            with torch.set_grad_enabled(differentiable):
+                val = task.loss(ps, task.sample_batch(generator, "val"))
+        return ps, per_problem, loss, val
+
+    def record(t, per_problem, loss, val, scale=1.0, stop_prob=0.0, stop=False, gnorm=math.nan,
+               unorm=math.nan):
+        # Without differentiable, keep no graph: a loss's grad_fn would pin that step's parameters.
+        result.train_losses.append(loss if differentiable else loss.detach())
+        result.val_losses.append(val)
+        result.problem_losses.append(per_problem if differentiable else per_problem.detach())
+        rec["step"].append(t)
+        rec["train_loss"].append(float(loss.detach()) / per_problem.numel())
+        rec["val_loss"].append(math.nan if val is None else float(val.detach()))
+        rec["lr_scale"].append(_mean_scale(scale))
+        rec["stop_prob"].append(_float(stop_prob))
+        rec["stop"].append(bool(stop))
+        rec["grad_norm"].append(float(gnorm))
+        rec["update_norm"].append(float(unorm))
+
+    t = start_step
+    for t in range(start_step, start_step + steps):
+        params, per_problem, loss, val = evaluate(params, t, True)
+        grads = torch.autograd.grad(loss, params, create_graph=differentiable and second_order,
+                                    retain_graph=differentiable)
+        if differentiable and not second_order:
+            grads = [g.detach() for g in grads]
+        gnorm = _norm(grads)
+        with torch.set_grad_enabled(differentiable):
+            loss_in = loss if differentiable else loss.detach()
+            updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss_in)
+            obs = Observation(t, horizon, loss_in, val, gnorm, opt_state, differentiable)
+            decision, ctrl_state = controller.decide(obs, ctrl_state)
+            if isinstance(decision.stop_prob, Tensor):
+                result.stop_probs.append(decision.stop_prob)
+            if decision.is_best:
+                best = ([p.detach().clone() for p in params], t)
+            if decision.stop:
+                record(t, per_problem, loss, val, decision.lr_scale, decision.stop_prob, True, gnorm)
+                result.stopped, result.stop_step = True, t
+                break
+            scaled = [_scale_for(decision.lr_scale, i) * u for i, u in enumerate(updates)]
+            params = [p + u for p, u in zip(params, scaled)]
+            if not differentiable:
+                params = [p.detach() for p in params]
+        record(t, per_problem, loss, val, decision.lr_scale, decision.stop_prob, False, gnorm,
+               _norm(scaled))
+        if not differentiable and not torch.isfinite(per_problem).any():
+            result.diverged = True
+            break
+    else:
+        t = start_step + steps
+        if final_eval:
+            params_eval, per_problem, loss, val = evaluate(params, t, False)
+            record(t, per_problem, loss, val)
+    if restore_best and best is not None:
+        params = best[0]
+        result.best_step = best[1]
+    if not differentiable:
+        params = [p.detach() for p in params]
+    result.params, result.opt_state, result.ctrl_state = params, opt_state, ctrl_state
+    result.step = t
+    return result
