@@ -53,6 +53,9 @@ class Config:
     hidden: int = 20
     output_scale: float = 0.1
     extra_inputs: tuple = ()
+    split: bool = False  # each problem its own tensor: per-tensor statistics and LRs become per problem
+    control: str = "none"  # "learned": the LR head scales the updates
+    lr_mode: str = "global"
     seed: int = 0
     device: str = "cpu"
     out_dir: str = "results/quadratic"
@@ -72,9 +75,9 @@ def main(argv=None) -> dict:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda requested but CUDA is not available")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    train_family = QuadraticFamily(cfg.dim, cfg.train_problems, device=cfg.device)
-    val_family = QuadraticFamily(cfg.dim, cfg.val_problems, device=cfg.device)
-    test_family = QuadraticFamily(cfg.dim, cfg.test_problems, device=cfg.device)
+    train_family = QuadraticFamily(cfg.dim, cfg.train_problems, device=cfg.device, split=cfg.split)
+    val_family = QuadraticFamily(cfg.dim, cfg.val_problems, device=cfg.device, split=cfg.split)
+    test_family = QuadraticFamily(cfg.dim, cfg.test_problems, device=cfg.device, split=cfg.split)
     horizons = sorted({cfg.horizon, cfg.eval_steps})
 
     # 1. Baselines: one learning rate per optimizer and horizon, chosen on validation problems only.
@@ -88,12 +91,13 @@ def main(argv=None) -> dict:
             print(f"tuned {name:9s} @ {h:4d} steps: lr={res.best_lr:.3g}{'  (EDGE)' if res.at_edge else ''}")
 
     # 2. Meta-train the LSTM optimizer.
-    net = CoordLSTM(hidden=cfg.hidden, output_scale=cfg.output_scale, extra_inputs=cfg.extra_inputs)
+    net = CoordLSTM(hidden=cfg.hidden, output_scale=cfg.output_scale, extra_inputs=cfg.extra_inputs,
+                    lr_mode=cfg.lr_mode)
     net = net.to(cfg.device)
     mcfg = MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations,
                       meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, clip_norm=cfg.clip_norm,
                       curriculum=cfg.curriculum, random_offset=cfg.random_offset, val_every=cfg.val_every,
-                      val_tasks=1, val_metric="mean_final", seed=cfg.seed)
+                      val_tasks=1, val_metric="mean_final", control=cfg.control, seed=cfg.seed)
     trainer = MetaTrainer(net, train_family, mcfg, run_dir=os.path.join(cfg.out_dir, "run"),
                           progress=sys.stderr.isatty())
     t0 = time.perf_counter()
@@ -103,7 +107,8 @@ def main(argv=None) -> dict:
     print(f"meta-training: {meta_seconds:.1f} s, {trainer.meta_step} meta-steps, {trainer.skipped} skipped")
 
     # 3. Evaluate on the same fresh test problems.
-    learned = evaluate(test_family, net, num_tasks=1, steps=cfg.eval_steps, seed=cfg.seed).curves
+    ctrl_fn = net.as_controller if cfg.control == "learned" else None
+    learned = evaluate(test_family, net, ctrl_fn, num_tasks=1, steps=cfg.eval_steps, seed=cfg.seed).curves
     curves = {"learned (CoordLSTM)": learned}
     per_h = {}
     for name in BASELINES:

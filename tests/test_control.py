@@ -252,6 +252,8 @@ def reference_stop(vals, patience, min_delta):
     ([3, 2, 2.5], 1, 0.0, 2, [0, 1]),
     # steps without a validation loss are not checks
     ([3, None, None, 3.5, None, 2, None, 2, None, None, 2.1], 2, 0.0, 10, [0, 5]),
+    # the first check is always the best so far, however large
+    ([1e12, 2e12, 5e11], 2, 0.0, None, [0, 2]),
     # a non-finite validation loss is never an improvement
     ([1.0, float("nan"), float("inf"), 0.5], 2, 0.0, 2, [0]),
 ])

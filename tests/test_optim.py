@@ -108,7 +108,6 @@ def test_matches_torch_optim_for_200_steps(name, make_ours, make_torch, dtype):
     opt, topt = make_ours(), make_torch(theirs)
     state = opt.init(ours)
     tol = TOLERANCES[dtype]
-    moved = 0.0
     for t in range(STEPS):
         ps = [p.requires_grad_(True) for p in ours]
         grads = torch.autograd.grad(prob.loss(ps, t), ps)
@@ -158,7 +157,7 @@ META_OPTS = {
     "momentum": lambda lr: Momentum(lr=lr, momentum=0.8),
     "nesterov": lambda lr: Nesterov(lr=lr, momentum=0.8),
     "adam": lambda lr: Adam(lr=lr, betas=(0.8, 0.9)),
-    "rmsprop": lambda lr: RMSprop(lr=lr, alpha=0.9),
+    "rmsprop": lambda lr: RMSprop(lr=lr, alpha=0.9, momentum=0.5, centered=True),
 }
 META_LR = {"sgd": 0.01, "momentum": 0.005, "nesterov": 0.005, "adam": 0.05, "rmsprop": 0.02}
 
@@ -220,6 +219,37 @@ def test_first_order_meta_gradient_differs():
     _, d_lr1, d_th1 = _meta_grads(task, make, 0.01, theta0, second_order=False)
     assert abs(float(d_lr1 - d_lr2)) > 1e-3 * abs(float(d_lr2))
     assert float((d_th1 - d_th2).abs().max()) > 1e-3 * float(d_th2.abs().max())
+
+
+# Hyper-parameters other than lr, passed as tensors, must carry meta-gradients too.
+HPARAM_CASES = [
+    ("adam_betas", lambda b1, b2: Adam(lr=0.05, betas=(b1, b2)), (0.8, 0.9)),
+    ("adam_eps", lambda eps: Adam(lr=0.05, eps=eps), (0.3,)),
+    ("adamw_wd", lambda wd: AdamW(lr=0.05, weight_decay=wd), (0.5,)),
+    ("sgd_wd", lambda wd: SGD(lr=0.01, weight_decay=wd), (0.5,)),
+    ("momentum_dampening", lambda m, d: Momentum(lr=0.005, momentum=m, dampening=d), (0.8, 0.2)),
+    ("nesterov_momentum", lambda m: Nesterov(lr=0.005, momentum=m), (0.8,)),
+    ("rmsprop_alpha_momentum", lambda a, m: RMSprop(lr=0.02, alpha=a, momentum=m, centered=True), (0.9, 0.5)),
+]
+
+
+@pytest.mark.parametrize("name,make,values", HPARAM_CASES, ids=[c[0] for c in HPARAM_CASES])
+def test_hyperparameter_meta_gradients_match_finite_differences(name, make, values):
+    """d(final loss)/d(hyper-parameter) for tensor betas, eps, decay, momentum, alpha equals central differences."""
+    task, theta0 = _quadratic(), _theta0()
+
+    def f(*hps, differentiable=False):
+        return _final_loss(task, lambda _: make(*hps), None, theta0, differentiable=differentiable)
+
+    hps = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values]
+    grads = torch.autograd.grad(f(*hps, differentiable=True), hps)
+    h = 1e-7
+    for i, (v, g) in enumerate(zip(values, grads)):
+        up = [torch.tensor(x + (h if j == i else 0.0), dtype=torch.float64) for j, x in enumerate(values)]
+        down = [torch.tensor(x - (h if j == i else 0.0), dtype=torch.float64) for j, x in enumerate(values)]
+        fd = (float(f(*up)) - float(f(*down))) / (2 * h)
+        assert abs(fd) > 1e-3, (i, fd)
+        assert math.isclose(float(g), fd, rel_tol=1e-6), (i, float(g), fd)
 
 
 class QuadraticModule(nn.Module):
@@ -292,9 +322,10 @@ def test_adapter_trains_a_module():
     assert acc > 0.9
 
 
-@pytest.mark.parametrize("name,make_ours,make_torch",
-                         [c for c in CASES if c[0] in ("adam", "adamw_wd_amsgrad", "momentum_damp_wd")],
-                         ids=["momentum_damp_wd", "adam", "adamw_wd_amsgrad"])
+ADAPTER_CASES = [c for c in CASES if c[0] in ("momentum_damp_wd", "adam", "adamw_wd_amsgrad", "rmsprop_centered")]
+
+
+@pytest.mark.parametrize("name,make_ours,make_torch", ADAPTER_CASES, ids=[c[0] for c in ADAPTER_CASES])
 def test_adapter_matches_torch_optim(name, make_ours, make_torch):
     """The adapter reproduces torch.optim's trajectory on an nn.Module (closure loss returned)."""
     x, y = _digits(256)
@@ -386,10 +417,12 @@ def test_adapter_passes_closure_loss_and_zero_grads():
     assert opt.proto_state == 1
 
 
-def test_adapter_rejects_non_optimizer():
-    """Something without init/update is refused with a TypeError naming its type."""
+def test_adapter_rejects_bad_arguments():
+    """A non-optimizer is refused with a TypeError naming its type; a zero base lr with a ValueError."""
     with pytest.raises(TypeError, match="str"):
         ProtocolOptimizer([nn.Parameter(torch.ones(1))], "adam")
+    with pytest.raises(ValueError, match=r"lr.*0\.0"):
+        ProtocolOptimizer([nn.Parameter(torch.ones(1))], SGD(), lr=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -77,6 +77,29 @@ def test_families_are_determined_by_the_generator(name):
         assert not same(task_data(a), task_data(c))
 
 
+@pytest.mark.parametrize("task", [lambda: Digits(generator(0), batch_size=16),
+                                  lambda: MetaNetRegression(generator(0), batch_size=4)],
+                         ids=["digits", "metanet"])
+def test_minibatches_are_determined_by_the_generator(task):
+    task = task()
+    a, b, c = (task.sample_batch(generator(s), "train") for s in (1, 1, 2))
+    assert same(a, b) and not same(a, c)
+    g = generator(3)
+    assert not same(task.sample_batch(g, "train"), task.sample_batch(g, "train"))  # the stream advances
+
+
+def test_minibatches_are_drawn_without_replacement():
+    from learned_opt.tasks.base import sample_minibatch
+
+    x = torch.arange(10.0)[:, None]
+    for seed in range(5):
+        bx, by = sample_minibatch(x, x[:, 0].long(), 9, generator(seed))
+        assert sorted(bx[:, 0].tolist()) == sorted(set(bx[:, 0].tolist())) and len(bx) == 9
+        assert torch.equal(bx[:, 0].long(), by)  # inputs and targets stay paired
+    bx, _ = sample_minibatch(x, x, None, generator(0))
+    assert bx is x
+
+
 def test_generator_helper():
     assert torch.equal(torch.rand(5, generator=generator(3)), torch.rand(5, generator=generator(3)))
     assert not torch.equal(torch.rand(5, generator=generator(3)), torch.rand(5, generator=generator(4)))
@@ -260,6 +283,15 @@ def test_metanet_regression_options():
                               n_val=5, n_test=7, noise=0.5, batch_size=3)
     assert torch.equal(noisy.data["train"][0], task.data["train"][0])
     assert not torch.equal(noisy.data["train"][1], task.data["train"][1])
+
+
+def test_metanet_family_draws_a_new_teacher_per_task():
+    """Without noise the targets' covariance is the teacher's signature: it differs between tasks."""
+    fam = MetaNetFamily(noise=0.0, n_val=2000)
+    covs = [torch.cov(fam(generator(s)).data["val"][1].double().T) for s in range(3)]
+    for i in range(3):
+        for j in range(i):
+            assert (covs[i] - covs[j]).norm() > 0.5 * covs[j].norm()
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(n_train=0), "n_train.*0"), (dict(n_val=-3), "n_val.*-3"),

@@ -1,6 +1,7 @@
 """The one inner loop: records, validation cadence, the differentiable switch, memory, stopping, lr scales."""
 import gc
 import math
+import warnings
 import weakref
 
 import pytest
@@ -351,8 +352,8 @@ def test_per_tensor_lr_scale_sequences():
         assert torch.allclose(p1 - p0, -lr * 2 * s * g, atol=1e-7)
 
 
-def test_per_tensor_lr_scale_is_differentiable():
-    """A learned per-tensor scale receives a meta-gradient."""
+def test_learned_scale_and_stop_prob_are_differentiable():
+    """A learned per-tensor scale and stop probability get meta-gradients and record as plain floats."""
     task = small_metanet()
     s = torch.ones(6, requires_grad=True)
 
@@ -361,8 +362,13 @@ def test_per_tensor_lr_scale_is_differentiable():
             return None
 
         def decide(self, obs, state):
-            return Decision(lr_scale=list(s.unbind())), None
+            return Decision(lr_scale=list(s.unbind()), stop_prob=torch.sigmoid(s.sum() - 10)), None
 
-    res = unroll(task, SGD(lr=0.05), Learned(), steps=3, generator=generator(0), differentiable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. float() of a tensor that requires grad
+        res = unroll(task, SGD(lr=0.05), Learned(), steps=3, generator=generator(0), differentiable=True)
     (g,) = torch.autograd.grad(res.train_losses[-1], s)
     assert torch.isfinite(g).all() and (g != 0).all()
+    assert len(res.stop_probs) == 3 and all(p.grad_fn is not None for p in res.stop_probs)
+    assert res.records["stop_prob"] == pytest.approx([torch.sigmoid(torch.tensor(-4.0)).item()] * 3 + [0.0])
+    assert res.records["lr_scale"] == [1.0] * 4

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from .base import Optimizer
+from .base import Optimizer, check_positive
 
 
 class ProtocolOptimizer(torch.optim.Optimizer):
@@ -18,6 +18,7 @@ class ProtocolOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor], opt: Optimizer, lr: float = 1.0):
         if not (hasattr(opt, "init") and hasattr(opt, "update")):
             raise TypeError(f"expected an optimizer with init() and update(), got {type(opt).__name__}")
+        check_positive("lr", lr)  # the update scale is lr / initial lr: a zero initial lr would divide by 0
         super().__init__(params, {"lr": lr, "initial_lr": lr})
         if len(self.param_groups) != 1:
             raise ValueError("ProtocolOptimizer supports a single parameter group")
@@ -44,3 +45,15 @@ class ProtocolOptimizer(torch.optim.Optimizer):
         for p, u in zip(params, updates):
             p.add_(u, alpha=scale)
         return loss
+
+    def state_dict(self):
+        """torch.optim's state dict plus the wrapped optimizer's protocol state (restored by load_state_dict)."""
+        out = super().state_dict()
+        out["proto_state"] = self.proto_state
+        return out
+
+    def load_state_dict(self, state_dict):
+        """Restore the param groups and the protocol state saved by :meth:`state_dict`."""
+        state_dict = dict(state_dict)
+        self.proto_state = state_dict.pop("proto_state", None)
+        super().load_state_dict(state_dict)

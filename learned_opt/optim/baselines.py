@@ -7,14 +7,14 @@ Hyper-parameters may be tensors (e.g. a learning rate that requires grad, for me
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .base import (Params, check_matching, check_nonnegative, check_positive, check_unit_interval)
+from .base import (Params, _as_float, check_matching, check_nonnegative, check_positive,
+                   check_unit_interval)
 
 Scalar = Union[float, Tensor]
 
@@ -50,7 +50,7 @@ class SGD:
         check_unit_interval("momentum", self.momentum)
         check_unit_interval("dampening", self.dampening)
         check_nonnegative("weight_decay", self.weight_decay)
-        if self.nesterov and (float(self.momentum) <= 0 or float(self.dampening) != 0):
+        if self.nesterov and (_as_float(self.momentum) <= 0 or _as_float(self.dampening) != 0):
             raise ValueError(f"nesterov requires momentum > 0 and dampening = 0, got "
                              f"momentum={self.momentum!r}, dampening={self.dampening!r}")
 
@@ -99,15 +99,11 @@ class AdamState(NamedTuple):
     count: int
 
 
-def _as_scalar(x: Scalar) -> float:
-    return x.item() if isinstance(x, Tensor) else float(x)
-
-
 @dataclass(frozen=True)
 class Adam:
     """Adam (Kingma & Ba 2015) with bias correction, optional L2 weight decay and optional AMSGrad."""
     lr: Scalar = 1e-3
-    betas: Tuple[float, float] = (0.9, 0.999)
+    betas: Tuple[Scalar, Scalar] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: Scalar = 0.0
     amsgrad: bool = False
@@ -135,10 +131,12 @@ class Adam:
             g_list = list(grads)
         else:
             g_list = _with_weight_decay(grads, params, self.weight_decay)
-        mu = tuple(torch.lerp(m, g, 1 - beta1 + 1e-7) for m, g in zip(state.mu, g_list))
+        mu = tuple(torch.lerp(m, g, 1 - beta1) for m, g in zip(state.mu, g_list))
         nu = tuple(v * beta2 + (1 - beta2) * (g * g) for v, g in zip(state.nu, g_list))
-        bc1 = 1 - _as_scalar(beta1) ** count
-        bc2_sqrt = math.sqrt(1 - _as_scalar(beta2) ** count)
+        # No .item() here: tensor betas (meta-learned) keep their gradient through the bias corrections.
+        # ``** 0.5`` as in torch.optim.Adam (not math.sqrt), so the rounding matches too.
+        bc1 = 1 - beta1 ** count
+        bc2_sqrt = (1 - beta2 ** count) ** 0.5
         step_size = self.lr / bc1
         if self.amsgrad:
             nu_max = tuple(torch.maximum(a, b) for a, b in zip(state.nu_max, nu))

@@ -236,7 +236,7 @@ class LSTMState(NamedTuple):
     layout: Layout
 
 
-EXTRA_INPUTS = ("param", "momentum", "loss")
+EXTRA_INPUTS = ("param", "momentum", "loss", "pooled")
 
 
 class CoordLSTM(_MetaNetwork):
@@ -262,7 +262,8 @@ class CoordLSTM(_MetaNetwork):
         self.hidden, self.layers, self.p, self.output_scale = hidden, layers, preproc_p, output_scale
         self.extra_inputs, self.lr_mode = tuple(extra_inputs), lr_mode
         self.momentum_decays = tuple(momentum_decays) if "momentum" in extra_inputs else ()
-        in_dim = 2 + ("param" in extra_inputs) + 2 * len(self.momentum_decays) + ("loss" in extra_inputs)
+        in_dim = (2 + ("param" in extra_inputs) + 2 * len(self.momentum_decays) + ("loss" in extra_inputs)
+                  + hidden * ("pooled" in extra_inputs))
         self.cells = nn.ModuleList([nn.LSTMCell(in_dim if i == 0 else hidden, hidden) for i in range(layers)])
         self.out = nn.Linear(hidden, 1)
         if init_zero:  # start with zero updates: stable, and every meta-gradient is informative
@@ -295,6 +296,10 @@ class CoordLSTM(_MetaNetwork):
         if "loss" in self.extra_inputs:
             value = 0.0 if loss is None else math.log(max(float(loss.detach()), 1e-30))
             inputs.append(g.new_full((g.shape[0], 1), value / self.p))
+        if "pooled" in self.extra_inputs:  # last step's mean hidden state of this coordinate's tensor
+            pooled_prev = state.pooled if state.pooled is not None else g.new_zeros((len(layout.sizes),
+                                                                                     self.hidden))
+            inputs.append(pooled_prev[layout.segment])
         x = torch.cat(inputs, dim=-1)
         hs, cs = [], []
         for i, cell in enumerate(self.cells):
