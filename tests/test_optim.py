@@ -489,3 +489,28 @@ def test_mismatched_grads(name, make_ours, make_torch):
         opt.update([torch.zeros(2, 3)], state, params)
     with pytest.raises(ValueError, match=r"got 3 gradients for 2 parameters"):
         opt.update([torch.zeros(2, 3), torch.zeros(4), torch.zeros(1)], state, params)
+
+
+def test_adapter_state_dict_round_trip_keeps_protocol_state():
+    """A resumed adapter continues exactly like one that never stopped (Adam's moments survive)."""
+    torch.manual_seed(0)
+    model_a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    model_b = copy.deepcopy(model_a)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+
+    def train(model, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    opt_a = ProtocolOptimizer(model_a.parameters(), Adam(lr=0.01))
+    train(model_a, opt_a, 10)
+    opt_b = ProtocolOptimizer(model_b.parameters(), Adam(lr=0.01))
+    train(model_b, opt_b, 5)
+    saved = copy.deepcopy(opt_b.state_dict())
+    opt_b2 = ProtocolOptimizer(model_b.parameters(), Adam(lr=0.01))
+    opt_b2.load_state_dict(saved)
+    train(model_b, opt_b2, 5)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)

@@ -1,5 +1,4 @@
 """Tasks and task families: seeding, data splits, per-problem gradients, learners, the functional view."""
-import math
 
 import pytest
 import torch

@@ -270,8 +270,10 @@ def _alive_saved_tensors(run):
 def test_non_differentiable_memory_is_flat_in_the_horizon(make_task):
     """Nothing saved for backward outlives its step (the task's own data tensors excepted)."""
     task = make_task()
-    constants = [t for t in ([task.W, task.y] if isinstance(task, Quadratic) else
-                             [t for s in SPLITS for t in task.data[s]])]
+    if isinstance(task, Quadratic):
+        constants = [task.W, task.y]
+    else:
+        constants = [t for s in SPLITS for t in task.data[s]]
 
     def leaked(T, differentiable):
         res, alive, n = _alive_saved_tensors(
