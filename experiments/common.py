@@ -5,12 +5,11 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
-import subprocess
-import sys
 from typing import Any, Dict, Sequence
 
 import numpy as np
+
+from learned_opt.log import provenance  # noqa: F401  (re-exported for the scripts)
 
 
 def parse_config(cls, presets: Dict[str, Dict[str, Any]], argv=None):
@@ -39,23 +38,6 @@ def parse_config(cls, presets: Dict[str, Dict[str, Any]], argv=None):
         return cls(**values)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
-
-
-def provenance() -> Dict[str, Any]:
-    """Git commit, package versions and machine facts for a results file."""
-    import torch
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip())
-    except OSError:
-        commit, dirty = None, None
-    return {"git_commit": commit, "git_dirty": dirty, "torch": torch.__version__, "numpy": np.__version__,
-            "python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -74,6 +74,17 @@ def main(argv=None) -> dict:
     torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda requested but CUDA is not available")
+    try:  # every setting is checked before any work starts
+        net = CoordLSTM(hidden=cfg.hidden, output_scale=cfg.output_scale, extra_inputs=cfg.extra_inputs,
+                        lr_mode=cfg.lr_mode)
+        net = net.to(cfg.device)
+        mcfg = MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations,
+                          meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, clip_norm=cfg.clip_norm,
+                          curriculum=cfg.curriculum, random_offset=cfg.random_offset, val_every=cfg.val_every,
+                          val_tasks=1, val_metric="mean_final", control=cfg.control, seed=cfg.seed)
+        mcfg.validate()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     train_family = QuadraticFamily(cfg.dim, cfg.train_problems, device=cfg.device, split=cfg.split)
     val_family = QuadraticFamily(cfg.dim, cfg.val_problems, device=cfg.device, split=cfg.split)
@@ -91,13 +102,6 @@ def main(argv=None) -> dict:
             print(f"tuned {name:9s} @ {h:4d} steps: lr={res.best_lr:.3g}{'  (EDGE)' if res.at_edge else ''}")
 
     # 2. Meta-train the LSTM optimizer.
-    net = CoordLSTM(hidden=cfg.hidden, output_scale=cfg.output_scale, extra_inputs=cfg.extra_inputs,
-                    lr_mode=cfg.lr_mode)
-    net = net.to(cfg.device)
-    mcfg = MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations,
-                      meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, clip_norm=cfg.clip_norm,
-                      curriculum=cfg.curriculum, random_offset=cfg.random_offset, val_every=cfg.val_every,
-                      val_tasks=1, val_metric="mean_final", control=cfg.control, seed=cfg.seed)
     trainer = MetaTrainer(net, train_family, mcfg, run_dir=os.path.join(cfg.out_dir, "run"),
                           progress=sys.stderr.isatty())
     t0 = time.perf_counter()

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import subprocess
+import sys
 import warnings
 from typing import Any, Dict, Optional
 
@@ -96,3 +99,27 @@ class Logger:
         """Finish the W&B run, if any."""
         self._wandb_call(lambda run: run.finish())
         self.wandb = None
+
+
+def provenance() -> Dict[str, Any]:
+    """Git commit (and whether the tree was dirty), package versions and machine facts of this run."""
+    import numpy as np
+    import torch
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=here).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, cwd=here).stdout.strip())
+    except OSError:
+        commit, dirty = None, None
+    versions = {"torch": torch.__version__, "numpy": np.__version__}
+    for name in ("higher", "einops", "wandb", "sklearn"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            versions[name] = None
+    return {"git_commit": commit, "git_dirty": dirty, "packages": versions,
+            "python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}

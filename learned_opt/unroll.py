@@ -55,8 +55,18 @@ def _norm(tensors: Sequence[Tensor]) -> Tensor:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.detach() for t in tensors])))
 
 
-def _scale_for(scale, i: int):
-    return scale[i] if isinstance(scale, (list, tuple)) else scale
+def _apply_scale(updates: Sequence[Tensor], scale) -> List[Tensor]:
+    """``scale * u`` for every update; ``scale`` is a number, a 0-d tensor or one scale per tensor."""
+    if isinstance(scale, (list, tuple)):
+        if len(scale) != len(updates):
+            raise ValueError(f"got {len(scale)} learning-rate scales for {len(updates)} tensors")
+        if all(isinstance(s, Tensor) for s in scale):
+            return list(torch._foreach_mul(updates, list(scale)))
+        return [s * u for s, u in zip(scale, updates)]
+    if isinstance(scale, Tensor) or scale != 1.0:
+        return [scale * u for u in updates] if isinstance(scale, Tensor) else list(
+            torch._foreach_mul(updates, scale))
+    return list(updates)
 
 
 def _float(x) -> float:
@@ -148,8 +158,8 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
                 record(t, per_problem, loss, val, decision.lr_scale, decision.stop_prob, True, gnorm)
                 result.stopped, result.stop_step = True, t
                 break
-            scaled = [_scale_for(decision.lr_scale, i) * u for i, u in enumerate(updates)]
-            params = [p + u for p, u in zip(params, scaled)]
+            scaled = _apply_scale(updates, decision.lr_scale)
+            params = list(torch._foreach_add(params, scaled))  # one fused, differentiable op for all tensors
             if not differentiable:
                 params = [p.detach() for p in params]
         record(t, per_problem, loss, val, decision.lr_scale, decision.stop_prob, False, gnorm,

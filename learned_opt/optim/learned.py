@@ -179,7 +179,7 @@ class DecisionHeads(nn.Module):
         """A :class:`Decision`; a hard stop only outside meta-training, when the probability crosses the
         threshold."""
         lr_scale, stop_prob, state = self(pooled, obs, state, per_tensor)
-        stop = (not obs.training) and float(stop_prob) > self.stop_threshold
+        stop = (not obs.training) and float(stop_prob.detach()) > self.stop_threshold
         return Decision(lr_scale=lr_scale, stop_prob=stop_prob, stop=stop), state
 
 

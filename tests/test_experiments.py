@@ -1,0 +1,38 @@
+"""Each experiment script runs end to end in a subprocess with tiny settings and writes what it promises."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", name), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_quadratic_smoke_writes_summary_table_and_figure(tmp_path):
+    out = tmp_path / "quad"
+    proc = run_script("quadratic.py", "--preset", "smoke", "--out_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("learned_over_best_baseline_at_10", "learned_over_best_baseline_at_20",
+                "win_rate_vs_best_baseline_at_10", "meta_train_seconds"):
+        assert key in summary
+    assert summary["provenance"]["git_commit"]
+    assert set(summary["optimizers"]) == {"learned", "sgd", "momentum", "nesterov", "adam", "rmsprop"}
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    assert "| learned |" in (out / "table.md").read_text()
+    assert "learned / best tuned baseline" in proc.stdout
+
+
+def test_quadratic_rejects_bad_flags_with_one_line(tmp_path):
+    proc = run_script("quadratic.py", "--preset", "smoke", "--truncation", "50", "--horizon", "10",
+                      "--out_dir", str(tmp_path / "bad"))
+    assert proc.returncode != 0
+    assert "truncation 50 is longer than the horizon 10" in proc.stderr
+    assert "Traceback" not in proc.stderr

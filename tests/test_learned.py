@@ -1,0 +1,336 @@
+"""Tests for the learned optimizers (``learned_opt.optim.learned``): fresh-network behaviour, any learner shape,
+bounded decisions under extreme inputs, the L2L gradient preprocessing, and meta-gradients checked against
+central finite differences (the unrolled update path and the halting distribution)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learned_opt.control import Observation
+from learned_opt.meta import halting_distribution
+from learned_opt.optim.learned import CoordLSTM, CoordMLP, DecisionHeads, preprocess_gradient
+from learned_opt.tasks import QuadraticFamily
+from learned_opt.tasks.base import generator
+from learned_opt.unroll import unroll
+
+NETS = [CoordLSTM, CoordMLP]
+
+# Scalars, vectors, matrices, a 4-d conv kernel and a single coordinate, mixed in one list.
+MIXED_SHAPES = [(), (3,), (2, 3), (2, 1, 3, 3), (1,)]
+
+
+def small(cls, **kw):
+    """A small network of ``cls`` (fast, same code paths as the defaults)."""
+    return cls(hidden=8, **kw)
+
+
+def obs_for(state, step=0, loss=1.0, val=None, gnorm=1.0, dtype=torch.float32):
+    """A controller observation carrying the network's own optimizer state."""
+    as_t = lambda v: None if v is None else torch.tensor(v, dtype=dtype)  # noqa: E731
+    return Observation(step, 100, as_t(loss), as_t(val), as_t(gnorm), state, False)
+
+
+def randomize_(net, scale=1.0, seed=0):
+    """Perturb every meta-weight (including the zero-initialised output and head layers)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+class ShapesTask:
+    """One problem whose parameters have the given shapes; loss ``sum_i ||w_i * p_i - t_i||^2``."""
+    num_problems = 1
+
+    def __init__(self, shapes, dtype=torch.float32, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.shapes = [tuple(s) for s in shapes]
+        self.targets = [torch.randn(s, generator=g, dtype=dtype) for s in self.shapes]
+        self.weights = [torch.rand(s, generator=g, dtype=dtype) + 0.5 for s in self.shapes]
+        self.dtype = dtype
+
+    def init(self, g):
+        return [torch.randn(s, generator=g, dtype=self.dtype) for s in self.shapes]
+
+    def sample_batch(self, g=None, split="train"):
+        return None
+
+    def losses(self, params, batch=None):
+        total = sum(((w * p - t) ** 2).sum() for p, w, t in zip(params, self.weights, self.targets))
+        return total.reshape(1)
+
+    def loss(self, params, batch=None):
+        return self.losses(params).sum()
+
+
+# --------------------------------------------------------------------------------------------- fresh networks
+@pytest.mark.parametrize("cls", NETS)
+@pytest.mark.parametrize("lr_mode", ["global", "per_tensor"])
+def test_fresh_network_zero_update_unit_lr_small_stop(cls, lr_mode):
+    torch.manual_seed(0)
+    net = cls(lr_mode=lr_mode)  # init_zero=True is the default
+    params = [torch.randn(s) for s in MIXED_SHAPES]
+    grads = [torch.randn(s) for s in MIXED_SHAPES]
+    state = net.init(params)
+    updates, state = net.update(grads, state, params, loss=torch.tensor(2.0))
+    assert [u.shape for u in updates] == [p.shape for p in params]
+    for u in updates:
+        assert torch.equal(u, torch.zeros_like(u))
+
+    decision, _ = net.decide(obs_for(state), net.init_control())
+    expected_stop = torch.sigmoid(torch.tensor(net.heads.stop_bias)).item()
+    assert expected_stop < 0.01
+    assert float(decision.stop_prob.detach()) == pytest.approx(expected_stop, rel=1e-6)
+    assert decision.stop is False
+    if lr_mode == "global":
+        assert isinstance(decision.lr_scale, torch.Tensor) and decision.lr_scale.dim() == 0
+        assert decision.lr_scale.item() == 1.0
+    else:
+        assert isinstance(decision.lr_scale, list) and len(decision.lr_scale) == len(params)
+        assert all(s.dim() == 0 and s.item() == 1.0 for s in decision.lr_scale)
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_fresh_network_leaves_params_unchanged_in_unroll(cls):
+    net = small(cls)
+    task = ShapesTask(MIXED_SHAPES)
+    g = generator(1)
+    p0 = task.init(generator(1))
+    res = unroll(task, net, net.as_controller(), steps=3, generator=g)
+    for a, b in zip(p0, res.params):
+        assert torch.equal(a, b)
+    assert res.records["update_norm"][:3] == [0.0, 0.0, 0.0]
+    assert res.records["lr_scale"][:3] == [1.0, 1.0, 1.0]
+    assert all(0 < p < 0.01 for p in res.records["stop_prob"][:3])
+
+
+# --------------------------------------------------------------------------------------------- any shape
+@pytest.mark.parametrize("cls", NETS)
+@pytest.mark.parametrize("lr_mode", ["global", "per_tensor"])
+@pytest.mark.parametrize("shapes", [MIXED_SHAPES, [()], [(1,)], [(5,)], [(4, 3)], [(2, 3, 3, 3)]],
+                         ids=["mixed", "scalar", "one-coordinate", "vector", "matrix", "conv4d"])
+def test_any_learner_shape_through_unroll(cls, lr_mode, shapes):
+    net = randomize_(small(cls, init_zero=False, lr_mode=lr_mode), scale=0.1)
+    task = ShapesTask(shapes)
+    p0 = task.init(generator(3))
+    res = unroll(task, net, net.as_controller(), steps=4, generator=generator(3))
+    assert not res.stopped and res.step == 4
+    assert [p.shape for p in res.params] == [torch.Size(s) for s in shapes]
+    assert all(torch.isfinite(p).all() for p in res.params)
+    # a non-zero output layer moves every tensor
+    assert all(not torch.equal(a, b) for a, b in zip(p0, res.params))
+    assert all(u > 0 and math.isfinite(u) for u in res.records["update_norm"][:4])
+
+    # the raw protocol: update shapes equal parameter shapes
+    params = task.init(generator(4))
+    state = net.init(params)
+    grads = [torch.randn(s) for s in shapes]
+    updates, state = net.update(grads, state, params, loss=torch.tensor(1.0))
+    assert [u.shape for u in updates] == [p.shape for p in params]
+    decision, _ = net.decide(obs_for(state), None)
+    if lr_mode == "per_tensor":
+        assert len(decision.lr_scale) == len(shapes)
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_update_rejects_mismatched_gradients(cls):
+    net = small(cls)
+    params = [torch.zeros(3), torch.zeros(2, 2)]
+    state = net.init(params)
+    with pytest.raises(ValueError, match="shape"):
+        net.update([torch.zeros(3), torch.zeros(4)], state, params)
+    with pytest.raises(ValueError):
+        net.init([])
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_float64_network_on_float64_learner(cls):
+    net = randomize_(small(cls, init_zero=False), scale=0.1).double()
+    task = ShapesTask(MIXED_SHAPES, dtype=torch.float64)
+    res = unroll(task, net, net.as_controller(), steps=3, generator=generator(0))
+    assert all(p.dtype == torch.float64 and torch.isfinite(p).all() for p in res.params)
+
+
+# --------------------------------------------------------------------------------------------- bounds
+EXTREME_GRADS = [1e30, -1e30, 1e-30, -1e-30, 0.0, 3e38]
+EXTREME_LOSSES = [1e30, 1e-30, 0.0, 3e38, math.inf]
+
+
+@pytest.mark.parametrize("cls", NETS)
+@pytest.mark.parametrize("lr_mode", ["global", "per_tensor"])
+def test_decisions_bounded_and_updates_finite_for_extreme_inputs(cls, lr_mode):
+    lr_bound = 10.0
+    # Large random meta-weights saturate every nonlinearity: the bounds must hold anyway.
+    net = randomize_(small(cls, init_zero=False, lr_mode=lr_mode, lr_bound=lr_bound), scale=3.0, seed=1)
+    shapes = [(), (4, 3), (2, 1, 2, 2)]
+    seen_lr = []
+    for gval in EXTREME_GRADS:
+        for lval in EXTREME_LOSSES:
+            params = [torch.full(s, 0.5) for s in shapes]
+            state, cstate = net.init(params), net.init_control()
+            for t in range(3):
+                # mixed magnitudes within the list too: one tensor extreme, one ordinary, one zero
+                grads = [torch.full(shapes[0], gval), torch.full(shapes[1], gval),
+                         torch.zeros(shapes[2]) if t % 2 else torch.full(shapes[2], gval)]
+                loss = torch.tensor(lval)
+                updates, state = net.update(grads, state, params, loss=loss)
+                assert all(torch.isfinite(u).all() for u in updates), (gval, lval, t)
+                obs = Observation(t, 10, loss, loss if t % 2 else None,
+                                  torch.tensor(abs(gval)), state, False)
+                decision, cstate = net.decide(obs, cstate)
+                scales = decision.lr_scale if lr_mode == "per_tensor" else [decision.lr_scale]
+                for s in scales:
+                    s = float(s.detach())
+                    seen_lr.append(s)
+                    # 1e-6: exp(log(b) * tanh(z)) rounds at tanh(z) = +-1
+                    assert 1 / lr_bound * (1 - 1e-6) <= s <= lr_bound * (1 + 1e-6), (gval, lval, t, s)
+                p = float(decision.stop_prob.detach())
+                assert 0.0 <= p <= 1.0, (gval, lval, t, p)
+                params = [q + u for q, u in zip(params, updates)]
+    # the heads really were driven away from 1 (otherwise the bound check is vacuous)
+    assert max(abs(math.log(s)) for s in seen_lr) > 0.5
+
+
+def test_decision_heads_reject_bad_settings():
+    with pytest.raises(ValueError, match="lr_bound"):
+        DecisionHeads(4, lr_bound=1.0)
+    with pytest.raises(ValueError, match="stop_max"):
+        DecisionHeads(4, stop_max=0.0)
+    with pytest.raises(ValueError, match="lr_mode"):
+        CoordLSTM(lr_mode="per_coordinate")
+    with pytest.raises(ValueError, match="extra input"):
+        CoordLSTM(extra_inputs=("hessian",))
+
+
+# --------------------------------------------------------------------------------------------- preprocessing
+def test_preprocess_gradient_matches_l2l_formula():
+    p = 10.0
+    thresh = math.exp(-p)  # 4.54e-5
+    g = torch.tensor([1.0, -1.0, math.e ** -5, -100.0, 1e-5, -2e-5, 0.0, 2 * thresh, 0.5 * thresh],
+                     dtype=torch.float64)
+    expected = torch.tensor([
+        [0.0, 1.0],                       # log(1)/10, sign
+        [0.0, -1.0],
+        [-0.5, 1.0],                      # log(e^-5)/10
+        [math.log(100.0) / 10, -1.0],
+        [-1.0, 1e-5 * math.exp(10)],      # |g| < e^-p: (-1, e^p g)
+        [-1.0, -2e-5 * math.exp(10)],
+        [-1.0, 0.0],
+        [math.log(2 * thresh) / 10, 1.0],
+        [-1.0, 0.5],
+    ], dtype=torch.float64)
+    out = preprocess_gradient(g, p)
+    assert out.shape == (9, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # another p
+    out3 = preprocess_gradient(torch.tensor([0.01, 0.1], dtype=torch.float64), 3.0)
+    # e^-3 = 0.0498: 0.01 is below it, 0.1 above
+    torch.testing.assert_close(out3, torch.tensor([[-1.0, 0.01 * math.exp(3)], [math.log(0.1) / 3, 1.0]],
+                                                  dtype=torch.float64))
+    # continuity of the first feature at the threshold, and finite everywhere
+    assert torch.isfinite(preprocess_gradient(torch.tensor([0.0, 1e-45, 3e38]))).all()
+
+
+# --------------------------------------------------------------------------------------------- meta-gradients
+def _unroll_objective(net, steps=3):
+    """Sum of the per-step losses after each of ``steps`` differentiable inner steps (float64)."""
+    family = QuadraticFamily(dim=3, num_problems=2, dtype=torch.float64)
+    g = generator(5)
+    task = family(g)
+    res = unroll(task, net, None, steps=steps, generator=g, differentiable=True, second_order=True)
+    return torch.stack(res.train_losses[1:]).sum()
+
+
+def _weights_to_check(net):
+    """(name, tensor, index) triples: the output layer and weights deep inside the body."""
+    if isinstance(net, CoordLSTM):
+        return [("out.weight", net.out.weight, (0, 1)), ("out.bias", net.out.bias, (0,)),
+                ("cells.0.weight_ih", net.cells[0].weight_ih, (3, 0)),
+                ("cells.0.weight_ih", net.cells[0].weight_ih, (45, 1)),
+                ("cells.1.weight_hh", net.cells[1].weight_hh, (10, 2)),
+                ("cells.1.bias_hh", net.cells[1].bias_hh, (70,))]
+    return [("out.weight", net.out.weight, (0, 1)), ("out.weight", net.out.weight, (1, 3)),
+            ("out.bias", net.out.bias, (0,)), ("body.0.weight", net.body[0].weight, (2, 0)),
+            ("body.0.weight", net.body[0].weight, (5, 6)), ("body.2.bias", net.body[2].bias, (4,))]
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_meta_gradient_matches_finite_differences(cls):
+    torch.manual_seed(0)
+    # Steps large enough that the learner's gradients move with the meta-weights: the second-order terms
+    # then change the meta-gradient by ~1e-4 (LSTM) to ~1e-2 (MLP), far above the tolerance below.
+    kw = dict(output_scale=1.0) if cls is CoordLSTM else dict(step_mult=1.0)
+    net = cls(hidden=20, init_zero=False, **kw).double()
+    checks = _weights_to_check(net)
+    loss = _unroll_objective(net)
+    grads = torch.autograd.grad(loss, [w for _, w, _ in checks])
+    eps = 1e-6
+    nontrivial = 0
+    for (name, w, idx), grad in zip(checks, grads):
+        analytic = grad[idx].item()
+        with torch.no_grad():
+            orig = w[idx].item()
+            w[idx] = orig + eps
+            plus = _unroll_objective(net).item()
+            w[idx] = orig - eps
+            minus = _unroll_objective(net).item()
+            w[idx] = orig
+        numeric = (plus - minus) / (2 * eps)
+        assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-8), (name, idx, analytic, numeric)
+        nontrivial += abs(analytic) > 1e-6
+    assert nontrivial >= len(checks) - 1  # the check is not vacuous
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_meta_gradient_reaches_every_head_with_learned_control(cls):
+    # zero updates would make the LR scale irrelevant (scale * 0), so the update layer starts non-zero
+    net = small(cls, init_zero=False)
+    family = QuadraticFamily(dim=3, num_problems=2)
+    g = generator(2)
+    res = unroll(family(g), net, net.as_controller(), steps=3, generator=g, differentiable=True)
+    objective = torch.stack(res.train_losses[1:]).sum() + torch.stack(res.stop_probs).sum()
+    objective.backward()
+    # the zero-initialised last layers of the update and both decision heads all receive gradient
+    for name in ("out.weight", "heads.lr.2.weight", "heads.stop.2.weight"):
+        grad = dict(net.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+# --------------------------------------------------------------------------------------------- halting
+def test_halting_distribution_sums_to_one_and_matches_formula():
+    p = torch.tensor([0.1, 0.5, 0.0, 0.9, 0.3], dtype=torch.float64)
+    q = halting_distribution(p)
+    assert q.shape == (6,)
+    assert q.sum().item() == pytest.approx(1.0, abs=1e-15)
+    expected, survive = [], 1.0
+    for pt in p.tolist():
+        expected.append(pt * survive)
+        survive *= 1 - pt
+    expected.append(survive)
+    torch.testing.assert_close(q, torch.tensor(expected, dtype=torch.float64))
+    assert (q >= 0).all()
+    # a certain stop at step 0 puts all the mass there
+    torch.testing.assert_close(halting_distribution(torch.tensor([1.0, 0.4])), torch.tensor([1.0, 0.0, 0.0]))
+    for seed in range(5):
+        r = torch.rand(7, generator=torch.Generator().manual_seed(seed))
+        assert halting_distribution(r).sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_halting_distribution_gradient_matches_finite_differences():
+    g = torch.Generator().manual_seed(0)
+    p = (0.05 + 0.9 * torch.rand(6, generator=g, dtype=torch.float64)).requires_grad_()
+    cost = torch.randn(7, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: halting_distribution(x), (p,))
+    objective = lambda x: (halting_distribution(x) * cost).sum()  # noqa: E731
+    assert torch.autograd.gradcheck(objective, (p,))
+    # and explicitly, one coordinate by hand
+    (grad,) = torch.autograd.grad(objective(p), p)
+    eps = 1e-6
+    for i in range(6):
+        e = torch.zeros_like(p)
+        e[i] = eps
+        numeric = (objective(p.detach() + e) - objective(p.detach() - e)).item() / (2 * eps)
+        assert grad[i].item() == pytest.approx(numeric, rel=1e-6, abs=1e-10)
