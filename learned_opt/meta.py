@@ -442,7 +442,10 @@ class MetaTrainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        # Save before restoring the best weights: the checkpoint must hold the *training* state (the last
+        # weights), or a run resumed with more iterations would continue from the best ones and diverge from
+        # a run that never stopped. The best weights travel in the checkpoint as ``best_state``.
+        self.save()
         if cfg.keep_best and cfg.val_every and math.isfinite(self.best_score):
             self.net.load_state_dict(self.best_state)
-        self.save()
         return self
