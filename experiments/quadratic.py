@@ -56,6 +56,8 @@ class Config:
     split: bool = False  # each problem its own tensor: per-tensor statistics and LRs become per problem
     control: str = "none"  # "learned": the LR head scales the updates
     lr_mode: str = "global"
+    base: str = "none"  # "momentum": the LSTM learns per-coordinate corrections of heavy-ball momentum
+    base_lr: float = 0.01
     seed: int = 0
     device: str = "cpu"
     out_dir: str = "results/quadratic"
@@ -76,7 +78,7 @@ def main(argv=None) -> dict:
         sys.exit("error: --device cuda requested but CUDA is not available")
     try:  # every setting is checked before any work starts
         net = CoordLSTM(hidden=cfg.hidden, output_scale=cfg.output_scale, extra_inputs=cfg.extra_inputs,
-                        lr_mode=cfg.lr_mode)
+                        lr_mode=cfg.lr_mode, base=cfg.base, base_lr=cfg.base_lr)
         net = net.to(cfg.device)
         mcfg = MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations,
                           meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, clip_norm=cfg.clip_norm,

@@ -78,6 +78,15 @@ class MetaConfig:
             raise ValueError(f"loss_ceiling must be > 1, got {self.loss_ceiling!r}")
         if self.val_metric not in ("mean_final", "mean_log_final", "val_at_stop"):
             raise ValueError(f"unknown val_metric {self.val_metric!r}")
+        # Negative intervals used to pass and then act as "every iteration" (i % -1 == 0); zero validation
+        # tasks failed only at the first validation, mid-run.
+        for name in ("val_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_positive_int("val_tasks", self.val_tasks)
+        if not (self.halting_lambda >= 0 and math.isfinite(self.halting_lambda)):
+            raise ValueError(f"halting_lambda must be a finite number >= 0, got {self.halting_lambda!r}")
 
 
 def tree_detach(x: Any) -> Any:

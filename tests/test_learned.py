@@ -136,6 +136,50 @@ def test_any_learner_shape_through_unroll(cls, lr_mode, shapes):
 
 
 @pytest.mark.parametrize("cls", NETS)
+def test_updates_are_local_to_each_tensor(cls):
+    """Coordinatewise (LSTM) and per-tensor-normalised (MLP) updates: a tensor's update does not depend on the
+    gradients of the other tensors, however large."""
+    net = randomize_(small(cls, init_zero=False), scale=0.3)
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3), torch.randn(5)]
+    ga = [torch.randn(4, 3) for _ in range(3)]
+    gb = [torch.randn(5) for _ in range(3)]
+
+    def run(scale_b):
+        state, out = net.init(params), []
+        for a, b in zip(ga, gb):
+            updates, state = net.update([a, b * scale_b], state, params, loss=torch.tensor(1.0))
+            out.append(updates[0])
+        return out
+
+    for u, v in zip(run(1.0), run(1e4)):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-8)
+
+
+def test_mlp_update_is_invariant_to_gradient_scale():
+    """CoordMLP's features are normalised (per tensor and Adam-like), so scaling the gradients up leaves the
+    update unchanged. (Scaling far down is not invariant by design: the absolute 1e-12 inside the per-tensor RMS,
+    as in Metz et al.'s normaliser, dominates once a slow momentum's square falls near it.)"""
+    net = randomize_(small(CoordMLP, init_zero=False), scale=0.3)
+    torch.manual_seed(1)
+    params = [torch.randn(4, 3), torch.randn(5)]
+    grads = [[torch.randn(4, 3), torch.randn(5)] for _ in range(3)]
+
+    def run(scale):
+        state, out = net.init(params), []
+        for gs in grads:
+            updates, state = net.update([g * scale for g in gs], state, params)
+            out.append(updates)
+        return out
+
+    reference = run(1.0)
+    for scale in (10.0, 1e3):
+        for us, vs in zip(reference, run(scale)):
+            for u, v in zip(us, vs):
+                torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", NETS)
 def test_update_rejects_mismatched_gradients(cls):
     net = small(cls)
     params = [torch.zeros(3), torch.zeros(2, 2)]
@@ -192,6 +236,24 @@ def test_decisions_bounded_and_updates_finite_for_extreme_inputs(cls, lr_mode):
                 params = [q + u for q, u in zip(params, updates)]
     # the heads really were driven away from 1 (otherwise the bound check is vacuous)
     assert max(abs(math.log(s)) for s in seen_lr) > 0.5
+
+
+@pytest.mark.parametrize("loss", [math.inf, 3e38, 1e30, 0.0, 1e-45, math.nan])
+def test_lstm_loss_input_stays_finite(loss):
+    """The optional log-loss input is bounded, so an infinite loss cannot turn ``0 * inf`` into NaN."""
+    net = randomize_(CoordLSTM(hidden=8, init_zero=False, extra_inputs=("param", "momentum", "loss")), 0.3)
+    with torch.no_grad():
+        net.cells[0].weight_ih[:, -1] = 0.0  # a zero weight on the loss input (e.g. pruned, or never trained)
+    params = [torch.full((3,), 0.5), torch.ones(2, 2)]
+    state = net.init(params)
+    for _ in range(2):
+        updates, state = net.update([torch.ones(3), torch.ones(2, 2)], state, params, loss=torch.tensor(loss))
+        assert all(torch.isfinite(u).all() for u in updates)
+    # and the input really is used: a different finite loss gives a different update
+    net2 = randomize_(CoordLSTM(hidden=8, init_zero=False, extra_inputs=("loss",)), 0.3)
+    a, _ = net2.update([torch.ones(3)], net2.init([torch.ones(3)]), [torch.ones(3)], loss=torch.tensor(1.0))
+    b, _ = net2.update([torch.ones(3)], net2.init([torch.ones(3)]), [torch.ones(3)], loss=torch.tensor(1e6))
+    assert not torch.equal(a[0], b[0])
 
 
 def test_decision_heads_reject_bad_settings():

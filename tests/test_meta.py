@@ -15,13 +15,13 @@ from torch import nn
 
 from learned_opt.evaluate import evaluate, lr_grid, tune_lr
 from learned_opt.meta import (InnerRun, MetaConfig, MetaTrainer, halting_distribution, halting_loss,
-                              load_checkpoint, load_lopt, save_checkpoint, save_lopt)
+                              load_checkpoint, load_lopt, save_checkpoint, save_lopt, truncation_loss)
 from learned_opt.optim.adapter import ProtocolOptimizer
 from learned_opt.optim.baselines import SGD
 from learned_opt.optim.learned import CoordLSTM, CoordMLP
 from learned_opt.tasks import MetaNetFamily, QuadraticFamily
 from learned_opt.tasks.base import generator
-from learned_opt.unroll import unroll
+from learned_opt.unroll import UnrollResult, unroll
 
 
 class Square:
@@ -77,15 +77,17 @@ def test_l2l_sanity_lstm_learns_to_minimise_x_squared():
     """A meta-trained CoordLSTM drives x^2 from x0 ~ N(0, 1) below 1e-5 on fresh initial points.
 
     The sum-of-losses meta-loss weights each truncation by its loss, so the regime below 1e-4 (where the
-    1e-5 criterion is decided) would hardly be trained. Truncations of 10 over a horizon of 40, with a tiny
+    1e-5 criterion is decided) is hardly trained. Truncations of 10 over a horizon of 40, with a tiny
     global-norm clip, make every meta-step a normalised-gradient step: late truncations (tiny losses) train the
     small-scale behaviour as much as early ones train the large steps. Validation keeps the best weights.
-    Checked to pass for training seeds 0..7 (worst final loss ~4e-6, typical ~1e-7) in ~10 s each.
+    Measured over training seeds 0..11: all pass (worst max final loss 1.3e-6, typical 1e-8..1e-7). With 200
+    iterations one seed in twelve failed; with the default clip (1.0), one in eight (5e-5) and the rest end
+    10-100x closer to the threshold.
     """
     torch.manual_seed(0)
     net = CoordLSTM()
     horizon = 40
-    cfg = MetaConfig(horizon=horizon, truncation=10, iterations=200, meta_lr=0.03, clip_norm=1e-3,
+    cfg = MetaConfig(horizon=horizon, truncation=10, iterations=300, meta_lr=0.03, clip_norm=1e-3,
                      val_every=20, val_tasks=2, val_metric="mean_log_final", seed=0)
     before = quiet(evaluate, SquareFamily(), net, num_tasks=1, steps=horizon, split="test")
     trainer = quiet(MetaTrainer(net, SquareFamily(), cfg).run)
@@ -103,7 +105,7 @@ def test_l2l_sanity_lstm_learns_to_minimise_x_squared():
         res = unroll(Square(4), net, steps=horizon, generator=generator(0), params=[x0])
     assert float(res.problem_loss_matrix()[-1].max()) < 1e-5
     # and the untrained network could not do it (zero updates at init)
-    assert before.final().min() > 1e-5 or before.final().max() > 1e-3
+    assert before.final().max() > 1e-3
 
 
 # --------------------------------------------------------------------------------------------- quadratics
@@ -126,6 +128,33 @@ def test_meta_training_on_quadratics_beats_untrained_and_tuned_sgd():
     # measured: untrained ~118, tuned SGD ~2.4, trained ~0.75 (seeds 0..7 all 0.70-0.80)
     assert trained < 0.5 * sgd, (trained, sgd)
     assert trained < 0.05 * untrained, (trained, untrained)
+
+
+# --------------------------------------------------------------------------------------------- meta-losses
+def test_truncation_losses_by_hand():
+    """Row 0 is the loss before the truncation's first update (it does not depend on it) and is left out;
+    per-problem losses are clipped at the ceiling."""
+    rows = [torch.tensor([5.0, 1.0]), torch.tensor([4.0, 30.0]), torch.tensor([1.0, 0.5])]
+    vals = [torch.tensor(7.0), None, torch.tensor(2.0)]
+    res = UnrollResult([], None, None, 2, train_losses=[r.sum() for r in rows], val_losses=vals,
+                       problem_losses=rows)
+    run = InnerRun(None, None, [], None, None, 0, 10, ceiling=torch.tensor([10.0, 10.0]))
+    # sum: mean over problems of min(loss, ceiling), summed over rows 1..
+    assert truncation_loss("sum", res, run).item() == pytest.approx((4 + 10) / 2 + (1 + 0.5) / 2)
+    expected_log = sum(math.log(v + 1e-12) for v in (4.0, 10.0, 1.0, 0.5)) / 4
+    assert truncation_loss("mean_log", res, run).item() == pytest.approx(expected_log)
+    assert truncation_loss("val", res, run).item() == pytest.approx(2.0)
+    # above the ceiling the loss is a constant: no gradient flows from a diverging problem
+    x = torch.tensor([4.0, 30.0], requires_grad=True)
+    res.problem_losses = [rows[0], x * 1.0]
+    truncation_loss("sum", res, run).backward()
+    assert x.grad.tolist() == [0.5, 0.0]
+    # one row only (a truncation that made no update): zero, but still a tensor
+    single = UnrollResult([], None, None, 0, train_losses=[rows[0].sum()], val_losses=[None],
+                          problem_losses=[rows[0]])
+    assert truncation_loss("sum", single, run).item() == 0.0
+    with pytest.raises(ValueError, match="val_every"):
+        truncation_loss("val", single, run)
 
 
 # --------------------------------------------------------------------------------------------- guards
@@ -193,8 +222,23 @@ def _metric_lines(run_dir):
         return [json.loads(line) for line in f]
 
 
+class Crash(Exception):
+    """Stands in for a kill in the middle of a run."""
+
+
+class CrashingTrainer(MetaTrainer):
+    """Dies at the start of meta-step ``crash_at`` (after the log lines of earlier steps are written)."""
+    crash_at = -1
+
+    def meta_step_on(self, runs, length):
+        if self.meta_step == self.crash_at:
+            raise Crash
+        return super().meta_step_on(runs, length)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "mlp"])
-def test_stop_and_resume_is_bit_for_bit(tmp_path, kind):
+@pytest.mark.parametrize("how", ["clean", "crash"])
+def test_stop_and_resume_is_bit_for_bit(tmp_path, kind, how):
     def make_net():
         torch.manual_seed(0)
         return CoordLSTM(hidden=8) if kind == "lstm" else CoordMLP(hidden=8)
@@ -210,13 +254,26 @@ def test_stop_and_resume_is_bit_for_bit(tmp_path, kind):
     straight_net = make_net()
     straight = quiet(MetaTrainer(straight_net, family, MetaConfig(iterations=n, **base), run_dir=a).run)
 
-    first = quiet(MetaTrainer(make_net(), family, MetaConfig(iterations=k, checkpoint_every=1, **base),
-                              run_dir=b).run)
-    assert first.iteration == k
+    if how == "clean":  # a run of k iterations, continued to n
+        first = quiet(MetaTrainer(make_net(), family, MetaConfig(iterations=k, checkpoint_every=1, **base),
+                                  run_dir=b).run)
+        assert first.iteration == k
+    else:  # killed in the 4th iteration's second meta-step; the last checkpoint is after the 2nd iteration
+        first = CrashingTrainer(make_net(), family, MetaConfig(iterations=n, checkpoint_every=2, **base),
+                                run_dir=b)
+        first.crash_at = straight.history[[r["iteration"] for r in straight.history].index(3)]["meta_step"] + 1
+        with pytest.raises(Crash):
+            quiet(first.run)
+        assert first.iteration == 3
+    saved = load_checkpoint(os.path.join(b, "checkpoint.pt"))
     resumed_net = CoordLSTM(hidden=8) if kind == "lstm" else CoordMLP(hidden=8)  # different init
     resumed = MetaTrainer(resumed_net, family, MetaConfig(iterations=n, checkpoint_every=1, **base), run_dir=b)
     assert resumed.resume()
-    assert resumed.iteration == k and resumed.meta_step == first.meta_step
+    assert resumed.iteration == saved["iteration"] == (k if how == "clean" else 2)
+    assert resumed.meta_step == saved["meta_step"]
+    assert resumed.best_score == saved["best_score"] and math.isfinite(resumed.best_score)
+    assert all_equal(list(resumed.best_state.values()), list(saved["best_state"].values()))
+    assert len(_metric_lines(b)) == saved["log_lines"]  # lines written after the checkpoint are dropped
     quiet(resumed.run)
 
     assert resumed.iteration == straight.iteration == n
@@ -505,6 +562,12 @@ def test_halting_loss_over_truncations_equals_full_objective():
     (dict(meta_loss="halting"), "control"),
     (dict(loss_ceiling=1.0), "loss_ceiling"),
     (dict(val_metric="median"), "'median'"),
+    (dict(val_every=-1), "val_every"),
+    (dict(checkpoint_every=-2), "-2"),
+    (dict(checkpoint_every=1.5), "checkpoint_every"),
+    (dict(val_tasks=0), "val_tasks"),
+    (dict(halting_lambda=-0.5), "-0.5"),
+    (dict(halting_lambda=math.nan), "halting_lambda"),
 ])
 def test_meta_config_validate_errors(changes, message):
     cfg = MetaConfig(**changes)

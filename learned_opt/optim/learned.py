@@ -227,26 +227,44 @@ class LearnedControl:
 
 
 class LSTMState(NamedTuple):
-    """Per-coordinate LSTM state ``(layers, n, hidden)``, per-coordinate momenta, pooled hidden, count."""
+    """Per-coordinate LSTM state ``(layers, n, hidden)``, momenta (inputs; base update), pooled hidden, count."""
     h: Tensor
     c: Tensor
     momenta: Tuple[Tensor, ...]
+    base: Optional[Tensor]
     pooled: Optional[Tensor]
     count: int
     layout: Layout
 
 
 EXTRA_INPUTS = ("param", "momentum", "loss", "pooled")
+BASES = ("none", "sgd", "momentum")
 
 
 class CoordLSTM(_MetaNetwork):
-    """Coordinatewise LSTM optimizer (Andrychowicz et al. 2016) with learned LR and stop heads."""
+    """Coordinatewise LSTM optimizer (Andrychowicz et al. 2016) with learned LR and stop heads.
+
+    ``base='none'`` is the paper's optimizer: update = ``output_scale * LSTM(...)``. With ``base='sgd'`` or
+    ``'momentum'`` the LSTM instead corrects a hand-coded step: update = ``output_scale * a - lr_i * d`` where
+    ``d`` is the gradient or heavy-ball buffer (``d = base_momentum * d + g``), and the per-coordinate rate
+    ``lr_i = exp(log_base_lr + base_lr_range * tanh(b))`` is modulated by a second LSTM output ``b``
+    (``log_base_lr`` is a meta-weight). Fresh, it is exactly that hand-coded optimizer with rate ``base_lr``; it
+    then learns per-coordinate step sizes, which scale with the gradient and so keep converging at small
+    gradients where a plain LSTM output stalls.
+    """
 
     def __init__(self, hidden: int = 20, layers: int = 2, preproc_p: float = 10.0, output_scale: float = 0.1,
                  extra_inputs: Sequence[str] = (), momentum_decays: Sequence[float] = (0.9, 0.99),
                  lr_mode: str = "global", lr_bound: float = 10.0, stop_bias: float = -6.0,
-                 stop_threshold: float = 0.5, init_zero: bool = True):
+                 stop_threshold: float = 0.5, init_zero: bool = True, base: str = "none",
+                 base_lr: float = 0.01, base_momentum: float = 0.9, base_lr_range: float = 3.0):
         super().__init__()
+        if base not in BASES:
+            raise ValueError(f"unknown base {base!r}; known: {', '.join(BASES)}")
+        if not base_lr > 0:
+            raise ValueError(f"base_lr must be > 0, got {base_lr!r}")
+        if not 0 <= base_momentum < 1:
+            raise ValueError(f"base_momentum must be in [0, 1), got {base_momentum!r}")
         bad = [e for e in extra_inputs if e not in EXTRA_INPUTS]
         if bad:
             raise ValueError(f"unknown extra input {bad[0]!r}; known: {', '.join(EXTRA_INPUTS)}")
@@ -258,15 +276,19 @@ class CoordLSTM(_MetaNetwork):
         self.config = dict(hidden=hidden, layers=layers, preproc_p=preproc_p, output_scale=output_scale,
                            extra_inputs=list(extra_inputs), momentum_decays=list(momentum_decays),
                            lr_mode=lr_mode, lr_bound=lr_bound, stop_bias=stop_bias,
-                           stop_threshold=stop_threshold, init_zero=init_zero)
+                           stop_threshold=stop_threshold, init_zero=init_zero, base=base, base_lr=base_lr,
+                           base_momentum=base_momentum, base_lr_range=base_lr_range)
         self.hidden, self.layers, self.p, self.output_scale = hidden, layers, preproc_p, output_scale
+        self.base, self.base_momentum, self.base_lr_range = base, base_momentum, base_lr_range
+        if base != "none":
+            self.log_base_lr = nn.Parameter(torch.tensor(math.log(base_lr)))
         self.extra_inputs, self.lr_mode = tuple(extra_inputs), lr_mode
         self.momentum_decays = tuple(momentum_decays) if "momentum" in extra_inputs else ()
         in_dim = (2 + ("param" in extra_inputs) + 2 * len(self.momentum_decays) + ("loss" in extra_inputs)
                   + hidden * ("pooled" in extra_inputs))
         self.cells = nn.ModuleList([nn.LSTMCell(in_dim if i == 0 else hidden, hidden) for i in range(layers)])
-        self.out = nn.Linear(hidden, 1)
-        if init_zero:  # start with zero updates: stable, and every meta-gradient is informative
+        self.out = nn.Linear(hidden, 1 if base == "none" else 2)
+        if init_zero:  # start with zero (or exactly the base) updates: stable, every meta-gradient informative
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
         self.heads = DecisionHeads(hidden, lr_bound=lr_bound, stop_bias=stop_bias,
@@ -279,7 +301,8 @@ class CoordLSTM(_MetaNetwork):
         like = params[0]
         zeros = like.new_zeros((self.layers, n, self.hidden))
         momenta = tuple(like.new_zeros(n) for _ in self.momentum_decays)
-        return LSTMState(zeros, zeros, momenta, None, 0, layout)
+        base = like.new_zeros(n) if self.base == "momentum" else None
+        return LSTMState(zeros, zeros, momenta, base, None, 0, layout)
 
     def update(self, grads, state: LSTMState, params, *, loss: Optional[Tensor] = None):
         """One step for all coordinates at once."""
@@ -294,7 +317,9 @@ class CoordLSTM(_MetaNetwork):
         momenta = tuple(b * m + (1 - b) * g for b, m in zip(self.momentum_decays, state.momenta))
         inputs.extend(preprocess_gradient(m, self.p) for m in momenta)
         if "loss" in self.extra_inputs:
-            value = 0.0 if loss is None else math.log(max(float(loss.detach()), 1e-30))
+            # Clamped to [1e-30, 1e30] (NaN: no information): an infinite input makes 0 * inf = NaN in the cell
+            lv = math.nan if loss is None else float(loss.detach())
+            value = 0.0 if math.isnan(lv) else math.log(min(max(lv, 1e-30), 1e30))
             inputs.append(g.new_full((g.shape[0], 1), value / self.p))
         if "pooled" in self.extra_inputs:  # last step's mean hidden state of this coordinate's tensor
             pooled_prev = state.pooled if state.pooled is not None else g.new_zeros((len(layout.sizes),
@@ -307,9 +332,18 @@ class CoordLSTM(_MetaNetwork):
             hs.append(h)
             cs.append(c)
             x = h
-        step = self.out(x).squeeze(-1) * self.output_scale
+        out = self.out(x)
+        step = out[:, 0] * self.output_scale
+        base = state.base
+        if self.base != "none":
+            direction = g
+            if self.base == "momentum":
+                base = g if state.count == 0 else self.base_momentum * state.base + g
+                direction = base
+            rate = torch.exp(self.log_base_lr + self.base_lr_range * torch.tanh(out[:, 1]))
+            step = step - rate * direction
         pooled = segment_mean(x, layout)
-        new = LSTMState(torch.stack(hs), torch.stack(cs), momenta, pooled, state.count + 1, layout)
+        new = LSTMState(torch.stack(hs), torch.stack(cs), momenta, base, pooled, state.count + 1, layout)
         return unflatten(step, layout), new
 
 
