@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from .distributed import init_from_env, shutdown
 from .evaluate import evaluate, lr_grid, tune_lr
 from .log import WANDB_MODES, Logger, provenance
 from .meta import MetaConfig, MetaTrainer, load_lopt, save_lopt
@@ -133,22 +134,36 @@ def cmd_meta_train(args) -> int:
     exists = os.path.exists(ckpt) or os.path.exists(ckpt + ".prev")
     if exists and not args.resume:
         raise CLIError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-    os.makedirs(run_dir, exist_ok=True)
-    record = {"command": "meta-train", "config": {k: (list(v) if isinstance(v, tuple) else v)
-                                                  for k, v in cfg.items()}, "provenance": provenance()}
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(record, f, indent=2)
-    logger = Logger(os.path.join(run_dir, "metrics.jsonl"), cfg["wandb"], record["config"], run_dir=run_dir)
-    trainer = MetaTrainer(net, family, meta, run_dir=run_dir, logger=logger, progress=sys.stderr.isatty())
-    if exists:
-        trainer.resume()
-    trainer.run()
-    path = os.path.join(run_dir, "lopt.pt")
-    save_lopt(path, net)
-    logger.log_artifact(path, "lopt")
-    logger.close()
-    print(f"meta-trained {cfg['net']} on {cfg['task']}: {trainer.meta_step} meta-steps, {trainer.skipped} "
-          f"skipped, {trainer.train_seconds:.1f} s; saved {path}")
+    # Under torchrun (WORLD_SIZE > 1) join the process group: every rank trains, rank 0 alone writes.
+    dist_ctx = init_from_env(cfg["device"])
+    try:
+        main_rank = dist_ctx is None or dist_ctx.is_main
+        record = {"command": "meta-train", "config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                      for k, v in cfg.items()}, "provenance": provenance()}
+        if dist_ctx is not None:
+            record["world_size"] = dist_ctx.world_size
+        logger = Logger(None)  # ranks other than 0 log nowhere
+        if main_rank:
+            os.makedirs(run_dir, exist_ok=True)
+            logger = Logger(os.path.join(run_dir, "metrics.jsonl"), cfg["wandb"], record["config"],
+                            run_dir=run_dir)
+        trainer = MetaTrainer(net, family, meta, run_dir=run_dir, logger=logger, progress=sys.stderr.isatty(),
+                              dist=dist_ctx)
+        if exists:  # before config.json is rewritten: a checkpoint that does not fit leaves the run untouched
+            trainer.resume()
+        if main_rank:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(record, f, indent=2)
+        trainer.run()
+        if main_rank:
+            path = os.path.join(run_dir, "lopt.pt")
+            save_lopt(path, net)
+            logger.log_artifact(path, "lopt")
+            logger.close()
+            print(f"meta-trained {cfg['net']} on {cfg['task']}: {trainer.meta_step} meta-steps, {trainer.skipped} "
+                  f"skipped, {trainer.train_seconds:.1f} s; saved {path}")
+    finally:
+        shutdown(dist_ctx)
     return 0
 
 

@@ -79,7 +79,8 @@ def lr_grid(low: float, high: float, num: int) -> List[float]:
 def robust_mean(x: np.ndarray) -> float:
     """Mean with non-finite values counted as ``inf`` (a diverged run ranks last)."""
     x = np.asarray(x, dtype=float)
-    return float(np.mean(np.where(np.isfinite(x), x, np.inf)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.mean(np.where(np.isfinite(x), x, np.inf)))
 
 
 @dataclass
@@ -126,3 +127,102 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple:
         raise ValueError(f"unsupported confidence level {level!r}; use 0.9, 0.95 or 0.99")
     half = z * float(x.std(ddof=1)) / math.sqrt(x.size)
     return m, m - half, m + half
+
+
+# ---------------------------------------------------------------------------------------------- fair tuning
+EXTRA_GRIDS = {  # hyper-parameters tuned jointly with the learning rate, where relevant
+    "momentum": {"momentum": (0.5, 0.9, 0.99)},
+    "nesterov": {"momentum": (0.5, 0.9, 0.99)},
+    "adam": {"betas": ((0.9, 0.999), (0.5, 0.999), (0.9, 0.99))},
+}
+
+
+@dataclass
+class TunedBaseline:
+    """A baseline's best hyper-parameters for one horizon, with the validation score of every candidate."""
+    name: str
+    horizon: int
+    hparams: Dict[str, object]
+    score: float
+    grid: List[float]
+    widened: int
+    table: List[Dict[str, object]]
+
+
+def _cache_key(*parts) -> str:
+    import hashlib
+
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:16]
+
+
+def tune_baseline(name: str, family, *, horizon: int, grid: Sequence[float], num_tasks: int, seed: int = 0,
+                  extra: Optional[Dict[str, Sequence]] = None, max_widen: int = 3,
+                  cache_dir: Optional[str] = None) -> TunedBaseline:
+    """Tune ``name`` for ``horizon`` on validation tasks over ``grid`` (x the extra grids of
+    :data:`EXTRA_GRIDS`); if the best learning rate sits at an edge, extend the grid by one decade on that side
+    (up to ``max_widen`` times) so that the chosen value is interior. Results are cached in ``cache_dir``.
+    """
+    import itertools
+    import json
+    import os
+
+    from .optim import get_optimizer
+
+    extra = EXTRA_GRIDS.get(name, {}) if extra is None else extra
+    key = _cache_key(name, repr(family), horizon, list(grid), num_tasks, seed, sorted(extra.items()), max_widen)
+    path = os.path.join(cache_dir, f"tune-{name}-{horizon}-{key}.json") if cache_dir else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            d = json.load(f)
+        d["hparams"] = {k: tuple(v) if isinstance(v, list) else v for k, v in d["hparams"].items()}
+        return TunedBaseline(**d)
+    grid = sorted(float(x) for x in grid)
+    ratio = grid[1] / grid[0] if len(grid) > 1 else 10.0
+    combos = [dict(zip(extra, vals)) for vals in itertools.product(*extra.values())] or [{}]
+    scores: Dict[tuple, float] = {}
+    widened = 0
+    while True:
+        for lr in grid:
+            for combo in combos:
+                k = (lr, tuple(sorted(combo.items())))
+                if k not in scores:
+                    res = evaluate(family, get_optimizer(name, lr=lr, **combo), num_tasks=num_tasks,
+                                   steps=horizon, split="val", seed=seed)
+                    scores[k] = robust_mean(res.final())
+        best = min(scores, key=scores.get)
+        lr_best = best[0]
+        if widened >= max_widen or not math.isfinite(scores[best]):
+            break
+        if lr_best == grid[0]:
+            grid = [grid[0] / ratio ** i for i in range(3, 0, -1)] + grid
+        elif lr_best == grid[-1]:
+            grid = grid + [grid[-1] * ratio ** i for i in range(1, 4)]
+        else:
+            break
+        widened += 1
+    if lr_best in (grid[0], grid[-1]):
+        warnings.warn(f"{name}@{horizon}: best learning rate {lr_best:g} is still at the grid edge after "
+                      f"{widened} widenings")
+    table = [{"lr": k[0], **dict(k[1]), "score": v} for k, v in sorted(scores.items())]
+    out = TunedBaseline(name, horizon, {"lr": lr_best, **dict(best[1])}, scores[best], grid, widened, table)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({**out.__dict__, "table": table}, f, indent=1, default=float)
+        os.replace(tmp, path)
+    return out
+
+
+def steps_to_reach(curve: np.ndarray, target: float) -> float:
+    """First step at which a mean loss curve is <= ``target`` (``inf`` if never)."""
+    hit = np.nonzero(np.asarray(curve) <= target)[0]
+    return float(hit[0]) if hit.size else math.inf
+
+
+def speedup(reference_curve: np.ndarray, learned_curve: np.ndarray, step: int) -> float:
+    """Steps the reference (e.g. tuned Adam) needs to reach the learned optimizer's loss at ``step``,
+    divided by ``step``; > 1 means the learned optimizer is faster, ``inf`` if the reference never gets there."""
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step!r}")
+    return steps_to_reach(reference_curve, float(learned_curve[step])) / step

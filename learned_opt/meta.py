@@ -6,7 +6,9 @@ terms through the learner's gradient off by default. Added for robustness: other
 validation loss, the halting objective for the stop head), our own Adam as the meta-optimizer with global
 gradient-norm clipping, guards against non-finite losses and meta-gradients, a per-task loss ceiling, a
 curriculum over horizons (Chen et al. 2020), random truncation offsets, held-out validation keeping the best
-meta-weights, atomic checkpoints with exact resume, and JSONL / W&B logs.
+meta-weights, atomic checkpoints with exact resume, and JSONL / W&B logs. With a
+:class:`~learned_opt.distributed.DistContext` (``dist=``) every rank unrolls its own tasks and the meta-gradients
+are averaged over the ranks every meta-step (see :mod:`learned_opt.distributed`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .distributed import DistContext, rank_seed
 from .evaluate import evaluate, robust_mean, task_seed
 from .log import Logger
 from .optim.baselines import Adam, AdamState
@@ -249,20 +252,33 @@ def load_lopt(path: str):
     return net
 
 
+def _grad_norm(grads: Sequence[Tensor]) -> Tensor:
+    """Global L2 norm of the meta-gradient, accumulated in float64."""
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+
+
 class MetaTrainer:
     """Meta-trains ``net`` on tasks from ``family``; ``run()`` returns the log of the run."""
 
     def __init__(self, net, family, config: MetaConfig, *, run_dir: Optional[str] = None,
-                 logger: Optional[Logger] = None, progress: bool = False):
+                 logger: Optional[Logger] = None, progress: bool = False, dist: Optional[DistContext] = None):
         config.validate()
         self.net, self.family, self.cfg = net, family, config
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
         self.run_dir = run_dir
-        self.logger = logger or Logger(os.path.join(run_dir, "metrics.jsonl") if run_dir else None)
-        self.progress = progress
+        # Only rank 0 writes the log and the checkpoints; the other ranks log nowhere.
+        self.logger = logger or Logger(os.path.join(run_dir, "metrics.jsonl") if run_dir and self.is_main
+                                       else None)
+        self.progress = progress and self.is_main
         self.meta_params = [p for p in net.parameters()]
+        if dist is not None:  # every rank starts from rank 0's meta-weights
+            dist.broadcast_parameters(self.meta_params)
         self.meta_opt = Adam(lr=config.meta_lr)
         self.meta_state = self.meta_opt.init([p.detach() for p in self.meta_params])
-        self.gen = generator(task_seed("train", 0, config.seed))
+        # Each rank draws its own tasks (rank 0 those of a single-process run); the truncation schedule is
+        # rank 0's, broadcast, so every rank makes the same number of meta-steps.
+        self.gen = generator(rank_seed(config.seed, dist.rank if dist is not None else 0))
         self.iteration = 0
         self.meta_step = 0
         self.skipped = 0
@@ -277,19 +293,43 @@ class MetaTrainer:
         """Where the latest checkpoint lives (``None`` without a run directory)."""
         return os.path.join(self.run_dir, "checkpoint.pt") if self.run_dir else None
 
+    @property
+    def world_size(self) -> int:
+        """Number of ranks (1 without a process group)."""
+        return self.dist.world_size if self.dist is not None else 1
+
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume exactly."""
-        return {"format": "learned_opt.meta/1", "kind": kind_of(self.net), "net_config": self.net.config,
-                "config": asdict(self.cfg), "net": self.net.state_dict(),
-                "meta_opt": _opt_state_to_dict(self.meta_state), "generator": self.gen.get_state(),
-                "iteration": self.iteration, "meta_step": self.meta_step, "skipped": self.skipped,
-                "best_score": self.best_score, "best_state": self.best_state,
-                "train_seconds": self.train_seconds, "log_lines": self.logger.lines()}
+        out = {"format": "learned_opt.meta/1", "kind": kind_of(self.net), "net_config": self.net.config,
+               "config": asdict(self.cfg), "net": self.net.state_dict(),
+               "meta_opt": _opt_state_to_dict(self.meta_state), "generator": self.gen.get_state(),
+               "iteration": self.iteration, "meta_step": self.meta_step, "skipped": self.skipped,
+               "best_score": self.best_score, "best_state": self.best_state,
+               "train_seconds": self.train_seconds, "log_lines": self.logger.lines()}
+        if self.dist is not None:
+            out["world_size"] = self.world_size
+        return out
 
     def save(self) -> None:
-        """Write a checkpoint atomically (no-op without a run directory)."""
-        if self.checkpoint_path:
+        """Write a checkpoint atomically (no-op without a run directory).
+
+        Distributed: a collective. Every rank sends its task generator to the checkpoint, rank 0 writes, and all
+        ranks learn whether the write worked, so a failed save stops every rank with the same error.
+        """
+        if not self.checkpoint_path:
+            return
+        if self.dist is None:
             save_checkpoint(self.checkpoint_path, self.state_dict())
+            return
+        states = self.dist.gather_states(self.gen.get_state())
+        error = None
+        if self.is_main:
+            try:
+                save_checkpoint(self.checkpoint_path, {**self.state_dict(), "generators": states})
+            except RuntimeError as e:
+                error = e
+        if not self.dist.all_ok(error is None):
+            raise error or RuntimeError(f"could not save checkpoint {self.checkpoint_path} (rank 0 failed)")
 
     def resume(self) -> bool:
         """Restore from the run directory's checkpoint if one exists; returns whether it did."""
@@ -297,6 +337,9 @@ class MetaTrainer:
         if not path or not (os.path.exists(path) or os.path.exists(path + ".prev")):
             return False
         ck = load_checkpoint(path)
+        if ck.get("world_size", 1) != self.world_size:
+            raise ValueError(f"checkpoint {path} was written by {ck.get('world_size', 1)} rank(s); this run has "
+                             f"{self.world_size}: resume with the same number of processes")
         if ck.get("kind") != kind_of(self.net) or ck.get("net_config") != self.net.config:
             raise ValueError(f"checkpoint {path} is for a {ck.get('kind')} network with config "
                              f"{ck.get('net_config')}, not this {kind_of(self.net)} {self.net.config}")
@@ -305,7 +348,7 @@ class MetaTrainer:
         except RuntimeError as e:
             raise ValueError(f"checkpoint {path} does not fit this network: {str(e).splitlines()[0]}")
         self.meta_state = _opt_state_from_dict(ck["meta_opt"])
-        self.gen.set_state(ck["generator"])
+        self.gen.set_state(ck["generators"][self.dist.rank] if self.dist is not None else ck["generator"])
         self.iteration, self.meta_step, self.skipped = ck["iteration"], ck["meta_step"], ck["skipped"]
         self.best_score, self.best_state = ck["best_score"], ck["best_state"]
         self.train_seconds = ck["train_seconds"]
@@ -340,6 +383,8 @@ class MetaTrainer:
         first = k
         if self.cfg.random_offset:
             first = int(torch.randint(1, k + 1, (1,), generator=self.gen).item())
+        if self.dist is not None:  # unconditional: every rank follows rank 0's schedule
+            first = self.dist.broadcast_int(first)
         lengths, left = [], horizon
         while left > 0:
             n = min(first if not lengths else k, left)
@@ -369,10 +414,21 @@ class MetaTrainer:
         if torch.isfinite(meta_loss) and inner_finite:
             grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.meta_params)]
-            gnorm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+            gnorm = _grad_norm(grads)
             record["meta_grad_norm"] = float(gnorm)
             if not torch.isfinite(gnorm):
                 grads = None
+        if self.dist is not None:
+            # Always reached, on every rank: the one collective of the step is never behind a condition.
+            if grads is None:
+                warnings.warn(f"meta-step {self.meta_step}, rank {self.dist.rank}: non-finite inner loss or "
+                              f"meta-gradient; this rank's contribution is dropped")
+            grads, mean_loss, finite = self.dist.reduce_meta_gradient(grads, record["meta_loss"],
+                                                                      self.meta_params)
+            record.update(meta_loss=mean_loss, finite_ranks=finite)
+            if grads is not None:
+                gnorm = _grad_norm(grads)
+                record["meta_grad_norm"] = float(gnorm)
         if grads is None:
             self.skipped += 1
             record.update(skipped=1, skipped_total=self.skipped)

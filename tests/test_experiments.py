@@ -36,3 +36,18 @@ def test_quadratic_rejects_bad_flags_with_one_line(tmp_path):
     assert proc.returncode != 0
     assert "truncation 50 is longer than the horizon 10" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_digits_smoke_writes_summary_with_required_keys(tmp_path):
+    out = tmp_path / "digits"
+    proc = run_script("digits.py", "--preset", "smoke", "--out_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("learned_over_best_baseline_at_10", "learned_over_best_baseline_at_20", "unseen",
+                "never_above_initial_loss", "speedup_over_tuned_adam", "meta_train_seconds"):
+        assert key in summary, key
+    assert set(summary["unseen"]) == {"relu"}
+    assert (out / "loss_curves.png").exists() and (out / "speedup.png").exists()
+    # the tuning cache is reused: a second run re-tunes nothing
+    cached = sorted(os.listdir(out / "tuning_cache"))
+    assert cached and all(name.startswith("tune-") for name in cached)
