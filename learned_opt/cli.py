@@ -126,7 +126,11 @@ def cmd_meta_train(args) -> int:
     family = _family(cfg)
     family(torch.Generator().manual_seed(0))  # build one task now: bad task arguments fail before any write
     try:
-        net = build_learned(cfg["net"], **(cfg["net_args"] or {})).to(cfg["device"])
+        # The seed fixes the initial meta-weights too (without touching the global RNG): two runs with the
+        # same flags start alike, in a fresh process or not.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg["seed"])
+            net = build_learned(cfg["net"], **(cfg["net_args"] or {})).to(cfg["device"])
     except TypeError as e:
         raise CLIError(f"bad meta-network argument: {e}")
     run_dir = cfg["run_dir"]

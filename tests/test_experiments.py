@@ -51,3 +51,14 @@ def test_digits_smoke_writes_summary_with_required_keys(tmp_path):
     # the tuning cache is reused: a second run re-tunes nothing
     cached = sorted(os.listdir(out / "tuning_cache"))
     assert cached and all(name.startswith("tune-") for name in cached)
+
+
+def test_metanet_smoke_writes_table(tmp_path):
+    out = tmp_path / "metanet"
+    proc = run_script("metanet.py", "--preset", "smoke", "--out_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "adam (reference, lr 1e-3)" in summary["optimizers"] and "learned (lstm)" in summary["optimizers"]
+    assert summary["optimizers"]["adam (reference, lr 1e-3)"]["lr"] == 1e-3
+    assert "learned_over_reference_test" in summary
+    assert "| sgd (tuned) |" in (out / "table.md").read_text()
