@@ -12,6 +12,16 @@ import numpy as np
 from learned_opt.log import provenance  # noqa: F401  (re-exported for the scripts)
 
 
+def _scalar(text: str):
+    """``'20' -> 20``, ``'0.5' -> 0.5``, anything else stays a string."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_config(cls, presets: Dict[str, Dict[str, Any]], argv=None):
     """Build ``cls`` from ``--preset NAME`` and one ``--field value`` flag per dataclass field."""
     parser = argparse.ArgumentParser(description=cls.__doc__)
@@ -31,8 +41,7 @@ def parse_config(cls, presets: Dict[str, Dict[str, Any]], argv=None):
         if v is None:
             continue
         if isinstance(f.default, tuple):
-            elem = type(f.default[0]) if f.default else str
-            v = tuple(elem(x) for x in v.split(",") if x)
+            v = tuple(_scalar(x) for x in v.split(",") if x)
         values[f.name] = v
     try:
         return cls(**values)

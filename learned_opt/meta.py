@@ -261,9 +261,14 @@ class MetaTrainer:
     """Meta-trains ``net`` on tasks from ``family``; ``run()`` returns the log of the run."""
 
     def __init__(self, net, family, config: MetaConfig, *, run_dir: Optional[str] = None,
-                 logger: Optional[Logger] = None, progress: bool = False, dist: Optional[DistContext] = None):
+                 logger: Optional[Logger] = None, progress: bool = False, dist: Optional[DistContext] = None,
+                 optimizer=None):
         config.validate()
+        if optimizer is not None and config.control != "learned":
+            raise ValueError("meta-training a controller for a fixed optimizer needs control='learned'")
         self.net, self.family, self.cfg = net, family, config
+        # With ``optimizer`` (e.g. hand-coded Adam) the updates are fixed and ``net`` is a learned controller.
+        self.optimizer = optimizer
         self.dist = dist
         self.is_main = dist is None or dist.is_main
         self.run_dir = run_dir
@@ -365,7 +370,12 @@ class MetaTrainer:
         return stages[stage]
 
     def _controller(self):
+        if self.optimizer is not None:
+            return self.net
         return self.net.as_controller() if self.cfg.control == "learned" else None
+
+    def _inner_optimizer(self):
+        return self.net if self.optimizer is None else self.optimizer
 
     def _new_run(self, horizon: int) -> InnerRun:
         task_gen = generator(int(torch.randint(0, 2**62, (1,), generator=self.gen).item()))
@@ -374,7 +384,7 @@ class MetaTrainer:
         with torch.no_grad():
             initial = task.losses(params, task.sample_batch(task_gen, "train"))
         ctrl = self._controller()
-        return InnerRun(task, task_gen, params, self.net.init([p.detach() for p in params]),
+        return InnerRun(task, task_gen, params, self._inner_optimizer().init([p.detach() for p in params]),
                         ctrl.init() if ctrl is not None else None, 0, horizon,
                         initial.detach().abs() * self.cfg.loss_ceiling + 1e-8)
 
@@ -399,7 +409,7 @@ class MetaTrainer:
         needs_val = cfg.meta_loss in ("val", "halting")
         losses, results = [], []
         for run in runs:
-            res = unroll(run.task, self.net, ctrl, steps=length, generator=run.gen, params=run.params,
+            res = unroll(run.task, self._inner_optimizer(), ctrl, steps=length, generator=run.gen, params=run.params,
                          opt_state=run.opt_state, ctrl_state=run.ctrl_state, start_step=run.step,
                          horizon=run.horizon, differentiable=True, second_order=cfg.second_order,
                          val_every=1 if needs_val else 0)
@@ -463,8 +473,8 @@ class MetaTrainer:
         """Score the current meta-weights on held-out validation tasks (lower is better)."""
         cfg = self.cfg
         horizon = cfg.horizon
-        ctrl_fn = (lambda: self.net.as_controller()) if cfg.control == "learned" else None
-        res = evaluate(self.family, self.net, ctrl_fn, num_tasks=cfg.val_tasks, steps=horizon, split="val",
+        ctrl_fn = self._controller if cfg.control == "learned" else None
+        res = evaluate(self.family, self._inner_optimizer(), ctrl_fn, num_tasks=cfg.val_tasks, steps=horizon, split="val",
                        seed=cfg.seed, val_every=1 if cfg.meta_loss in ("val", "halting") else 0,
                        stop_metrics=cfg.val_metric == "val_at_stop")
         if cfg.val_metric == "val_at_stop":

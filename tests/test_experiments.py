@@ -62,3 +62,14 @@ def test_metanet_smoke_writes_table(tmp_path):
     assert summary["optimizers"]["adam (reference, lr 1e-3)"]["lr"] == 1e-3
     assert "learned_over_reference_test" in summary
     assert "| sgd (tuned) |" in (out / "table.md").read_text()
+
+
+def test_control_smoke_writes_summary_keys_and_figures(tmp_path):
+    out = tmp_path / "control"
+    proc = run_script("control.py", "--preset", "smoke", "--out_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("stop_steps_saved_vs_patience10", "stop_val_loss_ratio_vs_patience10", "lr_over_best_schedule"):
+        assert isinstance(summary[key], float), key
+    assert len(summary["ablation"]) == 4
+    assert (out / "pareto.png").exists() and (out / "lr_schedules.png").exists()

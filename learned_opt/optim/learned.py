@@ -160,10 +160,8 @@ class DecisionHeads(nn.Module):
         base = torch.tensor(feats, dtype=like.dtype, device=like.device)
         return torch.cat([base, step_embedding(obs.step, like)])
 
-    def forward(self, pooled: Tensor, obs: Observation, state: DecisionState, per_tensor: bool):
-        """``(lr_scale, stop_prob, new_state)``; ``pooled`` is ``(num_tensors, d)`` and ``(d,)`` globally."""
-        state = self.observe(obs, state)
-        g = self.features(obs, state, pooled)
+    def heads(self, pooled: Tensor, g: Tensor, per_tensor: bool):
+        """``(lr_scale, stop_prob)`` from pooled hidden ``(num_tensors, d)`` and global features ``g``."""
         global_in = torch.cat([pooled.mean(0), g])
         stop_logit = self.stop(global_in).squeeze(-1) + self.stop_bias
         stop_prob = self.stop_max * torch.sigmoid(stop_logit)
@@ -173,14 +171,24 @@ class DecisionHeads(nn.Module):
             lr_scale = list(torch.exp(log_lr).unbind(0))
         else:
             lr_scale = torch.exp(math.log(self.lr_bound) * torch.tanh(self.lr(global_in).squeeze(-1)))
+        return lr_scale, stop_prob
+
+    def forward(self, pooled: Tensor, obs: Observation, state: DecisionState, per_tensor: bool):
+        """``(lr_scale, stop_prob, new_state)``; ``pooled`` is ``(num_tensors, d)`` and ``(d,)`` globally."""
+        state = self.observe(obs, state)
+        lr_scale, stop_prob = self.heads(pooled, self.features(obs, state, pooled), per_tensor)
         return lr_scale, stop_prob, state
 
-    def decision(self, pooled: Tensor, obs: Observation, state: DecisionState, per_tensor: bool):
+    def to_decision(self, lr_scale, stop_prob: Tensor, obs: Observation) -> Decision:
         """A :class:`Decision`; a hard stop only outside meta-training, when the probability crosses the
         threshold."""
-        lr_scale, stop_prob, state = self(pooled, obs, state, per_tensor)
         stop = (not obs.training) and float(stop_prob.detach()) > self.stop_threshold
-        return Decision(lr_scale=lr_scale, stop_prob=stop_prob, stop=stop), state
+        return Decision(lr_scale=lr_scale, stop_prob=stop_prob, stop=stop)
+
+    def decision(self, pooled: Tensor, obs: Observation, state: DecisionState, per_tensor: bool):
+        """This step's :class:`Decision` and the next state."""
+        lr_scale, stop_prob, state = self(pooled, obs, state, per_tensor)
+        return self.to_decision(lr_scale, stop_prob, obs), state
 
 
 class _MetaNetwork(nn.Module):
@@ -425,7 +433,53 @@ class CoordMLP(_MetaNetwork):
         return unflatten(step, layout), new
 
 
-LEARNED = {"lstm": CoordLSTM, "mlp": CoordMLP}
+class ControllerState(NamedTuple):
+    """Running statistics and the recurrent state of a :class:`LearnedController`."""
+    stats: DecisionState
+    h: Tensor
+
+
+class LearnedController(nn.Module):
+    """A learned controller for any optimizer (hand-coded ones included): LR and stop decisions only.
+
+    A GRU cell reads the global features of :class:`DecisionHeads` every step (loss, validation-loss and
+    gradient-norm ratios, steps since the best validation loss, time embeddings); its state feeds the same
+    heads as the meta-networks'. ``learn_lr=False`` fixes the LR multiplier at 1 and ``learn_stop=False`` the
+    stop probability at 0, so each decision can be studied alone. It implements the controller protocol
+    (``init()`` / ``decide(obs, state)``); its meta-weights are ``.parameters()``.
+    """
+
+    def __init__(self, hidden: int = 16, lr_bound: float = 10.0, stop_bias: float = -6.0,
+                 stop_threshold: float = 0.5, learn_lr: bool = True, learn_stop: bool = True):
+        super().__init__()
+        if int(hidden) < 1:
+            raise ValueError(f"hidden must be >= 1, got {hidden!r}")
+        self.config = dict(hidden=hidden, lr_bound=lr_bound, stop_bias=stop_bias,
+                           stop_threshold=stop_threshold, learn_lr=learn_lr, learn_stop=learn_stop)
+        self.hidden, self.learn_lr, self.learn_stop = hidden, learn_lr, learn_stop
+        self.cell = nn.GRUCell(NUM_GLOBAL_FEATURES, hidden)
+        self.heads = DecisionHeads(hidden, lr_bound=lr_bound, stop_bias=stop_bias,
+                                   stop_threshold=stop_threshold)
+
+    def init(self) -> ControllerState:
+        """No statistics, zero recurrent state."""
+        w = self.cell.weight_ih
+        return ControllerState(self.heads.init(), w.new_zeros(self.hidden))
+
+    def decide(self, obs: Observation, state: ControllerState):
+        """Update the statistics and the GRU state, then decide."""
+        stats = self.heads.observe(obs, state.stats)
+        g = self.heads.features(obs, stats, state.h)
+        h = self.cell(g.unsqueeze(0), state.h.unsqueeze(0)).squeeze(0)
+        lr_scale, stop_prob = self.heads.heads(h.unsqueeze(0), g, per_tensor=False)
+        if not self.learn_lr:
+            lr_scale = 1.0
+        if not self.learn_stop:
+            stop_prob = stop_prob * 0
+        return self.heads.to_decision(lr_scale, stop_prob, obs), ControllerState(stats, h)
+
+
+LEARNED = {"lstm": CoordLSTM, "mlp": CoordMLP, "controller": LearnedController}
 
 
 def build_learned(kind: str, **config: Any) -> _MetaNetwork:
