@@ -34,7 +34,10 @@ def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return text
+        pass
+    if text.strip().lower() in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity"):
+        return float(text)  # so that a NaN hyper-parameter is reported as one, not as a type error on a string
+    return text
 
 
 def _kv(pairs: Optional[List[str]], what: str) -> Dict[str, Any]:
@@ -110,7 +113,10 @@ def cmd_meta_train(args) -> int:
     args.task_args = _kv(args.task_arg, "--task-arg") or None
     args.net_args = _kv(args.net_arg, "--net-arg") or None
     if args.curriculum is not None:
-        args.curriculum = tuple(int(x) for x in args.curriculum.split(",") if x)
+        try:
+            args.curriculum = tuple(int(x) for x in args.curriculum.split(",") if x)
+        except ValueError:
+            raise CLIError(f"--curriculum expects comma-separated integers, got {args.curriculum!r}")
     cfg = _resolve(args, TRAIN_DEFAULTS)
     if not cfg["run_dir"]:
         raise CLIError("--run-dir is required")
@@ -282,9 +288,17 @@ def cmd_plot(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one ``error: ...`` line (exit code 2), like every other error."""
+
+    def error(self, message: str):
+        """Print one line and exit with code 2."""
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``learned-opt``."""
-    p = argparse.ArgumentParser(prog="learned-opt", description=__doc__.splitlines()[0])
+    p = _Parser(prog="learned-opt", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, task=True):

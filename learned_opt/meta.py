@@ -158,7 +158,11 @@ def halting_loss(res: UnrollResult, run: InnerRun, lam: float) -> Tensor:
     """Truncated halting objective ``sum_t q_t (L_val(t) + lam t)``, ``q_t = p_t prod_{s<t} (1 - p_s)``.
 
     The survival probability is carried (detached) across truncations; the mass left at the horizon is
-    charged to the last validation loss there.
+    charged to the last validation loss there. Before the horizon, the mass that survives the truncation is
+    charged, *for the gradient only*, to the validation loss at the truncation's end (a bootstrap of the cost
+    of continuing): without it, truncated backpropagation sees stopping cost ``L_val(t)`` and continuing cost
+    nothing, and drives every stop probability to zero. The term has value zero, so the logged objective
+    summed over truncations still equals the one-piece objective.
     """
     survival = torch.as_tensor(run.survival, dtype=res.train_losses[0].dtype)
     total = res.train_losses[0].new_zeros(())
@@ -169,8 +173,9 @@ def halting_loss(res: UnrollResult, run: InnerRun, lam: float) -> Tensor:
         total = total + survival * p * (val + lam * t)
         survival = survival * (1 - p)
     last = len(res.stop_probs)
-    if res.step >= run.horizon and last < len(res.val_losses) and res.val_losses[last] is not None:
-        total = total + survival * (res.val_losses[last] + lam * steps[last])
+    if last < len(res.val_losses) and res.val_losses[last] is not None:
+        tail = survival * (res.val_losses[last] + lam * steps[last])
+        total = total + (tail if res.step >= run.horizon else tail - tail.detach())
     run.survival = float(survival.detach())
     return total
 
@@ -345,9 +350,14 @@ class MetaTrainer:
         if ck.get("world_size", 1) != self.world_size:
             raise ValueError(f"checkpoint {path} was written by {ck.get('world_size', 1)} rank(s); this run has "
                              f"{self.world_size}: resume with the same number of processes")
-        if ck.get("kind") != kind_of(self.net) or ck.get("net_config") != self.net.config:
-            raise ValueError(f"checkpoint {path} is for a {ck.get('kind')} network with config "
-                             f"{ck.get('net_config')}, not this {kind_of(self.net)} {self.net.config}")
+        if ck.get("kind") != kind_of(self.net):
+            raise ValueError(f"checkpoint {path} is for a {ck.get('kind')} network, not {kind_of(self.net)}")
+        if ck.get("net_config") != self.net.config:
+            saved, here = ck.get("net_config") or {}, self.net.config
+            diff = ", ".join(f"{k}={saved.get(k)!r} there, {here.get(k)!r} here"
+                             for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k))
+            raise ValueError(f"checkpoint {path} is for a {ck.get('kind')} network of another configuration "
+                             f"({diff})")
         try:
             self.net.load_state_dict(ck["net"])
         except RuntimeError as e:
