@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: demo test test-slow reproduce clean
+.PHONY: demo test test-slow reproduce bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-slow: $(STAMP)
 
 reproduce: $(STAMP)
 	$(PY) experiments/quadratic.py
+
+# Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about a minute).
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

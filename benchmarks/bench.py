@@ -241,13 +241,18 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _fmt_load(pair) -> str:
+    return " / ".join("n/a" if v is None else f"{v:.2f}" for v in pair)
+
+
 def table(summary: dict) -> str:
     """The markdown report."""
     d = summary["details"]
     lines = [f"# Benchmarks{' (quick run: smoke numbers only)' if summary['quick'] else ''}", "",
              f"torch {summary['env']['torch']}, {summary['env']['threads']} intra-op thread, "
              f"{summary['env']['cpus']} CPUs ({summary['env']['machine']}); medians of {summary['env']['repeats']} "
-             f"interleaved timings after warm-up. Regenerate: `OMP_NUM_THREADS=1 python benchmarks/bench.py`.", "",
+             f"interleaved timings after warm-up; 1-minute load average {_fmt_load(summary['env']['load_average_before_after'])} "
+             f"(before / after). Regenerate: `make bench` or `OMP_NUM_THREADS=1 python benchmarks/bench.py`.", "",
              "| ratio | measured | target |", "|---|---|---|"]
     for key, target in TARGETS.items():
         v = summary[key]
@@ -297,7 +302,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "results", "benchmarks"))
     cfg = p.parse_args(argv)
     q = cfg.quick
-    cfg.repeats = 2 if q else 15
+    cfg.repeats = 2 if q else 25
     cfg.truncation = 10
     cfg.eval_steps = 3 if q else 50
     cfg.big_steps, cfg.big_repeats = (1, 1) if q else (3, 7)
@@ -310,6 +315,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     details = {}
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     t0 = time.perf_counter()
     details["meta_step"] = bench_meta_step(cfg)
     details["quadratic"] = bench_quadratic_throughput(cfg)
@@ -336,7 +342,10 @@ def main(argv=None) -> int:
         "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "repeats": cfg.repeats,
                 "truncation": cfg.truncation, "quad_problems": cfg.quad_problems,
-                "mem_meta_truncation": cfg.mem_meta_truncation},
+                "mem_meta_truncation": cfg.mem_meta_truncation,
+                # other work on a shared machine slows the small-op side of a ratio more than the other
+                "load_average_before_after": [load_before[0] if load_before else None,
+                                              os.getloadavg()[0] if load_before else None]},
         "details": details,
     }
     summary["meta_inner_steps_per_s"].update({f"quadratic_{k}": r["inner_steps_per_s"]

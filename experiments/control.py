@@ -46,7 +46,7 @@ class Config:
     lambdas: tuple = (0.0, 3e-4, 1e-3, 3e-3, 1e-2)
     iterations: int = 60
     tasks_per_step: int = 4
-    meta_lr: float = 1e-2
+    meta_lr: float = 3e-2
     stop_bias: float = -4.0
     test_tasks: int = 100
     val_tasks: int = 10

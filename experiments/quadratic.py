@@ -39,7 +39,7 @@ class Config:
     truncation: int = 20
     iterations: int = 1000
     meta_lr: float = 3e-3
-    meta_loss: str = "mean_log"
+    meta_loss: str = "sum"
     clip_norm: float = 1.0
     curriculum: tuple = ()
     random_offset: bool = False

@@ -147,6 +147,8 @@ def cmd_meta_train(args) -> int:
     # Under torchrun (WORLD_SIZE > 1) join the process group: every rank trains, rank 0 alone writes.
     dist_ctx = init_from_env(cfg["device"])
     try:
+        if dist_ctx is not None:
+            net = net.to(dist_ctx.device)  # NCCL: this rank's GPU (cuda:LOCAL_RANK), not cuda:0
         main_rank = dist_ctx is None or dist_ctx.is_main
         record = {"command": "meta-train", "config": {k: (list(v) if isinstance(v, tuple) else v)
                                                       for k, v in cfg.items()}, "provenance": provenance()}
