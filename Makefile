@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 # Every number and figure in README.md and results/ (see README for the time it takes on 2 CPUs).
 reproduce: $(STAMP)
 	$(PY) experiments/quadratic.py
-	$(PY) experiments/digits.py --iterations 80 --val_tasks 4
+	$(PY) experiments/digits.py
 	$(PY) experiments/metanet.py
 	$(PY) experiments/control.py
 	$(PY) benchmarks/bench.py

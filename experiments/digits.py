@@ -45,14 +45,14 @@ class Config:
     output_scale: float = 0.1
     horizon: int = 100
     truncation: int = 20
-    iterations: int = 100
+    iterations: int = 80
     tasks_per_step: int = 1
     meta_lr: float = 3e-3
     meta_loss: str = "sum"
     curriculum: tuple = ()
     seeds: int = 3
     test_tasks: int = 100
-    val_tasks: int = 5
+    val_tasks: int = 4
     eval_horizons: tuple = (100, 200, 1000)
     unseen: tuple = ("hidden40", "two_layer", "relu", "tanh")
     baselines: tuple = ("sgd", "momentum", "adam", "rmsprop")

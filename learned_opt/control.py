@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
 from torch import Tensor
 
-from .optim.base import check_nonnegative, check_positive, check_unit_interval
+from .optim.base import check_nonnegative, check_positive, check_unit_interval, from_registry
 
 LRScale = Union[float, Tensor, Sequence[Tensor]]
 
@@ -284,7 +284,4 @@ SCHEDULES = {
 
 def get_controller(name: str, **kwargs: Any):
     """Build a hand-coded controller by name (``constant``, ``step``, ``cosine``, ``early_stopping`` ...)."""
-    key = str(name).lower()
-    if key not in SCHEDULES:
-        raise ValueError(f"unknown controller {name!r}; known: {', '.join(sorted(SCHEDULES))}")
-    return SCHEDULES[key](**kwargs)
+    return from_registry(SCHEDULES, name, "controller", **kwargs)

@@ -4,7 +4,6 @@ as one process holding both ranks' tasks, a NaN on one rank neither deadlocks no
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from learned_opt.meta import MetaConfig, MetaTrainer
 from learned_opt.optim.learned import CoordLSTM
 from learned_opt.tasks import QuadraticFamily
 from learned_opt.tasks.base import generator
+from tests.helpers import Square, SquareFamily  # noqa: F401
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -32,38 +32,6 @@ TIMEOUT_S = 90  # a deadlock fails the test instead of hanging the suite
 ENV = {"MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
 if os.path.exists("/sys/class/net/lo"):  # keep gloo on the loopback interface
     ENV["GLOO_SOCKET_IFNAME"] = "lo"
-
-
-class Square:
-    """``f(x) = x^2`` for each of ``n`` scalars; every loss is NaN when ``nan`` is set."""
-
-    def __init__(self, n: int, nan: bool = False):
-        self.num_problems, self.nan = n, nan
-
-    def init(self, g):
-        return [torch.randn(self.num_problems, generator=g)]
-
-    def sample_batch(self, g=None, split="train"):
-        return None
-
-    def losses(self, params, batch=None):
-        out = params[0] ** 2
-        return out * math.nan if self.nan else out
-
-    def loss(self, params, batch=None):
-        return self.losses(params).sum()
-
-
-class SquareFamily:
-    """Samples :class:`Square` tasks; the calls listed in ``nan_calls`` (0-based) give NaN tasks."""
-
-    def __init__(self, n: int = 8, nan_calls=()):
-        self.n, self.nan_calls, self.calls = n, set(nan_calls), 0
-
-    def __call__(self, g):
-        task = Square(self.n, nan=self.calls in self.nan_calls)
-        self.calls += 1
-        return task
 
 
 class SnapshotTrainer(MetaTrainer):
@@ -119,7 +87,7 @@ def _worker(rank, world, port, scenario, out_dir):
                              random_offset=True, seed=5)
         else:  # "nan": iteration 0 is NaN on rank 1 only, iteration 1 on both ranks, iteration 2 on none
             net = CoordLSTM(hidden=6)
-            family = SquareFamily(nan_calls={0, 1} if rank == 1 else {1})
+            family = SquareFamily(n=8, nan_calls={0, 1} if rank == 1 else {1})
             cfg = MetaConfig(horizon=4, truncation=2, iterations=3, meta_lr=0.01, seed=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -189,7 +157,7 @@ def test_nan_on_one_rank_neither_deadlocks_nor_poisons_the_update(tmp_path):
     # iteration 0 used rank 0's meta-gradient alone: the same as a single process on rank 0's task
     torch.manual_seed(0)
     net = CoordLSTM(hidden=6)
-    single = MetaTrainer(net, SquareFamily(), MetaConfig(horizon=4, truncation=2, iterations=1, meta_lr=0.01,
+    single = MetaTrainer(net, SquareFamily(n=8), MetaConfig(horizon=4, truncation=2, iterations=1, meta_lr=0.01,
                                                          seed=0)).run()
     assert single.meta_step == 2
     assert _max_diff(snaps[1], [p.detach() for p in net.parameters()]) < 1e-6

@@ -52,6 +52,14 @@ def check_unit_interval(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
+def from_registry(registry: dict, name: str, what: str, **kwargs: Any):
+    """Build ``registry[name.lower()](**kwargs)``; an unknown name raises ``ValueError`` listing the known."""
+    key = str(name).lower()
+    if key not in registry:
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[key](**kwargs)
+
+
 def check_matching(grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
     """Raise ``ValueError`` when grads and params differ in count or in any shape."""
     if len(grads) != len(params):

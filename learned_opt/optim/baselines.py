@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .base import (Params, _as_float, check_matching, check_nonnegative, check_positive,
+from .base import (from_registry, Params, _as_float, check_matching, check_nonnegative, check_positive,
                    check_unit_interval)
 
 Scalar = Union[float, Tensor]
@@ -224,7 +224,4 @@ OPTIMIZERS = {
 
 def get_optimizer(name: str, **hparams: Any):
     """Build a hand-coded optimizer by name (``sgd``, ``momentum``, ``nesterov``, ``adam``, ...)."""
-    key = str(name).lower()
-    if key not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
-    return OPTIMIZERS[key](**hparams)
+    return from_registry(OPTIMIZERS, name, "optimizer", **hparams)

@@ -22,6 +22,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..control import Decision, Observation
+from .base import from_registry
 
 STEP_TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
@@ -197,6 +198,17 @@ class _MetaNetwork(nn.Module):
     heads: DecisionHeads
     lr_mode: str
 
+    def _add_output_and_heads(self, hidden: int, outputs: int, init_zero: bool, lr_bound: float,
+                              stop_bias: float, stop_threshold: float) -> None:
+        """The per-coordinate output layer (zero-initialised: a stable start where every meta-gradient is
+        informative) and the LR / stop decision heads over the pooled hidden state."""
+        self.out = nn.Linear(hidden, outputs)
+        if init_zero:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        self.heads = DecisionHeads(hidden, lr_bound=lr_bound, stop_bias=stop_bias,
+                                   stop_threshold=stop_threshold)
+
     def _check_common(self, lr_mode: str) -> None:
         if lr_mode not in ("global", "per_tensor"):
             raise ValueError(f"lr_mode must be 'global' or 'per_tensor', got {lr_mode!r}")
@@ -295,12 +307,9 @@ class CoordLSTM(_MetaNetwork):
         in_dim = (2 + ("param" in extra_inputs) + 2 * len(self.momentum_decays) + ("loss" in extra_inputs)
                   + hidden * ("pooled" in extra_inputs))
         self.cells = nn.ModuleList([nn.LSTMCell(in_dim if i == 0 else hidden, hidden) for i in range(layers)])
-        self.out = nn.Linear(hidden, 1 if base == "none" else 2)
-        if init_zero:  # start with zero (or exactly the base) updates: stable, every meta-gradient informative
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
-        self.heads = DecisionHeads(hidden, lr_bound=lr_bound, stop_bias=stop_bias,
-                                   stop_threshold=stop_threshold)
+        # zero-initialised: fresh, it makes zero (or exactly the base optimizer's) updates
+        self._add_output_and_heads(hidden, 1 if base == "none" else 2, init_zero, lr_bound, stop_bias,
+                                   stop_threshold)
 
     def init(self, params: Sequence[Tensor]) -> LSTMState:
         """Zero LSTM state for every coordinate of ``params``."""
@@ -395,12 +404,7 @@ class CoordMLP(_MetaNetwork):
         for i in range(layers):
             mods += [nn.Linear(in_dim if i == 0 else hidden, hidden), nn.ReLU()]
         self.body = nn.Sequential(*mods)
-        self.out = nn.Linear(hidden, 2)
-        if init_zero:
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
-        self.heads = DecisionHeads(hidden, lr_bound=lr_bound, stop_bias=stop_bias,
-                                   stop_threshold=stop_threshold)
+        self._add_output_and_heads(hidden, 2, init_zero, lr_bound, stop_bias, stop_threshold)
 
     def init(self, params: Sequence[Tensor]) -> MLPState:
         """Zero accumulators."""
@@ -484,9 +488,7 @@ LEARNED = {"lstm": CoordLSTM, "mlp": CoordMLP, "controller": LearnedController}
 
 def build_learned(kind: str, **config: Any) -> _MetaNetwork:
     """A meta-network by kind (``lstm`` or ``mlp``) and constructor keyword arguments."""
-    if kind not in LEARNED:
-        raise ValueError(f"unknown meta-network {kind!r}; known: {', '.join(LEARNED)}")
-    return LEARNED[kind](**config)
+    return from_registry(LEARNED, kind, "meta-network", **config)
 
 
 def kind_of(net: nn.Module) -> str:

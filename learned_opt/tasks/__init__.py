@@ -1,4 +1,5 @@
 """Tasks (inner problems) and task families: quadratics, the MetaNet regression, digits classification."""
+from ..optim.base import from_registry
 from .base import SPLITS, Task, generator
 from .digits import Digits, DigitsFamily
 from .metanet import MetaNet, MetaNetFamily, MetaNetRegression
@@ -14,10 +15,7 @@ FAMILIES = {
 
 def get_family(name: str, **kwargs):
     """Build a task family by name (``quadratic``, ``metanet``, ``digits``)."""
-    key = str(name).lower()
-    if key not in FAMILIES:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[key](**kwargs)
+    return from_registry(FAMILIES, name, "task", **kwargs)
 
 
 __all__ = ["Task", "SPLITS", "generator", "Quadratic", "QuadraticFamily", "MetaNet", "MetaNetRegression",

@@ -1,0 +1,37 @@
+"""Small tasks shared by several test files."""
+import math
+
+import torch
+
+
+class Square:
+    """``f(x) = x^2`` for each of ``n`` independent scalars (one problem per coordinate)."""
+
+    def __init__(self, n: int, nan: bool = False):
+        self.num_problems = n
+        self.nan = nan
+
+    def init(self, g):
+        return [torch.randn(self.num_problems, generator=g)]
+
+    def sample_batch(self, g=None, split="train"):
+        return None
+
+    def losses(self, params, batch=None):
+        out = params[0] ** 2
+        return out * math.nan if self.nan else out
+
+    def loss(self, params, batch=None):
+        return self.losses(params).sum()
+
+
+class SquareFamily:
+    """Samples :class:`Square` tasks; the calls listed in ``nan_calls`` (0-based) yield NaN tasks."""
+
+    def __init__(self, n: int = 64, nan_calls=()):
+        self.n, self.nan_calls, self.calls = n, set(nan_calls), 0
+
+    def __call__(self, g):
+        task = Square(self.n, nan=self.calls in self.nan_calls)
+        self.calls += 1
+        return task
