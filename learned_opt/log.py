@@ -122,4 +122,5 @@ def provenance() -> Dict[str, Any]:
             versions[name] = None
     return {"git_commit": commit, "git_dirty": dirty, "packages": versions,
             "python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
