@@ -43,7 +43,8 @@ class Config:
     truncation: int = 25
     n_train_stop: int = 32  # small training sets: stopping matters
     n_train_lr: int = 256  # larger training sets: the schedule matters
-    lambdas: tuple = (0.0, 3e-4, 1e-3, 3e-3, 1e-2)
+    lambdas: tuple = (0.0, 1e-4, 3e-4, 1e-3, 2e-3, 5e-3)
+    stop_adam_lr: float = 0.03  # the same Adam under every stopping rule; fast enough to overfit within T
     iterations: int = 60
     tasks_per_step: int = 4
     meta_lr: float = 3e-2
@@ -85,9 +86,10 @@ def main(argv=None) -> dict:
     fam = MetaNetFamily(n_train=cfg.n_train_stop)
     p10 = lambda: EarlyStopping(patience=10)  # noqa: E731
     grid = lr_grid(1e-3, 3.0, cfg.lr_grid_points)
-    adam_lr = tune_lr(lambda lr: get_optimizer("adam", lr=lr), fam, grid=grid, steps=cfg.horizon,
-                      num_tasks=cfg.val_tasks, seed=cfg.seed, name="adam+patience10", controller_fn=p10,
-                      val_every=1, score="val_at_stop").best_lr
+    # Every stopping rule drives the same Adam. Its rate is fixed rather than tuned: tuned for the validation
+    # loss at a patience-10 stop, it comes out so small that nothing overfits within the horizon and no rule
+    # has anything to decide (measured: patience 10 then ran 98 of 100 steps).
+    adam_lr = cfg.stop_adam_lr
     adam = get_optimizer("adam", lr=adam_lr)
     points = {}
     for pat in (5, 10, 20):
@@ -123,7 +125,7 @@ def main(argv=None) -> dict:
     summary["stop_steps_saved_vs_patience10"] = best[2]
     summary["stop_val_loss_ratio_vs_patience10"] = best[1]
     lines += ["### Learned stopping (MetaNet regression, n_train="
-              f"{cfg.n_train_stop}, Adam lr {adam_lr:.3g}, {cfg.test_tasks} test tasks)", "",
+              f"{cfg.n_train_stop}, Adam lr {adam_lr:.3g} under every rule, {cfg.test_tasks} test tasks)", "",
               markdown_table(["controller", "val loss at stop (95% CI)", "/ patience 10", "steps used",
                               "steps saved vs patience 10"], stop_rows), "",
               f"- chosen: {best[0]}: {100 * best[2]:.1f}% fewer steps than patience 10 at {best[1]:.4f}x its "

@@ -41,8 +41,8 @@ class Config:
     meta_lr: float = 3e-3
     meta_loss: str = "sum"
     clip_norm: float = 1.0
-    curriculum: tuple = ()
-    random_offset: bool = False
+    curriculum: tuple = (20, 50, 100)  # horizons, an equal share of the iterations each (Chen et al. 2020)
+    random_offset: bool = True
     val_every: int = 50
     val_problems: int = 256
     test_problems: int = 256
