@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import markdown_table, parse_config, plot_curves, provenance, write_json  # noqa: E402
 
-from learned_opt.evaluate import evaluate, lr_grid, tune_lr  # noqa: E402
+from learned_opt.evaluate import evaluate, lr_grid, tune_baseline  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer, save_lopt  # noqa: E402
 from learned_opt.optim import get_optimizer  # noqa: E402
 from learned_opt.optim.learned import CoordLSTM  # noqa: E402
@@ -50,6 +50,7 @@ class Config:
     grid_low: float = 1e-4
     grid_high: float = 1.0
     grid_points: int = 17
+    tune_extra: bool = True  # also tune momentum (momentum, Nesterov) and betas (Adam)
     hidden: int = 20
     output_scale: float = 0.1
     extra_inputs: tuple = ()
@@ -93,15 +94,16 @@ def main(argv=None) -> dict:
     test_family = QuadraticFamily(cfg.dim, cfg.test_problems, device=cfg.device, split=cfg.split)
     horizons = sorted({cfg.horizon, cfg.eval_steps})
 
-    # 1. Baselines: one learning rate per optimizer and horizon, chosen on validation problems only.
+    # 1. Baselines tuned per horizon on validation problems only: the learning rate (grid widened until the best
+    # value is interior) jointly with momentum / betas where the optimizer has them.
     grid = lr_grid(cfg.grid_low, cfg.grid_high, cfg.grid_points)
     tuned = {}
     for name in BASELINES:
         for h in horizons:
-            res = tune_lr(lambda lr, n=name: get_optimizer(n, lr=lr), val_family, grid=grid, steps=h,
-                          num_tasks=1, seed=cfg.seed, name=f"{name}@{h}")
+            res = tune_baseline(name, val_family, horizon=h, grid=grid, num_tasks=1, seed=cfg.seed,
+                                extra=None if cfg.tune_extra else {})
             tuned[(name, h)] = res
-            print(f"tuned {name:9s} @ {h:4d} steps: lr={res.best_lr:.3g}{'  (EDGE)' if res.at_edge else ''}")
+            print(f"tuned {name:9s} @ {h:4d} steps: {res.hparams} (grid widened {res.widened}x)")
 
     # 2. Meta-train the LSTM optimizer.
     trainer = MetaTrainer(net, train_family, mcfg, run_dir=os.path.join(cfg.out_dir, "run"),
@@ -119,10 +121,10 @@ def main(argv=None) -> dict:
     per_h = {}
     for name in BASELINES:
         for h in horizons:
-            c = evaluate(test_family, get_optimizer(name, lr=tuned[(name, h)].best_lr), num_tasks=1,
+            c = evaluate(test_family, get_optimizer(name, **tuned[(name, h)].hparams), num_tasks=1,
                          steps=cfg.eval_steps, seed=cfg.seed).curves
             per_h[(name, h)] = c
-        curves[f"{name} (lr {tuned[(name, cfg.eval_steps)].best_lr:.2g})"] = per_h[(name, cfg.eval_steps)]
+        curves[f"{name} (lr {tuned[(name, cfg.eval_steps)].hparams['lr']:.2g})"] = per_h[(name, cfg.eval_steps)]
 
     def stats(c, h):
         x = c[:, h]
@@ -133,8 +135,9 @@ def main(argv=None) -> dict:
                "meta_steps": trainer.meta_step, "skipped_meta_steps": trainer.skipped, "optimizers": {}}
     summary["optimizers"]["learned"] = {str(h): stats(learned, h) for h in horizons}
     for name in BASELINES:
-        summary["optimizers"][name] = {str(h): dict(stats(per_h[(name, h)], h), lr=tuned[(name, h)].best_lr,
-                                                    lr_at_grid_edge=tuned[(name, h)].at_edge)
+        summary["optimizers"][name] = {str(h): dict(stats(per_h[(name, h)], h), hparams=tuned[(name, h)].hparams,
+                                                    lr=tuned[(name, h)].hparams["lr"],
+                                                    grid_widened=tuned[(name, h)].widened)
                                        for h in horizons}
     rows = []
     for h in horizons:
