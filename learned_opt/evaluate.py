@@ -57,7 +57,7 @@ def evaluate(family, optimizer, controller_fn: Optional[Callable[[], object]] = 
         m = res.problem_loss_matrix().double().numpy()
         fill = np.inf if res.diverged else m[-1]
         pad = np.broadcast_to(fill, (steps + 1 - m.shape[0], m.shape[1]))
-        curves.append(np.nan_to_num(np.concatenate([m, pad], 0), nan=np.inf).T)
+        curves.append(np.nan_to_num(np.concatenate([m, pad], 0), nan=np.inf, posinf=np.inf).T)
         stops.append(res.stop_step if res.stopped else steps)
         if stop_metrics:
             with torch.no_grad():
