@@ -99,7 +99,8 @@ def main(argv=None) -> dict:
     learned_pts = {}
     for lam in cfg.lambdas:
         torch.manual_seed(cfg.seed)
-        ctrl = LearnedController(learn_lr=False, stop_bias=cfg.stop_bias)
+        # restore_best: like patience-based early stopping, return the best parameters seen
+        ctrl = LearnedController(learn_lr=False, stop_bias=cfg.stop_bias, restore_best=True)
         mcfg = MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations,
                           tasks_per_step=cfg.tasks_per_step, meta_lr=cfg.meta_lr, meta_loss="halting",
                           halting_lambda=lam, control="learned", seed=cfg.seed)
@@ -212,7 +213,7 @@ def main(argv=None) -> dict:
                       tasks_per_step=cfg.tasks_per_step, meta_lr=cfg.meta_lr / 3, meta_loss="halting",
                       halting_lambda=lam, control="learned", seed=cfg.seed)
     MetaTrainer(lopt, fam, mcfg).run()
-    stop_ctrl = LearnedController(learn_lr=False, stop_bias=cfg.stop_bias)
+    stop_ctrl = LearnedController(learn_lr=False, stop_bias=cfg.stop_bias, restore_best=True)
     MetaTrainer(stop_ctrl, fam, MetaConfig(**{**asdict(mcfg), "meta_lr": cfg.meta_lr}), optimizer=adam).run()
     cells = {
         ("hand-coded (Adam)", "hand-coded (patience 10)"): (adam, p10),

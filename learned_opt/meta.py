@@ -128,6 +128,7 @@ class InnerRun:
     horizon: int
     ceiling: Tensor  # per-problem loss ceiling
     survival: float = 1.0  # halting: probability of not having stopped before ``step``
+    best_val: float = math.inf  # halting with restore_best: lowest validation loss seen before ``step``
 
 
 def _clip(per_problem: Tensor, ceiling: Tensor) -> Tensor:
@@ -136,7 +137,8 @@ def _clip(per_problem: Tensor, ceiling: Tensor) -> Tensor:
     return torch.minimum(per_problem, ceiling)
 
 
-def truncation_loss(kind: str, res: UnrollResult, run: InnerRun, lam: float = 0.0) -> Tensor:
+def truncation_loss(kind: str, res: UnrollResult, run: InnerRun, lam: float = 0.0,
+                    restore_best: bool = False) -> Tensor:
     """The meta-loss of one truncation (rows after the first: the losses that depend on this truncation)."""
     rows = res.problem_losses[1:]
     if kind in ("sum", "mean_log"):
@@ -151,10 +153,10 @@ def truncation_loss(kind: str, res: UnrollResult, run: InnerRun, lam: float = 0.
         if not vals:
             raise ValueError("the 'val' meta-loss needs validation losses (val_every=1)")
         return torch.stack(vals).mean()
-    return halting_loss(res, run, lam)
+    return halting_loss(res, run, lam, restore_best)
 
 
-def halting_loss(res: UnrollResult, run: InnerRun, lam: float) -> Tensor:
+def halting_loss(res: UnrollResult, run: InnerRun, lam: float, restore_best: bool = False) -> Tensor:
     """Truncated halting objective ``sum_t q_t (L_val(t) + lam t)``, ``q_t = p_t prod_{s<t} (1 - p_s)``.
 
     The survival probability is carried (detached) across truncations; the mass left at the horizon is
@@ -162,21 +164,34 @@ def halting_loss(res: UnrollResult, run: InnerRun, lam: float) -> Tensor:
     charged, *for the gradient only*, to the validation loss at the truncation's end (a bootstrap of the cost
     of continuing): without it, truncated backpropagation sees stopping cost ``L_val(t)`` and continuing cost
     nothing, and drives every stop probability to zero. The term has value zero, so the logged objective
-    summed over truncations still equals the one-piece objective.
+    summed over truncations still equals the one-piece objective. With ``restore_best`` (the controller
+    returns the best parameters seen, as patience-based early stopping does) stopping at ``t`` costs the
+    lowest validation loss up to ``t`` instead of ``L_val(t)``.
     """
+    best = torch.as_tensor(run.best_val, dtype=res.train_losses[0].dtype)
+
+    def cost(val):
+        nonlocal best
+        if not restore_best:
+            return val
+        best = torch.minimum(best, val)
+        return best
+
     survival = torch.as_tensor(run.survival, dtype=res.train_losses[0].dtype)
     total = res.train_losses[0].new_zeros(())
     steps = res.records["step"]
     for i, p in enumerate(res.stop_probs):
         t = steps[i]
-        val = res.val_losses[i]
+        val = cost(res.val_losses[i])
         total = total + survival * p * (val + lam * t)
         survival = survival * (1 - p)
     last = len(res.stop_probs)
     if last < len(res.val_losses) and res.val_losses[last] is not None:
-        tail = survival * (res.val_losses[last] + lam * steps[last])
+        tail = survival * (cost(res.val_losses[last]) + lam * steps[last])
         total = total + (tail if res.step >= run.horizon else tail - tail.detach())
     run.survival = float(survival.detach())
+    if restore_best:
+        run.best_val = float(best.detach())
     return total
 
 
@@ -423,7 +438,8 @@ class MetaTrainer:
                          opt_state=run.opt_state, ctrl_state=run.ctrl_state, start_step=run.step,
                          horizon=run.horizon, differentiable=True, second_order=cfg.second_order,
                          val_every=1 if needs_val else 0)
-            losses.append(truncation_loss(cfg.meta_loss, res, run, cfg.halting_lambda))
+            losses.append(truncation_loss(cfg.meta_loss, res, run, cfg.halting_lambda,
+                                          getattr(ctrl, "restore_best", False)))
             results.append(res)
         meta_loss = torch.stack(losses).mean()
         record: Dict[str, Any] = {"meta_step": self.meta_step, "iteration": self.iteration,

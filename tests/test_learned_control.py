@@ -67,3 +67,37 @@ def test_disabled_heads_are_exactly_neutral():
             p.copy_(torch.randn_like(p))
     d, _ = ctrl.decide(Observation(3, 10, torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.5)), ctrl.init())
     assert d.lr_scale == 1.0 and float(d.stop_prob) == 0.0 and not d.stop
+
+
+def test_restore_best_returns_the_parameters_of_the_lowest_validation_loss():
+    from learned_opt.tasks.base import generator
+    from learned_opt.unroll import unroll
+
+    g = generator(3)
+    task = OVERFITS(g)
+    ctrl = LearnedController(learn_lr=False, restore_best=True)
+    res = unroll(task, Adam(lr=0.03), ctrl, steps=60, generator=g, val_every=1)
+    vals = res.records["val_loss"][:-1]
+    best = min(range(len(vals)), key=vals.__getitem__)
+    assert 0 < best < 59 and res.best_step == best  # the task overfits: the best is inside the run
+    with torch.no_grad():
+        again = task.loss(res.params, task.sample_batch(g, "val"))
+    assert math.isclose(float(again), vals[best], rel_tol=1e-6)
+
+
+def test_halting_with_restore_charges_the_running_minimum():
+    from learned_opt.meta import InnerRun, halting_loss
+    from learned_opt.unroll import UnrollResult
+
+    vals = [torch.tensor(v) for v in (3.0, 1.0, 2.0, 4.0)]
+    probs = [torch.tensor(p) for p in (0.1, 0.2, 0.5)]
+    res = UnrollResult([], None, None, 3, train_losses=[torch.tensor(0.0)] * 4, val_losses=vals, stop_probs=probs)
+    res.records["step"] = [0, 1, 2, 3]
+    run = InnerRun(None, None, [], None, None, 0, 3, torch.tensor(1.0))
+    q = [0.1, 0.9 * 0.2, 0.9 * 0.8 * 0.5, 0.9 * 0.8 * 0.5]
+    plain = halting_loss(res, run, 0.0)
+    assert math.isclose(float(plain), sum(qi * v for qi, v in zip(q, (3.0, 1.0, 2.0, 4.0))), rel_tol=1e-6)
+    run2 = InnerRun(None, None, [], None, None, 0, 3, torch.tensor(1.0))
+    restored = halting_loss(res, run2, 0.0, restore_best=True)
+    assert math.isclose(float(restored), sum(qi * v for qi, v in zip(q, (3.0, 1.0, 1.0, 1.0))), rel_tol=1e-6)
+    assert run2.best_val == 1.0

@@ -449,17 +449,21 @@ class LearnedController(nn.Module):
     A GRU cell reads the global features of :class:`DecisionHeads` every step (loss, validation-loss and
     gradient-norm ratios, steps since the best validation loss, time embeddings); its state feeds the same
     heads as the meta-networks'. ``learn_lr=False`` fixes the LR multiplier at 1 and ``learn_stop=False`` the
-    stop probability at 0, so each decision can be studied alone. It implements the controller protocol
+    stop probability at 0, so each decision can be studied alone. With ``restore_best`` the inner loop returns
+    the parameters of the lowest validation loss seen, as patience-based early stopping does. It implements the controller protocol
     (``init()`` / ``decide(obs, state)``); its meta-weights are ``.parameters()``.
     """
 
     def __init__(self, hidden: int = 16, lr_bound: float = 10.0, stop_bias: float = -6.0,
-                 stop_threshold: float = 0.5, learn_lr: bool = True, learn_stop: bool = True):
+                 stop_threshold: float = 0.5, learn_lr: bool = True, learn_stop: bool = True,
+                 restore_best: bool = False):
         super().__init__()
         if int(hidden) < 1:
             raise ValueError(f"hidden must be >= 1, got {hidden!r}")
         self.config = dict(hidden=hidden, lr_bound=lr_bound, stop_bias=stop_bias,
-                           stop_threshold=stop_threshold, learn_lr=learn_lr, learn_stop=learn_stop)
+                           stop_threshold=stop_threshold, learn_lr=learn_lr, learn_stop=learn_stop,
+                           restore_best=restore_best)
+        self.restore_best = restore_best
         self.hidden, self.learn_lr, self.learn_stop = hidden, learn_lr, learn_stop
         self.cell = nn.GRUCell(NUM_GLOBAL_FEATURES, hidden)
         self.heads = DecisionHeads(hidden, lr_bound=lr_bound, stop_bias=stop_bias,
@@ -480,7 +484,9 @@ class LearnedController(nn.Module):
             lr_scale = 1.0
         if not self.learn_stop:
             stop_prob = stop_prob * 0
-        return self.heads.to_decision(lr_scale, stop_prob, obs), ControllerState(stats, h)
+        decision = self.heads.to_decision(lr_scale, stop_prob, obs)
+        decision.is_best = obs.val_loss is not None and stats.since_best == 0
+        return decision, ControllerState(stats, h)
 
 
 LEARNED = {"lstm": CoordLSTM, "mlp": CoordMLP, "controller": LearnedController}
