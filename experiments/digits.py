@@ -45,11 +45,11 @@ class Config:
     output_scale: float = 0.1
     horizon: int = 100
     truncation: int = 20
-    iterations: int = 80
+    iterations: int = 300
     tasks_per_step: int = 1
     meta_lr: float = 3e-3
     meta_loss: str = "sum"
-    curriculum: tuple = ()
+    curriculum: tuple = (20, 50, 100)
     seeds: int = 3
     test_tasks: int = 100
     val_tasks: int = 4
@@ -66,7 +66,7 @@ class Config:
 
 
 PRESETS = {
-    "smoke": dict(iterations=2, seeds=1, test_tasks=2, val_tasks=1, eval_horizons=(10, 20), horizon=10,
+    "smoke": dict(iterations=2, seeds=1, curriculum=(), test_tasks=2, val_tasks=1, eval_horizons=(10, 20), horizon=10,
                   truncation=5, unseen=("relu",), baselines=("sgd", "adam"), grid_points=3,
                   out_dir="runs/digits_smoke"),
 }
