@@ -170,7 +170,13 @@ def cmd_meta_train(args) -> int:
         if main_rank:
             path = os.path.join(run_dir, "lopt.pt")
             save_lopt(path, net)
-            logger.log_artifact(path, "lopt")
+            if logger.wandb is not None:
+                logger.log_image("meta_loss_curve", plot_meta_loss(run_dir))
+                logger.log_table("result", ["meta_steps", "skipped", "train_seconds", "best_val_score"],
+                                 [[trainer.meta_step, trainer.skipped, trainer.train_seconds,
+                                   trainer.best_score]])
+                logger.log_artifact(path, "lopt", kind="model")
+                logger.log_artifact(trainer.checkpoint_path, "checkpoint")
             logger.close()
             print(f"meta-trained {cfg['net']} on {cfg['task']}: {trainer.meta_step} meta-steps, {trainer.skipped} "
                   f"skipped, {trainer.train_seconds:.1f} s; saved {path}")
@@ -239,6 +245,11 @@ def cmd_compare(args) -> int:
         lines.append(f"| {n} | {r['mean']:.4g} | {r['median']:.4g} | {lr} |")
     table = "\n".join(lines)
     print(table)
+    if args.wandb not in ("off", "disabled"):
+        logger = Logger(None, args.wandb, {"task": args.task, "steps": args.steps}, name="compare")
+        logger.log_table("compare", ["optimizer", "mean", "median", "lr"],
+                         [[n, r["mean"], r["median"], r.get("lr")] for n, r in rows.items()])
+        logger.close()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "compare.json"), "w") as f:
@@ -249,11 +260,11 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_plot(args) -> int:
-    """Plot meta-loss (and validation score) against the meta-step from a run's metrics.jsonl."""
-    path = os.path.join(args.run_dir, "metrics.jsonl")
+def plot_meta_loss(run_dir: str, out: Optional[str] = None) -> str:
+    """Plot meta-loss (and validation score) against the meta-step from ``run_dir/metrics.jsonl``."""
+    path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        raise CLIError(f"no metrics.jsonl in {args.run_dir}")
+        raise CLIError(f"no metrics.jsonl in {run_dir}")
     steps, losses, vsteps, vals = [], [], [], []
     with open(path) as f:
         for i, line in enumerate(f, 1):
@@ -283,10 +294,15 @@ def cmd_plot(args) -> int:
     ax.set_xlabel("meta-step")
     ax.legend()
     fig.tight_layout()
-    out = args.out or os.path.join(args.run_dir, "meta_loss.png")
+    out = out or os.path.join(run_dir, "meta_loss.png")
     fig.savefig(out, dpi=110)
     plt.close(fig)
-    print(f"wrote {out}")
+    return out
+
+
+def cmd_plot(args) -> int:
+    """Plot meta-loss (and validation score) against the meta-step from a run's metrics.jsonl."""
+    print(f"wrote {plot_meta_loss(args.run_dir, args.out)}")
     return 0
 
 
@@ -355,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--grid-high", type=float, default=1.0)
     c.add_argument("--grid-points", type=int, default=9)
     c.add_argument("--out")
+    c.add_argument("--wandb", default="off", choices=WANDB_MODES)
     c.set_defaults(fn=cmd_compare)
 
     pl = sub.add_parser("plot", help=cmd_plot.__doc__)

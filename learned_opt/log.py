@@ -77,6 +77,11 @@ class Logger:
         """Send a figure file to W&B (no-op without W&B)."""
         self._wandb_call(lambda run: run.log({key: __import__("wandb").Image(path)}))
 
+    def log_table(self, key: str, columns, rows) -> None:
+        """Send a result table to W&B (no-op without W&B)."""
+        self._wandb_call(lambda run: run.log({key: __import__("wandb").Table(columns=list(columns),
+                                                                           data=[list(r) for r in rows])}))
+
     def log_artifact(self, path: str, name: str, kind: str = "checkpoint") -> None:
         """Send a file to W&B as an artifact (no-op without W&B)."""
         def _send(run):

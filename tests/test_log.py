@@ -60,3 +60,22 @@ def test_provenance_names_commit_and_versions():
     p = provenance()
     assert p["packages"]["torch"] and p["python"]
     assert "git_commit" in p
+
+
+def test_cli_meta_train_with_wandb_offline_logs_figure_table_and_artifacts(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from learned_opt.cli import main
+
+    for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    d = tmp_path / "run"
+    rc = main(["meta-train", "--run-dir", str(d), "--iterations", "2", "--horizon", "10", "--truncation", "5",
+               "--task-arg", "num_problems=4", "--wandb", "offline"])
+    assert rc == 0
+    runs = glob.glob(str(d / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    files = [os.path.relpath(p, runs[0]) for p in glob.glob(os.path.join(runs[0], "**", "*"), recursive=True)]
+    assert any(f.endswith(".png") and "media" in f for f in files), files  # the meta-loss figure
+    assert any(f.endswith(".table.json") for f in files), files  # the result table
+    assert (d / "meta_loss.png").exists()
