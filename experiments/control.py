@@ -43,7 +43,7 @@ class Config:
     truncation: int = 25
     n_train_stop: int = 32  # small training sets: stopping matters
     n_train_lr: int = 256  # larger training sets: the schedule matters
-    lambdas: tuple = (0.0, 1e-4, 3e-4, 1e-3, 2e-3, 5e-3)
+    lambdas: tuple = (0.0, 3e-4, 1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 1e-2)
     stop_adam_lr: float = 0.03  # the same Adam under every stopping rule; fast enough to overfit within T
     iterations: int = 60
     tasks_per_step: int = 4
