@@ -66,7 +66,7 @@ class Config:
 
 
 PRESETS = {
-    "demo": dict(iterations=150, val_every=50, test_problems=256, out_dir="results/quadratic_demo"),
+    "demo": dict(iterations=300, val_every=50, test_problems=256, out_dir="results/quadratic_demo"),
     "smoke": dict(iterations=3, val_every=0, curriculum=(), val_problems=16, test_problems=16, eval_steps=20, horizon=10,
                   truncation=5, grid_points=3, out_dir="runs/quadratic_smoke"),
 }
