@@ -45,11 +45,11 @@ class Config:
     output_scale: float = 0.1
     horizon: int = 100
     truncation: int = 20
-    iterations: int = 300
+    iterations: int = 80
     tasks_per_step: int = 1
     meta_lr: float = 3e-3
     meta_loss: str = "sum"
-    curriculum: tuple = (20, 50, 100)
+    curriculum: tuple = ()  # measured: (20, 50, 100) with 300 iterations was worse at every horizon
     seeds: int = 3
     test_tasks: int = 100
     val_tasks: int = 4
