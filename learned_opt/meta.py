@@ -310,7 +310,7 @@ class MetaTrainer:
         self.best_score = math.inf
         self.best_state = copy.deepcopy(net.state_dict())
         self.train_seconds = 0.0
-        self.history: List[Dict[str, Any]] = []
+        self.history: List[Dict[str, Any]] = []  # this process's records only; metrics.jsonl holds the whole run
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -525,8 +525,6 @@ class MetaTrainer:
                 record = self.meta_step_on(runs, length)
                 self.logger.log(record)
                 self.history.append(record)
-                if any(r.step > r.horizon for r in runs):
-                    break
             self.iteration += 1
             self.train_seconds += time.perf_counter() - start
             if cfg.val_every and self.iteration % cfg.val_every == 0:
