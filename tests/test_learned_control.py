@@ -66,7 +66,7 @@ def test_disabled_heads_are_exactly_neutral():
         for p in ctrl.parameters():
             p.copy_(torch.randn_like(p))
     d, _ = ctrl.decide(Observation(3, 10, torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.5)), ctrl.init())
-    assert d.lr_scale == 1.0 and float(d.stop_prob) == 0.0 and not d.stop
+    assert d.lr_scale == 1.0 and float(d.stop_prob.detach()) == 0.0 and not d.stop
 
 
 def test_restore_best_returns_the_parameters_of_the_lowest_validation_loss():
