@@ -63,6 +63,7 @@ def main(argv=None) -> dict:
     stopper = lambda: EarlyStopping(patience=cfg.patience)  # noqa: E731 - a fresh controller per task
     try:
         net_args = dict(base=cfg.base, base_lr=cfg.base_lr) if cfg.net == "lstm" else {}
+        torch.manual_seed(cfg.seed)  # the meta-network's initial weights
         net = build_learned(cfg.net, **net_args)
         mcfg = MetaConfig(horizon=cfg.epochs, truncation=cfg.truncation, iterations=cfg.iterations,
                           meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss, seed=cfg.seed,

@@ -78,6 +78,7 @@ def main(argv=None) -> dict:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("error: --device cuda requested but CUDA is not available")
     try:  # every setting is checked before any work starts
+        torch.manual_seed(cfg.seed)  # the meta-network's initial weights
         net = CoordLSTM(hidden=cfg.hidden, output_scale=cfg.output_scale, extra_inputs=cfg.extra_inputs,
                         lr_mode=cfg.lr_mode, base=cfg.base, base_lr=cfg.base_lr)
         net = net.to(cfg.device)
