@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import markdown_table, parse_config, provenance, write_json  # noqa: E402
 
-from learned_opt.control import Compose, Cosine, EarlyStopping, ExponentialDecay, StepDecay  # noqa: E402
-from learned_opt.evaluate import evaluate, lr_grid, mean_ci, robust_mean, tune_lr  # noqa: E402
+from learned_opt.control import Cosine, EarlyStopping, ExponentialDecay, StepDecay  # noqa: E402
+from learned_opt.evaluate import evaluate, lr_grid, mean_ci, tune_lr  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer  # noqa: E402
 from learned_opt.optim import get_optimizer  # noqa: E402
 from learned_opt.optim.learned import CoordLSTM, LearnedController  # noqa: E402

@@ -9,7 +9,6 @@ at 100 and 200 steps, write ``results/quadratic/{summary.json, table.md, loss_cu
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time

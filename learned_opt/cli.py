@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 from typing import Any, Dict, List, Optional
 
 import numpy as np

@@ -17,14 +17,14 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .distributed import DistContext, rank_seed
-from .evaluate import evaluate, robust_mean, task_seed
+from .evaluate import evaluate, robust_mean
 from .log import Logger
 from .optim.baselines import Adam, AdamState
 from .optim.learned import build_learned, kind_of

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .control import Constant, Decision, Observation
+from .control import Constant, Observation
 from .tasks.base import check_positive_int
 
 RECORD_KEYS = ("step", "train_loss", "val_loss", "lr_scale", "stop_prob", "stop", "grad_norm", "update_norm")

@@ -22,7 +22,7 @@ from learned_opt.meta import MetaConfig, MetaTrainer
 from learned_opt.optim.learned import CoordLSTM
 from learned_opt.tasks import QuadraticFamily
 from learned_opt.tasks.base import generator
-from tests.helpers import Square, SquareFamily  # noqa: F401
+from tests.helpers import SquareFamily
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -4,12 +4,11 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 from learned_opt.control import Decision
 from learned_opt.evaluate import (SPLIT_OFFSETS, evaluate, lr_grid, mean_ci, robust_mean, speedup, steps_to_reach,
                                   task_seed, tune_baseline, tune_lr)
-from learned_opt.optim import SGD, get_optimizer
+from learned_opt.optim import SGD
 from learned_opt.tasks import QuadraticFamily
 
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .base import (from_registry, Params, _as_float, check_matching, check_nonnegative, check_positive,
+from .base import (_as_float, check_matching, check_nonnegative, check_positive, from_registry,
                    check_unit_interval)
 
 Scalar = Union[float, Tensor]
