@@ -43,12 +43,13 @@ class Config:
     truncation: int = 25
     n_train_stop: int = 32  # small training sets: stopping matters
     n_train_lr: int = 256  # larger training sets: the schedule matters
-    lambdas: tuple = (0.0, 3e-4, 1e-3, 2e-3, 3e-3, 4e-3, 5e-3, 1e-2)
+    lambdas: tuple = (0.0, 3e-4, 1e-3, 2e-3, 3e-3, 3.5e-3, 4e-3, 5e-3, 1e-2)
     stop_adam_lr: float = 0.03  # the same Adam under every stopping rule; fast enough to overfit within T
     iterations: int = 60
     tasks_per_step: int = 4
     meta_lr: float = 3e-2
     stop_bias: float = -4.0
+    thresholds: tuple = (0.3, 0.5, 0.7)  # evaluation stop thresholds on p_t, chosen with lambda on validation
     test_tasks: int = 100
     val_tasks: int = 10
     select_tasks: int = 50  # validation tasks on which lambda is chosen (never the test tasks)
@@ -59,7 +60,7 @@ class Config:
     threads: int = 1
 
 
-PRESETS = {"smoke": dict(horizon=12, truncation=4, lambdas=(0.0, 1e-2), iterations=2, tasks_per_step=1,
+PRESETS = {"smoke": dict(horizon=12, truncation=4, lambdas=(0.0, 1e-2), thresholds=(0.5,), iterations=2, tasks_per_step=1,
                          test_tasks=3, val_tasks=1, select_tasks=2, budgets=(4, 12), lr_grid_points=3,
                          out_dir="runs/control_smoke")}
 
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
         points[f"patience {pat}"] = stop_eval(fam, adam, lambda p=pat: EarlyStopping(patience=p), cfg)
     for b in cfg.budgets:
         points[f"budget {b}"] = stop_eval(fam, adam, None, cfg, steps=b)
-    learned_pts, selection = {}, {}
+    selection, settings = {}, {}
     sel_ref_val, sel_ref_steps = stop_eval(fam, adam, p10, cfg, split="val")
     for lam in cfg.lambdas:
         torch.manual_seed(cfg.seed)
@@ -107,11 +108,14 @@ def main(argv=None) -> dict:
                           tasks_per_step=cfg.tasks_per_step, meta_lr=cfg.meta_lr, meta_loss="halting",
                           halting_lambda=lam, control="learned", seed=cfg.seed)
         MetaTrainer(ctrl, fam, mcfg, optimizer=adam).run()
-        learned_pts[lam] = stop_eval(fam, adam, lambda c=ctrl: c, cfg)
-        sel_val, sel_steps = stop_eval(fam, adam, lambda c=ctrl: c, cfg, split="val")
-        selection[f"learned stop, lambda={lam:g}"] = (float(sel_val.mean() / sel_ref_val.mean()),
-                                                      float(1 - sel_steps.mean() / sel_ref_steps.mean()))
-        points[f"learned stop, lambda={lam:g}"] = learned_pts[lam]
+        for thr in cfg.thresholds:
+            ctrl.heads.stop_threshold = ctrl.config["stop_threshold"] = thr
+            name = f"learned stop, lambda={lam:g}, threshold={thr:g}"
+            sel_val, sel_steps = stop_eval(fam, adam, lambda c=ctrl: c, cfg, split="val")
+            selection[name] = (float(sel_val.mean() / sel_ref_val.mean()),
+                               float(1 - sel_steps.mean() / sel_ref_steps.mean()))
+            points[name] = stop_eval(fam, adam, lambda c=ctrl: c, cfg)
+            settings[name] = (lam, thr)
     ref_val, ref_steps = points["patience 10"]
     stop_rows, candidates = [], []
     for name, (val, steps) in points.items():
@@ -123,11 +127,13 @@ def main(argv=None) -> dict:
             # paired per-task ratio CI: same test tasks for both
             r_m, r_lo, r_hi = mean_ci(val / ref_val)
             candidates.append((name, ratio, saved, [r_lo, r_hi]))
-    # lambda is chosen on validation tasks: the most steps saved at <= 1.01x patience 10's validation loss there
+    # lambda and the threshold are chosen on validation tasks: the most steps saved at <= 1.01x patience 10's
+    # validation loss there; the test tasks only report the chosen setting
     ok = [c for c in candidates if selection[c[0]][0] <= 1.01]
     best = (max(ok, key=lambda c: selection[c[0]][1]) if ok
             else min(candidates, key=lambda c: selection[c[0]][0]))
-    summary["stop"] = {"adam_lr": adam_lr, "chosen": best[0], "paired_ratio_ci95": best[3],
+    summary["stop"] = {"adam_lr": adam_lr, "chosen": best[0], "chosen_lambda": settings[best[0]][0],
+                       "chosen_threshold": settings[best[0]][1], "paired_ratio_ci95": best[3],
                        "selection_on_validation_tasks": {k: {"val_ratio": v[0], "steps_saved": v[1]}
                                                          for k, v in selection.items()},
                        "points": {k: {"val_at_stop": float(v.mean()), "steps": float(s.mean())}
@@ -141,7 +147,8 @@ def main(argv=None) -> dict:
               f"- chosen on {cfg.select_tasks} validation tasks: {best[0]}; on the test tasks "
               f"{100 * best[2]:.1f}% fewer steps than patience 10 at {best[1]:.4f}x its validation loss "
               f"(paired 95% CI of the per-task ratio {best[3][0]:.4f} .. {best[3][1]:.4f})", ""]
-    _pareto(os.path.join(cfg.out_dir, "pareto.png"), points)
+    _pareto(os.path.join(cfg.out_dir, "pareto.png"),
+            {k: (float(s.mean()), float(v.mean())) for k, (v, s) in points.items()}, best[0])
 
     # ---------------------------------------------------------------- 2. learned learning rate
     fam_lr = MetaNetFamily(n_train=cfg.n_train_lr)
@@ -218,12 +225,13 @@ def main(argv=None) -> dict:
     # ---------------------------------------------------------------- 3. 2x2 ablation (MetaNet, overfitting)
     torch.manual_seed(cfg.seed)
     lopt = CoordLSTM(base="momentum", base_lr=0.01, stop_bias=cfg.stop_bias)
-    lam = float(best[0].split("=")[-1]) if best[0].startswith("learned") else 1e-3
+    lam = settings[best[0]][0]
     mcfg = MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations,
                       tasks_per_step=cfg.tasks_per_step, meta_lr=cfg.meta_lr / 3, meta_loss="halting",
                       halting_lambda=lam, control="learned", seed=cfg.seed)
     MetaTrainer(lopt, fam, mcfg).run()
-    stop_ctrl = LearnedController(learn_lr=False, stop_bias=cfg.stop_bias, restore_best=True)
+    stop_ctrl = LearnedController(learn_lr=False, stop_bias=cfg.stop_bias, restore_best=True,
+                                  stop_threshold=settings[best[0]][1])
     MetaTrainer(stop_ctrl, fam, MetaConfig(**{**asdict(mcfg), "meta_lr": cfg.meta_lr}), optimizer=adam).run()
     cells = {
         ("hand-coded (Adam)", "hand-coded (patience 10)"): (adam, p10),
@@ -249,21 +257,40 @@ def main(argv=None) -> dict:
     return summary
 
 
-def _pareto(path, points):
+def _pareto(path, means, chosen=None):
+    """Steps against validation loss at the stop; ``means`` maps a rule to ``(mean steps, mean val loss)``.
+
+    Left: every rule. Right: a zoom on the region where patience-based stopping and the learned rules sit.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name, (val, steps) in points.items():
-        marker = "*" if name.startswith("learned") else ("s" if name.startswith("patience") else "o")
-        ax.scatter(steps.mean(), val.mean(), marker=marker, s=80 if marker == "*" else 40)
-        ax.annotate(name.replace("learned stop, ", ""), (steps.mean(), val.mean()), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("inner steps used (mean over test tasks)")
-    ax.set_ylabel("validation loss at the stop")
-    ax.set_title("learned stopping (stars) vs early stopping and fixed budgets")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    ref = means.get("patience 10")
+    for zoom, ax in enumerate(axes):
+        for name, (steps, val) in means.items():
+            learned = name.startswith("learned")
+            if zoom and ref is not None and not (steps <= 2 * ref[0] and val <= 1.04 * ref[1]):
+                continue
+            marker = "*" if learned else ("s" if name.startswith("patience") else "o")
+            color = "tab:red" if name == chosen else ("tab:blue" if learned else "tab:gray")
+            ax.scatter(steps, val, marker=marker, s=140 if name == chosen else (60 if learned else 40), color=color,
+                       zorder=3 if name == chosen else 2)
+            label_it = not learned or name == chosen or (zoom and name.endswith("threshold=0.5"))
+            if label_it:
+                label = name.replace("learned stop, lambda=", "λ=").replace(", threshold=", ", p>")
+                ax.annotate(label + (" (chosen)" if name == chosen else ""), (steps, val), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        if zoom and ref is not None:
+            ax.axhline(1.01 * ref[1], color="tab:green", lw=0.8, ls="--", label="1.01x patience 10")
+            ax.axvline(0.7 * ref[0], color="tab:orange", lw=0.8, ls="--", label="30% fewer steps")
+            ax.legend(fontsize=7, loc="upper right")
+        ax.set_xlabel("inner steps used (mean over test tasks)")
+        ax.set_ylabel("validation loss at the stop")
+    axes[0].set_title("learned stopping (stars) vs early stopping and budgets")
+    axes[1].set_title("zoom (target: left of orange, below green)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

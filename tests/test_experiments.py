@@ -71,4 +71,5 @@ def test_control_smoke_writes_summary_keys_and_figures(tmp_path):
     for key in ("stop_steps_saved_vs_patience10", "stop_val_loss_ratio_vs_patience10", "lr_over_best_schedule"):
         assert isinstance(summary[key], float), key
     assert len(summary["ablation"]) == 4
+    assert summary["stop"]["chosen_threshold"] == 0.5  # the only threshold the smoke preset sweeps
     assert (out / "pareto.png").exists() and (out / "lr_schedules.png").exists()
