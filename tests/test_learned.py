@@ -396,3 +396,68 @@ def test_halting_distribution_gradient_matches_finite_differences():
         e[i] = eps
         numeric = (objective(p.detach() + e) - objective(p.detach() - e)).item() / (2 * eps)
         assert grad[i].item() == pytest.approx(numeric, rel=1e-6, abs=1e-10)
+
+
+# --------------------------------------------------------------------------------------------- Adam base
+def test_fresh_adam_based_lstm_is_exactly_torch_adam():
+    torch.manual_seed(0)
+    net = CoordLSTM(hidden=8, base="adam", base_lr=0.05).double()
+    lr = net.log_base_lr.detach().exp().item()  # the float32 log-rate, as the network holds it
+    g = torch.Generator().manual_seed(1)
+    params = [torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    ref = [p.clone().requires_grad_() for p in params]
+    topt = torch.optim.Adam(ref, lr=lr)
+    state, cur = net.init(params), [p.clone() for p in params]
+    for i in range(25):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        if i in (0, 7):
+            grads[1][0] = 0.0  # an exactly-zero gradient coordinate, also at the first step
+        updates, state = net.update(grads, state, cur)
+        cur = [c + u for c, u in zip(cur, updates)]
+        for r, gr in zip(ref, grads):
+            r.grad = gr.clone()
+        topt.step()
+    for c, r in zip(cur, ref):
+        torch.testing.assert_close(c, r.detach(), rtol=0, atol=1e-12)
+
+
+def test_adam_based_lstm_meta_gradient_is_finite_with_zero_gradients():
+    # sqrt(v) at v = 0 has an infinite derivative; the clamp keeps the meta-gradient finite (no 0 * inf = NaN)
+    net = randomize_(CoordLSTM(hidden=8, base="adam", init_zero=False), scale=0.1)
+    params = [torch.zeros(6, requires_grad=True)]
+    state = net.init(params)
+    total = 0
+    for i in range(3):
+        grad = torch.tensor([0.0, 0.0, 1.0, -2.0, 0.0, 3.0]) * (params[0] + 1)
+        updates, state = net.update([grad], state, params)
+        params = [params[0] + updates[0]]
+        total = total + (params[0] ** 2).sum()
+    meta_grads = torch.autograd.grad(total, list(net.parameters()), allow_unused=True)
+    assert all(torch.isfinite(mg).all() for mg in meta_grads if mg is not None)
+    assert sum(float(mg.abs().sum()) for mg in meta_grads if mg is not None) > 0
+
+
+def test_adam_based_lstm_update_is_invariant_to_gradient_scale():
+    # every input but the L2L log-magnitude is scale-free, and the output is in units of Adam's step: with the
+    # log-magnitude input's weights zeroed, scaling all gradients by 1000 leaves the updates unchanged
+    net = randomize_(CoordLSTM(hidden=8, base="adam", init_zero=False), scale=0.3)
+    with torch.no_grad():
+        net.cells[0].weight_ih[:, 0] = 0.0  # log|g| / p
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(4, 3, generator=g)]
+    grads = [[torch.randn(4, 3, generator=g)] for _ in range(4)]
+    outs = []
+    for scale in (1.0, 1000.0):
+        state, ups = net.init(params), []
+        for gr in grads:
+            u, state = net.update([gr[0] * scale], state, params)
+            ups.append(u[0])
+        outs.append(torch.stack(ups))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(base_beta2=1.0), "base_beta2"), (dict(base_eps=0.0), "base_eps"),
+                                       (dict(base="adamw"), "unknown base")])
+def test_adam_base_rejects_bad_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CoordLSTM(**{"base": "adam", **kw})

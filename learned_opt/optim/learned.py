@@ -258,7 +258,7 @@ class LSTMState(NamedTuple):
 
 
 EXTRA_INPUTS = ("param", "momentum", "loss", "pooled")
-BASES = ("none", "sgd", "momentum")
+BASES = ("none", "sgd", "momentum", "adam")
 
 
 class CoordLSTM(_MetaNetwork):
@@ -271,13 +271,20 @@ class CoordLSTM(_MetaNetwork):
     (``log_base_lr`` is a meta-weight). Fresh, it is exactly that hand-coded optimizer with rate ``base_lr``; it
     then learns per-coordinate step sizes, which scale with the gradient and so keep converging at small
     gradients where a plain LSTM output stalls.
+
+    ``base='adam'`` corrects Adam's normalised direction ``d = m_hat / (sqrt(v_hat) + eps)`` (``beta1 =
+    base_momentum``, ``beta2 = base_beta2``) and expresses the LSTM's own term in the same units:
+    update = ``-lr_i * (d - output_scale * a)``; ``d`` is also an LSTM input. Every input and output is then
+    invariant to the scale of the loss, which is what lets it carry over to learners whose gradients are
+    orders of magnitude larger or smaller than in meta-training (ReLU, tanh, deeper nets).
     """
 
     def __init__(self, hidden: int = 20, layers: int = 2, preproc_p: float = 10.0, output_scale: float = 0.1,
                  extra_inputs: Sequence[str] = (), momentum_decays: Sequence[float] = (0.9, 0.99),
                  lr_mode: str = "global", lr_bound: float = 10.0, stop_bias: float = -6.0,
                  stop_threshold: float = 0.5, init_zero: bool = True, base: str = "none",
-                 base_lr: float = 0.01, base_momentum: float = 0.9, base_lr_range: float = 3.0):
+                 base_lr: float = 0.01, base_momentum: float = 0.9, base_lr_range: float = 3.0,
+                 base_beta2: float = 0.999, base_eps: float = 1e-8):
         super().__init__()
         if base not in BASES:
             raise ValueError(f"unknown base {base!r}; known: {', '.join(BASES)}")
@@ -285,6 +292,10 @@ class CoordLSTM(_MetaNetwork):
             raise ValueError(f"base_lr must be > 0, got {base_lr!r}")
         if not 0 <= base_momentum < 1:
             raise ValueError(f"base_momentum must be in [0, 1), got {base_momentum!r}")
+        if not 0 <= base_beta2 < 1:
+            raise ValueError(f"base_beta2 must be in [0, 1), got {base_beta2!r}")
+        if not base_eps > 0:
+            raise ValueError(f"base_eps must be > 0, got {base_eps!r}")
         bad = [e for e in extra_inputs if e not in EXTRA_INPUTS]
         if bad:
             raise ValueError(f"unknown extra input {bad[0]!r}; known: {', '.join(EXTRA_INPUTS)}")
@@ -297,15 +308,17 @@ class CoordLSTM(_MetaNetwork):
                            extra_inputs=list(extra_inputs), momentum_decays=list(momentum_decays),
                            lr_mode=lr_mode, lr_bound=lr_bound, stop_bias=stop_bias,
                            stop_threshold=stop_threshold, init_zero=init_zero, base=base, base_lr=base_lr,
-                           base_momentum=base_momentum, base_lr_range=base_lr_range)
+                           base_momentum=base_momentum, base_lr_range=base_lr_range, base_beta2=base_beta2,
+                           base_eps=base_eps)
         self.hidden, self.layers, self.p, self.output_scale = hidden, layers, preproc_p, output_scale
         self.base, self.base_momentum, self.base_lr_range = base, base_momentum, base_lr_range
+        self.base_beta2, self.base_eps = base_beta2, base_eps
         if base != "none":
             self.log_base_lr = nn.Parameter(torch.tensor(math.log(base_lr)))
         self.extra_inputs, self.lr_mode = tuple(extra_inputs), lr_mode
         self.momentum_decays = tuple(momentum_decays) if "momentum" in extra_inputs else ()
         in_dim = (2 + ("param" in extra_inputs) + 2 * len(self.momentum_decays) + ("loss" in extra_inputs)
-                  + hidden * ("pooled" in extra_inputs))
+                  + hidden * ("pooled" in extra_inputs) + (base == "adam"))
         self.cells = nn.ModuleList([nn.LSTMCell(in_dim if i == 0 else hidden, hidden) for i in range(layers)])
         # zero-initialised: fresh, it makes zero (or exactly the base optimizer's) updates
         self._add_output_and_heads(hidden, 1 if base == "none" else 2, init_zero, lr_bound, stop_bias,
@@ -318,7 +331,7 @@ class CoordLSTM(_MetaNetwork):
         like = params[0]
         zeros = like.new_zeros((self.layers, n, self.hidden))
         momenta = tuple(like.new_zeros(n) for _ in self.momentum_decays)
-        base = like.new_zeros(n) if self.base == "momentum" else None
+        base = {"momentum": like.new_zeros(n), "adam": like.new_zeros((2, n))}.get(self.base)
         return LSTMState(zeros, zeros, momenta, base, None, 0, layout)
 
     def update(self, grads, state: LSTMState, params, *, loss: Optional[Tensor] = None):
@@ -329,6 +342,15 @@ class CoordLSTM(_MetaNetwork):
                              f"{[tuple(s) for s in layout.shapes]}")
         g = flatten(grads)
         inputs = [preprocess_gradient(g, self.p)]
+        base = state.base
+        if self.base == "adam":  # Adam's moments and bias-corrected direction, exactly as torch.optim.Adam
+            b1, b2, t = self.base_momentum, self.base_beta2, state.count + 1
+            m = b1 * base[0] + (1 - b1) * g
+            v = b2 * base[1] + (1 - b2) * g * g
+            base = torch.stack([m, v])
+            # the clamp (1e-30, far below eps^2) keeps sqrt's meta-gradient finite where a gradient is exactly 0
+            adam_dir = (m / (1 - b1 ** t)) / (torch.sqrt((v / (1 - b2 ** t)).clamp_min(1e-30)) + self.base_eps)
+            inputs.append(adam_dir.unsqueeze(-1))
         if "param" in self.extra_inputs:
             inputs.append(flatten(params).unsqueeze(-1))
         momenta = tuple(b * m + (1 - b) * g for b, m in zip(self.momentum_decays, state.momenta))
@@ -351,14 +373,16 @@ class CoordLSTM(_MetaNetwork):
             x = h
         out = self.out(x)
         step = out[:, 0] * self.output_scale
-        base = state.base
         if self.base != "none":
             direction = g
             if self.base == "momentum":
                 base = g if state.count == 0 else self.base_momentum * state.base + g
                 direction = base
             rate = torch.exp(self.log_base_lr + self.base_lr_range * torch.tanh(out[:, 1]))
-            step = step - rate * direction
+            if self.base == "adam":
+                step = -rate * (adam_dir - step)
+            else:
+                step = step - rate * direction
         pooled = segment_mean(x, layout)
         new = LSTMState(torch.stack(hs), torch.stack(cs), momenta, base, pooled, state.count + 1, layout)
         return unflatten(step, layout), new
