@@ -52,6 +52,7 @@ class MetaConfig:
     random_offset: bool = False
     val_every: int = 0  # meta-iterations between validations on held-out tasks (0: never)
     val_tasks: int = 8
+    val_horizon: int = 0  # inner steps of each validation run (0: the meta-training horizon)
     val_metric: str = "mean_final"  # or "mean_log_final", "val_at_stop"
     keep_best: bool = True
     checkpoint_every: int = 0  # meta-iterations between checkpoints (0: only at the end, if a run_dir is set)
@@ -88,6 +89,8 @@ class MetaConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         check_positive_int("val_tasks", self.val_tasks)
+        if isinstance(self.val_horizon, bool) or not isinstance(self.val_horizon, int) or self.val_horizon < 0:
+            raise ValueError(f"val_horizon must be an integer >= 0 (0: the horizon), got {self.val_horizon!r}")
         if not (self.halting_lambda >= 0 and math.isfinite(self.halting_lambda)):
             raise ValueError(f"halting_lambda must be a finite number >= 0, got {self.halting_lambda!r}")
 
@@ -498,7 +501,7 @@ class MetaTrainer:
     def validate(self) -> float:
         """Score the current meta-weights on held-out validation tasks (lower is better)."""
         cfg = self.cfg
-        horizon = cfg.horizon
+        horizon = cfg.val_horizon or cfg.horizon
         ctrl_fn = self._controller if cfg.control == "learned" else None
         res = evaluate(self.family, self._inner_optimizer(), ctrl_fn, num_tasks=cfg.val_tasks, steps=horizon, split="val",
                        seed=cfg.seed, val_every=1 if cfg.meta_loss in ("val", "halting") else 0,

@@ -534,6 +534,8 @@ def test_halting_loss_over_truncations_equals_full_objective():
     (dict(checkpoint_every=-2), "-2"),
     (dict(checkpoint_every=1.5), "checkpoint_every"),
     (dict(val_tasks=0), "val_tasks"),
+    (dict(val_horizon=-3), "val_horizon"),
+    (dict(val_horizon=2.5), "val_horizon"),
     (dict(halting_lambda=-0.5), "-0.5"),
     (dict(halting_lambda=math.nan), "halting_lambda"),
 ])
@@ -549,3 +551,20 @@ def test_meta_config_defaults_are_valid():
     MetaConfig().validate()
     MetaConfig(meta_loss="halting", control="learned").validate()
     MetaConfig(horizon=5, truncation=5).validate()
+
+
+@pytest.mark.parametrize("val_horizon, expected", [(0, 6), (17, 17)])
+def test_validation_runs_for_val_horizon_steps(monkeypatch, val_horizon, expected):
+    import learned_opt.meta as meta
+
+    seen = []
+    real = meta.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["steps"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(meta, "evaluate", spy)
+    cfg = MetaConfig(horizon=6, truncation=3, iterations=1, val_every=1, val_tasks=1, val_horizon=val_horizon)
+    MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=2), cfg).validate()
+    assert seen == [expected]
