@@ -77,3 +77,16 @@ def test_reparametrized_rejects_wrong_number_of_scales():
         Reparametrized(task, [1.0, 2.0]).init(generator(0))
     with pytest.raises(ValueError, match="finite and > 0"):
         Reparametrized(task, [1.0, -2.0, 1.0, 1.0])
+
+
+def test_shared_scale_moves_all_tensors_together():
+    fam = ReparamFamily(DigitsFamily(), max_scale=1.0, shared_scale=4.0)
+    draws = [fam(generator(s)).scales for s in range(20)]
+    for scales in draws:  # one factor for every tensor
+        assert max(scales) == pytest.approx(min(scales))
+        assert 0.25 <= scales[0] <= 4.0
+    assert min(d[0] for d in draws) < 0.6 and max(d[0] for d in draws) > 1.6
+    both = [c for s in range(20) for c in ReparamFamily(DigitsFamily(), 2.0, 4.0)(generator(s)).scales]
+    assert all(1 / 8.0 <= c <= 8.0 for c in both)
+    with pytest.raises(ValueError, match="shared_scale"):
+        ReparamFamily(DigitsFamily(), shared_scale=0.9)

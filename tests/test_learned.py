@@ -461,3 +461,33 @@ def test_adam_based_lstm_update_is_invariant_to_gradient_scale():
 def test_adam_base_rejects_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):
         CoordLSTM(**{"base": "adam", **kw})
+
+
+def test_agreement_input_is_the_cosine_between_gradient_and_last_update():
+    net = randomize_(CoordLSTM(hidden=4, base="adam", extra_inputs=["agreement"], init_zero=False), scale=0.2)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 2, generator=g), torch.randn(4, generator=g)]
+    state = net.init(params)
+    g1 = [torch.randn(p.shape, generator=g) for p in params]
+    u1, state = net.update(g1, state, params)
+    assert torch.equal(state.pooled[:, -1], torch.zeros(2))  # no last update at the first step
+    # the new gradient roughly along -u1: the descent direction still agrees with the last step
+    g2 = [-u.detach() * 2 + 0.1 * u.detach().abs().mean() * torch.randn(u.shape, generator=g) for u in u1]
+    _, state = net.update(g2, state, params)
+    expected = torch.stack([-torch.nn.functional.cosine_similarity(a.reshape(-1), b.reshape(-1), dim=0)
+                            for a, b in zip(g2, u1)])
+    torch.testing.assert_close(state.pooled[:, -1], expected)
+    assert bool((expected > 0.9).all())  # agreement ~ +1; an overshooting step would give ~ -1
+
+
+def test_agreement_meta_gradient_is_finite_at_the_first_step_and_with_zero_gradients():
+    net = randomize_(CoordLSTM(hidden=4, base="adam", extra_inputs=["agreement"], init_zero=False), scale=0.2)
+    params = [torch.ones(5, requires_grad=True), torch.ones(3, requires_grad=True)]
+    state, total = net.init(params), 0
+    for _ in range(3):
+        grads = [2 * params[0], params[1] * 0]  # the second tensor's gradient is exactly zero throughout
+        updates, state = net.update(grads, state, params)
+        params = [p + u for p, u in zip(params, updates)]
+        total = total + sum((p ** 2).sum() for p in params)
+    meta_grads = torch.autograd.grad(total, list(net.parameters()), allow_unused=True)
+    assert all(torch.isfinite(mg).all() for mg in meta_grads if mg is not None)

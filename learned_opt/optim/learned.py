@@ -199,14 +199,14 @@ class _MetaNetwork(nn.Module):
     lr_mode: str
 
     def _add_output_and_heads(self, hidden: int, outputs: int, init_zero: bool, lr_bound: float,
-                              stop_bias: float, stop_threshold: float) -> None:
+                              stop_bias: float, stop_threshold: float, pooled_extra: int = 0) -> None:
         """The per-coordinate output layer (zero-initialised: a stable start where every meta-gradient is
         informative) and the LR / stop decision heads over the pooled hidden state."""
         self.out = nn.Linear(hidden, outputs)
         if init_zero:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
-        self.heads = DecisionHeads(hidden, lr_bound=lr_bound, stop_bias=stop_bias,
+        self.heads = DecisionHeads(hidden + pooled_extra, lr_bound=lr_bound, stop_bias=stop_bias,
                                    stop_threshold=stop_threshold)
 
     def _check_common(self, lr_mode: str) -> None:
@@ -255,9 +255,10 @@ class LSTMState(NamedTuple):
     pooled: Optional[Tensor]
     count: int
     layout: Layout
+    prev: Optional[Tensor] = None  # last update ("agreement" input only)
 
 
-EXTRA_INPUTS = ("param", "momentum", "loss", "pooled")
+EXTRA_INPUTS = ("param", "momentum", "loss", "pooled", "agreement")
 BASES = ("none", "sgd", "momentum", "adam")
 
 
@@ -319,10 +320,11 @@ class CoordLSTM(_MetaNetwork):
         self.momentum_decays = tuple(momentum_decays) if "momentum" in extra_inputs else ()
         in_dim = (2 + ("param" in extra_inputs) + 2 * len(self.momentum_decays) + ("loss" in extra_inputs)
                   + hidden * ("pooled" in extra_inputs) + (base == "adam"))
+        in_dim += "agreement" in extra_inputs
         self.cells = nn.ModuleList([nn.LSTMCell(in_dim if i == 0 else hidden, hidden) for i in range(layers)])
         # zero-initialised: fresh, it makes zero (or exactly the base optimizer's) updates
         self._add_output_and_heads(hidden, 1 if base == "none" else 2, init_zero, lr_bound, stop_bias,
-                                   stop_threshold)
+                                   stop_threshold, pooled_extra=int("agreement" in extra_inputs))
 
     def init(self, params: Sequence[Tensor]) -> LSTMState:
         """Zero LSTM state for every coordinate of ``params``."""
@@ -361,9 +363,20 @@ class CoordLSTM(_MetaNetwork):
             value = 0.0 if math.isnan(lv) else math.log(min(max(lv, 1e-30), 1e30))
             inputs.append(g.new_full((g.shape[0], 1), value / self.p))
         if "pooled" in self.extra_inputs:  # last step's mean hidden state of this coordinate's tensor
-            pooled_prev = state.pooled if state.pooled is not None else g.new_zeros((len(layout.sizes),
-                                                                                     self.hidden))
+            pooled_prev = state.pooled[:, :self.hidden] if state.pooled is not None else \
+                g.new_zeros((len(layout.sizes), self.hidden))
             inputs.append(pooled_prev[layout.segment])
+        agreement = None
+        if "agreement" in self.extra_inputs:
+            # Per tensor, the cosine between this gradient and the last update: about -1 when the steps
+            # overshoot (the hypergradient of the learning rate, Baydin et al. 2018, normalised), so a signal of
+            # a too-large rate that does not depend on the learner's architecture. 0 at the first step.
+            prev = state.prev if state.prev is not None else torch.zeros_like(g)
+            dot = segment_mean(g * prev, layout)
+            # the clamp keeps sqrt's meta-gradient finite at the first step (no last update) and for zero gradients
+            norms = torch.sqrt((segment_mean(g * g, layout) * segment_mean(prev * prev, layout)).clamp_min(1e-30))
+            agreement = -dot / norms  # the update points down the gradient: flip the sign
+            inputs.append(agreement[layout.segment].unsqueeze(-1))
         x = torch.cat(inputs, dim=-1)
         hs, cs = [], []
         for i, cell in enumerate(self.cells):
@@ -384,7 +397,10 @@ class CoordLSTM(_MetaNetwork):
             else:
                 step = step - rate * direction
         pooled = segment_mean(x, layout)
-        new = LSTMState(torch.stack(hs), torch.stack(cs), momenta, base, pooled, state.count + 1, layout)
+        if agreement is not None:
+            pooled = torch.cat([pooled, agreement.unsqueeze(-1)], dim=-1)
+        new = LSTMState(torch.stack(hs), torch.stack(cs), momenta, base, pooled, state.count + 1, layout,
+                        step if agreement is not None else None)
         return unflatten(step, layout), new
 
 

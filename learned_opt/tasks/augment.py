@@ -60,17 +60,25 @@ class Reparametrized:
 @dataclass(frozen=True)
 class ReparamFamily:
     """Samples a task from ``family`` and reparametrises it with per-tensor scales drawn log-uniformly from
-    ``[1 / max_scale, max_scale]`` (``max_scale = 1``: the family unchanged)."""
+    ``[1 / max_scale, max_scale]``, times one factor shared by all tensors drawn log-uniformly from
+    ``[1 / shared_scale, shared_scale]`` (both 1: the family unchanged). The shared factor makes the whole
+    learner hotter or colder at once, as a change of architecture or activation does."""
     family: Any
     max_scale: float = 3.0
+    shared_scale: float = 1.0
 
     def __post_init__(self):
-        if not (math.isfinite(self.max_scale) and self.max_scale >= 1):
-            raise ValueError(f"max_scale must be a finite number >= 1, got {self.max_scale!r}")
+        for name in ("max_scale", "shared_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 1):
+                raise ValueError(f"{name} must be a finite number >= 1, got {value!r}")
 
     def __call__(self, generator: torch.Generator) -> Reparametrized:
         """A reparametrised task; the scales come from ``generator`` after the task is drawn."""
         task = self.family(generator)
         n = len(task.init(torch.Generator().manual_seed(0)))
         log_c = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * math.log(self.max_scale)
+        if self.shared_scale > 1:
+            log_c = log_c + (torch.rand((), generator=generator, dtype=torch.float64) * 2 - 1) \
+                * math.log(self.shared_scale)
         return Reparametrized(task, torch.exp(log_c).tolist())
