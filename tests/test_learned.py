@@ -491,3 +491,23 @@ def test_agreement_meta_gradient_is_finite_at_the_first_step_and_with_zero_gradi
         total = total + sum((p ** 2).sum() for p in params)
     meta_grads = torch.autograd.grad(total, list(net.parameters()), allow_unused=True)
     assert all(torch.isfinite(mg).all() for mg in meta_grads if mg is not None)
+
+
+@pytest.mark.parametrize("lr_max", [1.0, 2.0])
+def test_lr_max_bounds_the_multiplier_from_above_and_a_fresh_head_still_learns(lr_max):
+    heads = DecisionHeads(4, lr_bound=10.0, lr_max=lr_max)
+    z = torch.linspace(-30, 30, 61)
+    scale = torch.exp(heads._log_lr(z))
+    assert float(scale.min()) >= 0.1 * (1 - 1e-6) and float(scale.max()) <= lr_max * (1 + 1e-6)
+    assert float(scale.min()) < 0.11 and float(scale.max()) > lr_max * 0.99  # both ends are reachable
+    # a fresh head (zero last layer) outputs exactly 1 and its last layer gets a non-zero gradient
+    pooled = torch.randn(2, 4)
+    g = torch.randn(heads.lr[0].in_features - 4)  # the global features
+    lr_scale, _ = heads.heads(pooled, g, per_tensor=False)
+    assert lr_scale.item() == 1.0
+    lr_scale.backward()
+    assert float(heads.lr[2].bias.grad.abs()) > 0
+    with pytest.raises(ValueError, match="lr_max"):
+        DecisionHeads(4, lr_max=0.5)
+    with pytest.raises(ValueError, match="lr_max"):
+        CoordLSTM(lr_max=math.inf)

@@ -99,16 +99,22 @@ def _safe_log_ratio(a: float, b: float) -> float:
 class DecisionHeads(nn.Module):
     """Learning-rate and stop heads over ``(pooled hidden, global features)``.
 
-    The LR multiplier is ``exp(log(lr_bound) * tanh(z))``, inside ``[1/lr_bound, lr_bound]``; the stop
-    probability is ``stop_max * sigmoid(z + stop_bias)``. Last layers start at zero, so a fresh head gives an LR
-    multiplier of exactly 1 and a stop probability of ``stop_max * sigmoid(stop_bias)``.
+    The LR multiplier is ``exp(log(lr_bound) * tanh(z))`` for ``z < 0`` and ``exp(log(lr_max) * tanh(z))`` for
+    ``z >= 0``, inside ``[1/lr_bound, lr_max]`` (``lr_max`` defaults to ``lr_bound``; ``lr_max=1`` gives a head that
+    can only lower the rate: warm-up, decay, backing off); the stop probability is ``stop_max * sigmoid(z +
+    stop_bias)``. Last layers start at zero, so a fresh head gives an LR multiplier of exactly 1 and a stop
+    probability of ``stop_max * sigmoid(stop_bias)``.
     """
 
     def __init__(self, pooled_dim: int, hidden: int = 32, lr_bound: float = 10.0, stop_bias: float = -6.0,
-                 stop_max: float = 1.0, stop_threshold: float = 0.5):
+                 stop_max: float = 1.0, stop_threshold: float = 0.5, lr_max: Optional[float] = None):
         super().__init__()
         if not lr_bound > 1:
             raise ValueError(f"lr_bound must be > 1, got {lr_bound!r}")
+        lr_max = lr_bound if lr_max is None else lr_max
+        if not (math.isfinite(lr_max) and lr_max >= 1):
+            raise ValueError(f"lr_max must be a finite number >= 1, got {lr_max!r}")
+        self.lr_max = lr_max
         if not 0 < stop_max <= 1:
             raise ValueError(f"stop_max must be in (0, 1], got {stop_max!r}")
         self.lr_bound, self.stop_bias, self.stop_max = lr_bound, stop_bias, stop_max
@@ -168,11 +174,18 @@ class DecisionHeads(nn.Module):
         stop_prob = self.stop_max * torch.sigmoid(stop_logit)
         if per_tensor:
             tensor_in = torch.cat([pooled, repeat(g, "f -> t f", t=pooled.shape[0])], dim=-1)
-            log_lr = math.log(self.lr_bound) * torch.tanh(self.lr(tensor_in).squeeze(-1))
-            lr_scale = list(torch.exp(log_lr).unbind(0))
+            lr_scale = list(torch.exp(self._log_lr(self.lr(tensor_in).squeeze(-1))).unbind(0))
         else:
-            lr_scale = torch.exp(math.log(self.lr_bound) * torch.tanh(self.lr(global_in).squeeze(-1)))
+            lr_scale = torch.exp(self._log_lr(self.lr(global_in).squeeze(-1)))
         return lr_scale, stop_prob
+
+    def _log_lr(self, z: Tensor) -> Tensor:
+        """``log(lr_bound) * tanh(z)`` for ``z <= 0``, ``log(lr_max) * tanh(z)`` above (continuous at 0)."""
+        t = torch.tanh(z)
+        if self.lr_max == self.lr_bound:
+            return math.log(self.lr_bound) * t
+        # at z = 0 (a fresh head) the lower branch gives the gradient, so a head with lr_max = 1 can learn
+        return torch.where(t <= 0, math.log(self.lr_bound) * t, math.log(self.lr_max) * t)
 
     def forward(self, pooled: Tensor, obs: Observation, state: DecisionState, per_tensor: bool):
         """``(lr_scale, stop_prob, new_state)``; ``pooled`` is ``(num_tensors, d)`` and ``(d,)`` globally."""
@@ -199,7 +212,8 @@ class _MetaNetwork(nn.Module):
     lr_mode: str
 
     def _add_output_and_heads(self, hidden: int, outputs: int, init_zero: bool, lr_bound: float,
-                              stop_bias: float, stop_threshold: float, pooled_extra: int = 0) -> None:
+                              stop_bias: float, stop_threshold: float, pooled_extra: int = 0,
+                              lr_max: Optional[float] = None) -> None:
         """The per-coordinate output layer (zero-initialised: a stable start where every meta-gradient is
         informative) and the LR / stop decision heads over the pooled hidden state."""
         self.out = nn.Linear(hidden, outputs)
@@ -207,7 +221,7 @@ class _MetaNetwork(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
         self.heads = DecisionHeads(hidden + pooled_extra, lr_bound=lr_bound, stop_bias=stop_bias,
-                                   stop_threshold=stop_threshold)
+                                   stop_threshold=stop_threshold, lr_max=lr_max)
 
     def _check_common(self, lr_mode: str) -> None:
         if lr_mode not in ("global", "per_tensor"):
@@ -285,7 +299,7 @@ class CoordLSTM(_MetaNetwork):
                  lr_mode: str = "global", lr_bound: float = 10.0, stop_bias: float = -6.0,
                  stop_threshold: float = 0.5, init_zero: bool = True, base: str = "none",
                  base_lr: float = 0.01, base_momentum: float = 0.9, base_lr_range: float = 3.0,
-                 base_beta2: float = 0.999, base_eps: float = 1e-8):
+                 base_beta2: float = 0.999, base_eps: float = 1e-8, lr_max: Optional[float] = None):
         super().__init__()
         if base not in BASES:
             raise ValueError(f"unknown base {base!r}; known: {', '.join(BASES)}")
@@ -310,7 +324,7 @@ class CoordLSTM(_MetaNetwork):
                            lr_mode=lr_mode, lr_bound=lr_bound, stop_bias=stop_bias,
                            stop_threshold=stop_threshold, init_zero=init_zero, base=base, base_lr=base_lr,
                            base_momentum=base_momentum, base_lr_range=base_lr_range, base_beta2=base_beta2,
-                           base_eps=base_eps)
+                           base_eps=base_eps, lr_max=lr_max)
         self.hidden, self.layers, self.p, self.output_scale = hidden, layers, preproc_p, output_scale
         self.base, self.base_momentum, self.base_lr_range = base, base_momentum, base_lr_range
         self.base_beta2, self.base_eps = base_beta2, base_eps
@@ -324,7 +338,7 @@ class CoordLSTM(_MetaNetwork):
         self.cells = nn.ModuleList([nn.LSTMCell(in_dim if i == 0 else hidden, hidden) for i in range(layers)])
         # zero-initialised: fresh, it makes zero (or exactly the base optimizer's) updates
         self._add_output_and_heads(hidden, 1 if base == "none" else 2, init_zero, lr_bound, stop_bias,
-                                   stop_threshold, pooled_extra=int("agreement" in extra_inputs))
+                                   stop_threshold, pooled_extra=int("agreement" in extra_inputs), lr_max=lr_max)
 
     def init(self, params: Sequence[Tensor]) -> LSTMState:
         """Zero LSTM state for every coordinate of ``params``."""
