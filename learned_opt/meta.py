@@ -20,6 +20,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,7 +54,7 @@ class MetaConfig:
     val_every: int = 0  # meta-iterations between validations on held-out tasks (0: never)
     val_tasks: int = 8
     val_horizon: int = 0  # inner steps of each validation run (0: the meta-training horizon)
-    val_metric: str = "mean_final"  # or "mean_log_final", "val_at_stop"
+    val_metric: str = "mean_final"  # or "mean_log_final", "mean_log_curve" (every step), "val_at_stop"
     keep_best: bool = True
     checkpoint_every: int = 0  # meta-iterations between checkpoints (0: only at the end, if a run_dir is set)
     seed: int = 0
@@ -80,7 +81,7 @@ class MetaConfig:
             raise ValueError("the halting meta-loss trains the stop head: it needs control='learned'")
         if not self.loss_ceiling > 1:
             raise ValueError(f"loss_ceiling must be > 1, got {self.loss_ceiling!r}")
-        if self.val_metric not in ("mean_final", "mean_log_final", "val_at_stop"):
+        if self.val_metric not in ("mean_final", "mean_log_final", "mean_log_curve", "val_at_stop"):
             raise ValueError(f"unknown val_metric {self.val_metric!r}")
         # Negative intervals used to pass and then act as "every iteration" (i % -1 == 0); zero validation
         # tasks failed only at the first validation, mid-run.
@@ -508,6 +509,9 @@ class MetaTrainer:
                        stop_metrics=cfg.val_metric == "val_at_stop")
         if cfg.val_metric == "val_at_stop":
             return robust_mean(res.val_at_stop)
+        if cfg.val_metric == "mean_log_curve":  # every horizon up to val_horizon counts, not only the last
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return robust_mean(np.log(res.curves[:, 1:] + 1e-12).mean(1))
         final = res.final()
         if cfg.val_metric == "mean_log_final":
             return robust_mean(torch.log(torch.as_tensor(final) + 1e-12).numpy())

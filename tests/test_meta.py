@@ -568,3 +568,23 @@ def test_validation_runs_for_val_horizon_steps(monkeypatch, val_horizon, expecte
     cfg = MetaConfig(horizon=6, truncation=3, iterations=1, val_every=1, val_tasks=1, val_horizon=val_horizon)
     MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=2), cfg).validate()
     assert seen == [expected]
+
+
+def test_mean_log_curve_validation_scores_every_step(monkeypatch):
+    # a run that ends low but spends most steps high must score worse than one that is low throughout
+    import numpy as np
+
+    import learned_opt.meta as meta
+
+    class Fake:
+        def __init__(self, curves):
+            self.curves = np.asarray(curves, dtype=float)
+
+    cfg = MetaConfig(horizon=4, truncation=2, val_every=1, val_tasks=1, val_metric="mean_log_curve")
+    trainer = MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=2), cfg)
+    scores = []
+    for curve in ([[1.0, 1.0, 1.0, 1.0, 1e-3]], [[1.0, 1e-2, 1e-2, 1e-2, 1e-2]], [[1.0, 1.0, np.inf, np.inf, np.inf]]):
+        monkeypatch.setattr(meta, "evaluate", lambda *a, c=curve, **k: Fake(c))
+        scores.append(trainer.validate())
+    assert scores[0] == pytest.approx(np.log(1e-3) / 4, rel=1e-6)  # mean log over steps 1..4, initial excluded
+    assert scores[1] < scores[0] and scores[2] == math.inf

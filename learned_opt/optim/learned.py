@@ -438,7 +438,7 @@ class CoordMLP(_MetaNetwork):
     def __init__(self, hidden: int = 32, layers: int = 2, momentum_decays: Sequence[float] = (0.5, 0.9, 0.99,
                  0.999), rms_decay: float = 0.999, step_mult: float = 1e-3, exp_mult: float = 1e-3,
                  lr_mode: str = "global", lr_bound: float = 10.0, stop_bias: float = -6.0,
-                 stop_threshold: float = 0.5, init_zero: bool = True):
+                 stop_threshold: float = 0.5, init_zero: bool = True, lr_max: Optional[float] = None):
         super().__init__()
         if int(hidden) < 1 or int(layers) < 1:
             raise ValueError(f"hidden and layers must be >= 1, got hidden={hidden!r}, layers={layers!r}")
@@ -449,7 +449,7 @@ class CoordMLP(_MetaNetwork):
         self.config = dict(hidden=hidden, layers=layers, momentum_decays=list(momentum_decays),
                            rms_decay=rms_decay, step_mult=step_mult, exp_mult=exp_mult, lr_mode=lr_mode,
                            lr_bound=lr_bound, stop_bias=stop_bias, stop_threshold=stop_threshold,
-                           init_zero=init_zero)
+                           init_zero=init_zero, lr_max=lr_max)
         self.momentum_decays, self.rms_decay = tuple(momentum_decays), rms_decay
         self.step_mult, self.exp_mult, self.lr_mode = step_mult, exp_mult, lr_mode
         k = len(self.momentum_decays)
@@ -458,7 +458,7 @@ class CoordMLP(_MetaNetwork):
         for i in range(layers):
             mods += [nn.Linear(in_dim if i == 0 else hidden, hidden), nn.ReLU()]
         self.body = nn.Sequential(*mods)
-        self._add_output_and_heads(hidden, 2, init_zero, lr_bound, stop_bias, stop_threshold)
+        self._add_output_and_heads(hidden, 2, init_zero, lr_bound, stop_bias, stop_threshold, lr_max=lr_max)
 
     def init(self, params: Sequence[Tensor]) -> MLPState:
         """Zero accumulators."""
