@@ -46,6 +46,10 @@ def test_digits_smoke_writes_summary_with_required_keys(tmp_path):
                 "never_above_initial_loss", "speedup_over_tuned_adam", "meta_train_seconds"):
         assert key in summary, key
     assert set(summary["unseen"]) == {"relu"}
+    assert set(summary["max_mean_loss_over_initial_unseen"]) == {"relu"}
+    assert set(summary["reference_adam_warmup_cosine"]) == {"10", "20"}  # the schedule reference, per horizon
+    for h in ("10", "20"):  # test accuracy of the learned optimizer at every horizon, not only the longest
+        assert 0.0 <= summary["learned"][h]["test_accuracy"] <= 1.0
     assert (out / "loss_curves.png").exists() and (out / "speedup.png").exists()
     # the tuning cache is reused: a second run re-tunes nothing
     cached = sorted(os.listdir(out / "tuning_cache"))
