@@ -37,6 +37,12 @@ def test_quadratic_rejects_bad_flags_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_boolean_flags_reject_typos(tmp_path):
+    proc = run_script("digits.py", "--preset", "smoke", "--second_order", "fals", "--out_dir", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert "expected true or false, got 'fals'" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_digits_smoke_writes_summary_with_required_keys(tmp_path):
     out = tmp_path / "digits"
     proc = run_script("digits.py", "--preset", "smoke", "--out_dir", str(out))
