@@ -57,7 +57,7 @@ CLI_CASES = [
      "iterations must be an integer >= 1, got 'ten'"),
     (["meta-train", "--run-dir", "{tmp}/new", "--curriculum", "10,x"], "--curriculum expects comma-separated"),
     (["meta-train", "--run-dir", "{tmp}/new", "--task-arg", "dist=cauchy"], "unknown distribution 'cauchy'"),
-    (["meta-train", "--run-dir", "{tmp}/new", "--net-arg", "base=adam"], "unknown base 'adam'"),
+    (["meta-train", "--run-dir", "{tmp}/new", "--net-arg", "base=adamw"], "unknown base 'adamw'"),
     (["meta-train", "--run-dir", "{tmp}/new", "--task", "digits", "--task-arg", "n_train=99999"],
      "n_train=99999 exceeds"),
     # zero, negative and NaN hyper-parameters
