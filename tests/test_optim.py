@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
+from learned_opt.optim.learned import CoordLSTM
 from learned_opt.optim import (OPTIMIZERS, SGD, Adam, AdamW, Momentum, Nesterov, ProtocolOptimizer, RMSprop,
                                get_optimizer)
 from learned_opt.tasks.quadratic import Quadratic
@@ -514,3 +515,40 @@ def test_adapter_state_dict_round_trip_keeps_protocol_state():
     train(model_b, opt_b2, 5)
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("make", [lambda: Adam(lr=1e-2), lambda: Momentum(lr=1e-2, momentum=0.9),
+                                  lambda: CoordLSTM(hidden=4, base="adam", extra_inputs=["agreement"],
+                                                    init_zero=False)])
+def test_adapter_state_dict_loads_weights_only_and_resumes_exactly(tmp_path, make):
+    torch.manual_seed(0)
+    proto = make()
+    x = torch.randn(64, 5)
+    y = x @ torch.randn(5, 1)
+
+    def train(module, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = ((module(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step(lambda: loss)
+
+    a = torch.nn.Linear(5, 1)
+    b = copy.deepcopy(a)
+    opt_a = ProtocolOptimizer(a.parameters(), proto)
+    train(a, opt_a, 10)
+    opt_b = ProtocolOptimizer(b.parameters(), proto)
+    train(b, opt_b, 4)
+    torch.save(opt_b.state_dict(), tmp_path / "opt.pt")
+    resumed = ProtocolOptimizer(b.parameters(), proto)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))  # plain containers only
+    train(b, resumed, 6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_adapter_refuses_to_rebuild_foreign_classes():
+    from learned_opt.optim.adapter import from_plain
+
+    with pytest.raises(ValueError, match="not a learned_opt state"):
+        from_plain({"__namedtuple__": "os:system", "fields": {}})

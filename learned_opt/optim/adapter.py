@@ -1,13 +1,50 @@
 """Turn any optimizer of our protocol (hand-coded or a trained meta-network) into a ``torch.optim.Optimizer``.
 
 The adapter keeps the protocol state between ``step`` calls and applies ``p += lr_scale * u`` in place, where
-``lr_scale = group['lr'] / initial lr`` so that ``torch.optim.lr_scheduler`` schedulers work on top of it.
+``lr_scale = group['lr'] / initial lr`` so that ``torch.optim.lr_scheduler`` schedulers work on top of it. Its
+``state_dict`` stores the protocol state as plain containers (dicts, lists, tensors, numbers), so a checkpoint
+loads with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Iterable, Optional
 
 import torch
+
+_NT = "__namedtuple__"
+
+
+def to_plain(x: Any) -> Any:
+    """NamedTuples (the protocol states) -> tagged dicts, recursively; ``torch.Size`` -> list."""
+    if isinstance(x, torch.Size):
+        return {"__size__": list(x)}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        cls = type(x)
+        return {_NT: f"{cls.__module__}:{cls.__qualname__}", "fields": {k: to_plain(v) for k, v in
+                                                                      zip(x._fields, x)}}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_plain(v) for v in x)
+    if isinstance(x, dict):
+        return {k: to_plain(v) for k, v in x.items()}
+    return x
+
+
+def from_plain(x: Any) -> Any:
+    """Inverse of :func:`to_plain`; only classes defined in ``learned_opt`` are rebuilt."""
+    if isinstance(x, dict) and "__size__" in x:
+        return torch.Size(x["__size__"])
+    if isinstance(x, dict) and _NT in x:
+        module, _, name = x[_NT].partition(":")
+        if not (module == "learned_opt" or module.startswith("learned_opt.")):
+            raise ValueError(f"refusing to rebuild {x[_NT]!r}: not a learned_opt state")
+        cls = getattr(importlib.import_module(module), name)
+        return cls(**{k: from_plain(v) for k, v in x["fields"].items()})
+    if isinstance(x, (list, tuple)):
+        return type(x)(from_plain(v) for v in x)
+    if isinstance(x, dict):
+        return {k: from_plain(v) for k, v in x.items()}
+    return x
 
 from .base import Optimizer, check_positive
 
@@ -49,11 +86,11 @@ class ProtocolOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         """torch.optim's state dict plus the wrapped optimizer's protocol state (restored by load_state_dict)."""
         out = super().state_dict()
-        out["proto_state"] = self.proto_state
+        out["proto_state"] = to_plain(self.proto_state)
         return out
 
     def load_state_dict(self, state_dict):
         """Restore the param groups and the protocol state saved by :meth:`state_dict`."""
         state_dict = dict(state_dict)
-        self.proto_state = state_dict.pop("proto_state", None)
+        self.proto_state = from_plain(state_dict.pop("proto_state", None))
         super().load_state_dict(state_dict)
