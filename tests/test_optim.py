@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from learned_opt.optim.learned import CoordLSTM
 from learned_opt.optim import (OPTIMIZERS, SGD, Adam, AdamW, Momentum, Nesterov, ProtocolOptimizer, RMSprop,
                                get_optimizer)
+from learned_opt.optim.learned import CoordLSTM
 from learned_opt.tasks.quadratic import Quadratic
 from learned_opt.unroll import unroll
 
