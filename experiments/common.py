@@ -9,6 +9,7 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
+from learned_opt.flags import add_dataclass_flags
 from learned_opt.log import provenance  # noqa: F401  (re-exported for the scripts)
 
 
@@ -22,28 +23,11 @@ def _scalar(text: str):
     return text
 
 
-def _bool(text: str) -> bool:
-    """``true/1/yes/on`` or ``false/0/no/off`` (any case); anything else is an error, not a silent False."""
-    value = text.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def parse_config(cls, presets: Dict[str, Dict[str, Any]], argv=None):
     """Build ``cls`` from ``--preset NAME`` and one ``--field value`` flag per dataclass field."""
     parser = argparse.ArgumentParser(description=cls.__doc__)
     parser.add_argument("--preset", choices=sorted(presets), default=None)
-    for f in dataclasses.fields(cls):
-        kind = f.type if isinstance(f.type, type) else type(f.default)
-        if kind is bool:
-            parser.add_argument(f"--{f.name}", type=_bool)
-        elif kind in (int, float, str):
-            parser.add_argument(f"--{f.name}", type=kind)
-        else:  # tuples: comma-separated
-            parser.add_argument(f"--{f.name}", type=str)
+    add_dataclass_flags(parser, cls)
     args = parser.parse_args(argv)
     values = dict(presets.get(args.preset, {})) if args.preset else {}
     for f in dataclasses.fields(cls):

@@ -18,6 +18,7 @@ import torch
 
 from .distributed import init_from_env, shutdown
 from .evaluate import evaluate, lr_grid, tune_lr
+from .flags import add_dataclass_flags
 from .log import WANDB_MODES, Logger, provenance
 from .meta import MetaConfig, MetaTrainer, load_lopt, save_lopt
 from .optim import OPTIMIZERS, get_optimizer
@@ -336,17 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--wandb")
     t.add_argument("--device")
     t.add_argument("--seed", type=int)
-    for f in fields(MetaConfig):
-        if f.name == "seed":
-            continue
-        kind = type(f.default)
-        if kind is bool:
-            t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name,
-                           type=lambda s: s.lower() in ("1", "true", "yes", "on"))
-        elif kind in (int, float, str):
-            t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind)
-        else:
-            t.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, metavar="H1,H2,...")
+    add_dataclass_flags(t, MetaConfig, skip={"seed"}, dashes=True)
     t.set_defaults(fn=cmd_meta_train)
 
     e = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)

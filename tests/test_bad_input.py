@@ -58,6 +58,7 @@ CLI_CASES = [
     (["meta-train", "--run-dir", "{tmp}/new", "--curriculum", "10,x"], "--curriculum expects comma-separated"),
     (["meta-train", "--run-dir", "{tmp}/new", "--task-arg", "dist=cauchy"], "unknown distribution 'cauchy'"),
     (["meta-train", "--run-dir", "{tmp}/new", "--net-arg", "base=adamw"], "unknown base 'adamw'"),
+    (["meta-train", "--run-dir", "{tmp}/new", "--second-order", "maybe"], "expected true or false, got 'maybe'"),
     (["meta-train", "--run-dir", "{tmp}/new", "--task", "digits", "--task-arg", "n_train=99999"],
      "n_train=99999 exceeds"),
     # zero, negative and NaN hyper-parameters
