@@ -50,29 +50,39 @@ class DistContext:
         return self.rank == 0
 
     # ------------------------------------------------------------------ collectives (every rank calls each)
-    def reduce_meta_gradient(self, grads: Optional[Sequence[Tensor]], loss: float,
-                             like: Sequence[Tensor]) -> Tuple[Optional[List[Tensor]], float, int]:
-        """All-reduce one packed tensor; return ``(mean gradient or None, mean loss, finite ranks)``.
+    def reduce_meta_gradient(self, grads: Optional[Sequence[Tensor]], loss: float, like: Sequence[Tensor],
+                             extras: Sequence[float] = ()) -> Tuple[Optional[List[Tensor]], float, int, List[float]]:
+        """All-reduce one packed tensor; return ``(mean gradient or None, mean loss, finite ranks, mean extras)``.
 
         ``grads`` is this rank's meta-gradient, or ``None`` when its loss or gradient is non-finite (it then
         sends zeros and a finite count of 0). The mean is over finite ranks; ``None`` when there are none.
+        ``extras`` are per-rank diagnostics (the inner loss, the mean LR scale, ...) travelling in the same
+        collective; each is averaged over the ranks where it is finite (NaN where it is finite on none).
         """
-        n = sum(p.numel() for p in like)
-        packed = torch.zeros(n + 2, dtype=torch.float64, device=self.device)
+        n, k = sum(p.numel() for p in like), len(extras)
+        packed = torch.zeros(n + 2 + 2 * k, dtype=torch.float64, device=self.device)
         if grads is not None:
             packed[:n] = torch.cat([g.detach().reshape(-1).to(packed) for g in grads])
             packed[n] = 1.0
             packed[n + 1] = loss
+        for i, value in enumerate(extras):
+            if math.isfinite(value):
+                packed[n + 2 + 2 * i] = value
+                packed[n + 3 + 2 * i] = 1.0
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
+        means = []
+        for i in range(k):
+            count = float(packed[n + 3 + 2 * i])
+            means.append(float(packed[n + 2 + 2 * i]) / count if count > 0 else math.nan)
         finite = int(round(float(packed[n])))
         if finite == 0:
-            return None, math.nan, 0
+            return None, math.nan, 0, means
         mean = packed[:n] / finite
         out, start = [], 0
         for p in like:
             out.append(mean[start:start + p.numel()].reshape(p.shape).to(device=p.device, dtype=p.dtype))
             start += p.numel()
-        return out, float(packed[n + 1]) / finite, finite
+        return out, float(packed[n + 1]) / finite, finite, means
 
     def broadcast_int(self, value: int) -> int:
         """Rank 0's ``value`` on every rank."""

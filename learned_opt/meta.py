@@ -458,14 +458,21 @@ class MetaTrainer:
             record["meta_grad_norm"] = float(gnorm)
             if not torch.isfinite(gnorm):
                 grads = None
+        lr = [r.records["lr_scale"] for r in results]
+        sp = [r.records["stop_prob"] for r in results]
+        diagnostics = {"lr_scale_mean": float(sum(map(sum, lr)) / max(1, sum(map(len, lr)))),
+                       "stop_prob_mean": float(sum(map(sum, sp)) / max(1, sum(map(len, sp)))),
+                       "inner_loss": float(sum(r.records["train_loss"][-1] for r in results) / len(results))}
+        record.update(diagnostics)
         if self.dist is not None:
             # Always reached, on every rank: the one collective of the step is never behind a condition.
             if grads is None:
                 warnings.warn(f"meta-step {self.meta_step}, rank {self.dist.rank}: non-finite inner loss or "
                               f"meta-gradient; this rank's contribution is dropped")
-            grads, mean_loss, finite = self.dist.reduce_meta_gradient(grads, record["meta_loss"],
-                                                                      self.meta_params)
-            record.update(meta_loss=mean_loss, finite_ranks=finite)
+            grads, mean_loss, finite, means = self.dist.reduce_meta_gradient(
+                grads, record["meta_loss"], self.meta_params, extras=list(diagnostics.values()))
+            record.update(meta_loss=mean_loss, finite_ranks=finite, inner_loss_rank=diagnostics["inner_loss"])
+            record.update(zip(diagnostics, means))  # the diagnostics too are means over the ranks
             if grads is not None:
                 gnorm = _grad_norm(grads)
                 record["meta_grad_norm"] = float(gnorm)
@@ -491,11 +498,6 @@ class MetaTrainer:
             run.opt_state = tree_detach(res.opt_state)
             run.ctrl_state = tree_detach(res.ctrl_state)
             run.step = res.step
-        lr = [r.records["lr_scale"] for r in results]
-        sp = [r.records["stop_prob"] for r in results]
-        record["lr_scale_mean"] = float(sum(map(sum, lr)) / max(1, sum(map(len, lr))))
-        record["stop_prob_mean"] = float(sum(map(sum, sp)) / max(1, sum(map(len, sp))))
-        record["inner_loss"] = float(sum(r.records["train_loss"][-1] for r in results) / len(results))
         self.meta_step += 1
         return record
 
