@@ -481,7 +481,8 @@ class CoordMLP(_MetaNetwork):
         rms = torch.sqrt(rms_acc / (1 - self.rms_decay ** count)) + 1e-8
         raw = torch.stack([g, p, *momenta, g / rms, *(m / rms for m in momenta)], dim=-1)
         # Normalise each feature by its root mean square over the tensor it belongs to.
-        scale = torch.sqrt(segment_mean(raw * raw, layout) + 1e-12)
+        # (a floor far below any float32 feature's square, so the scale-invariance holds for tiny gradients too)
+        scale = torch.sqrt(segment_mean(raw * raw, layout).clamp_min(1e-30))
         feats = raw / scale[layout.segment]
         emb = repeat(step_embedding(count, g), "f -> n f", n=g.shape[0])
         h = self.body(torch.cat([feats, emb], dim=-1))
