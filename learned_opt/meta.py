@@ -522,6 +522,10 @@ class MetaTrainer:
     def run(self) -> "MetaTrainer":
         """Meta-train for the configured iterations (continuing after :meth:`resume`)."""
         cfg = self.cfg
+        if self.iteration == 0 and self.meta_step == 0 and self.is_main:
+            # a fresh run (not resumed) in a directory that held an earlier run: its log starts empty instead
+            # of being appended to the old one (the CLI refuses such a directory without --resume)
+            self.logger.truncate(0)
         bar = None
         if self.progress:
             from tqdm import tqdm

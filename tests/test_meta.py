@@ -588,3 +588,13 @@ def test_mean_log_curve_validation_scores_every_step(monkeypatch):
         scores.append(trainer.validate())
     assert scores[0] == pytest.approx(np.log(1e-3) / 4, rel=1e-6)  # mean log over steps 1..4, initial excluded
     assert scores[1] < scores[0] and scores[2] == math.inf
+
+
+def test_fresh_run_in_an_old_run_directory_starts_a_new_log(tmp_path):
+    cfg = MetaConfig(horizon=4, truncation=2, iterations=2, meta_lr=0.01)
+    for _ in range(2):
+        trainer = MetaTrainer(CoordLSTM(hidden=4), SquareFamily(n=4), cfg, run_dir=str(tmp_path))
+        trainer.run()
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["meta_step"] for r in records] == list(range(trainer.meta_step))  # one run, not two appended
