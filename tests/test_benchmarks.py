@@ -19,7 +19,7 @@ def test_bench_quick_writes_summary_and_table(tmp_path):
         assert key in summary, key
     assert summary["higher_over_func_meta_step"] > 0 and summary["lopt_over_adam_eval_step_digits"] > 0
     assert set(summary["lopt_over_adam_eval_step_digits_by_net"]) == {"lstm", "mlp", "lstm_digits"}
-    assert set(summary["lopt_over_adam_eval_step_mlp784_by_net"]) == {"lstm", "mlp"}
+    assert set(summary["lopt_over_adam_eval_step_mlp784_by_net"]) == {"lstm", "mlp", "lstm_digits"}
     memory = summary["details"]["memory"]
     assert all(v > 0 for part in memory.values() for v in part.values())
     table = (tmp_path / "table.md").read_text()
