@@ -99,8 +99,8 @@ def _safe_log_ratio(a: float, b: float) -> float:
 class DecisionHeads(nn.Module):
     """Learning-rate and stop heads over ``(pooled hidden, global features)``.
 
-    The LR multiplier is ``exp(log(lr_bound) * tanh(z))`` for ``z < 0`` and ``exp(log(lr_max) * tanh(z))`` for
-    ``z >= 0``, inside ``[1/lr_bound, lr_max]`` (``lr_max`` defaults to ``lr_bound``; ``lr_max=1`` gives a head that
+    The LR multiplier is ``exp(log(lr_bound) * tanh(z))`` for ``z <= 0`` and ``exp(log(lr_max) * tanh(z))`` for
+    ``z > 0``, inside ``[1/lr_bound, lr_max]`` (``lr_max`` defaults to ``lr_bound``; ``lr_max=1`` gives a head that
     can only lower the rate: warm-up, decay, backing off); the stop probability is ``stop_max * sigmoid(z +
     stop_bias)``. Last layers start at zero, so a fresh head gives an LR multiplier of exactly 1 and a stop
     probability of ``stop_max * sigmoid(stop_bias)``.
@@ -289,9 +289,9 @@ class CoordLSTM(_MetaNetwork):
 
     ``base='adam'`` corrects Adam's normalised direction ``d = m_hat / (sqrt(v_hat) + eps)`` (``beta1 =
     base_momentum``, ``beta2 = base_beta2``) and expresses the LSTM's own term in the same units:
-    update = ``-lr_i * (d - output_scale * a)``; ``d`` is also an LSTM input. Every input and output is then
-    invariant to the scale of the loss, which is what lets it carry over to learners whose gradients are
-    orders of magnitude larger or smaller than in meta-training (ReLU, tanh, deeper nets).
+    update = ``-lr_i * (d - output_scale * a)``; ``d`` is also an LSTM input. Apart from the L2L log-magnitude
+    input, every input and the output are then invariant to the scale of the gradients, which helps it carry
+    over to learners whose gradients are far larger or smaller than in meta-training (ReLU, tanh, deeper nets).
     """
 
     def __init__(self, hidden: int = 20, layers: int = 2, preproc_p: float = 10.0, output_scale: float = 0.1,
