@@ -33,6 +33,7 @@ test-slow: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) experiments/quadratic.py
 	$(PY) experiments/digits.py
+	$(PY) experiments/digits_ablation.py
 	$(PY) experiments/metanet.py
 	$(PY) experiments/control.py
 	$(PY) benchmarks/bench.py

@@ -83,3 +83,26 @@ def test_control_smoke_writes_summary_keys_and_figures(tmp_path):
     assert len(summary["ablation"]) == 4
     assert summary["stop"]["chosen_threshold"] == 0.5  # the only threshold the smoke preset sweeps
     assert (out / "pareto.png").exists() and (out / "lr_schedules.png").exists()
+
+
+def test_digits_ablation_smoke_touches_validation_tasks_only(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    import digits_ablation
+
+    splits = []
+    real = digits_ablation.evaluate
+
+    def spy(*args, **kwargs):
+        splits.append(kwargs.get("split", "test"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(digits_ablation, "evaluate", spy)
+    out = tmp_path / "ablation"
+    summary = digits_ablation.main(["--preset", "smoke", "--out_dir", str(out)])
+    assert splits and set(splits) == {"val"}  # no test task is ever evaluated
+    assert set(summary["ratios"]) == {"final", "head free to raise 10x, rates e^+-3", "no augmentation",
+                                      "first-order meta-gradients"}
+    assert all(len(rows) == 1 and set(rows[0]) == {"6 steps", "8 steps", "relu"}
+               for rows in summary["ratios"].values())
+    assert "| final |" in (out / "table.md").read_text()
