@@ -24,6 +24,7 @@ from .meta import MetaConfig, MetaTrainer, load_lopt, save_lopt
 from .optim import OPTIMIZERS, get_optimizer
 from .optim.learned import LEARNED, build_learned
 from .tasks import FAMILIES, get_family
+from .tasks.augment import ReparamFamily
 
 
 class CLIError(Exception):
@@ -105,7 +106,7 @@ def _check_device(device: str) -> None:
 
 META_DEFAULTS = {f.name: f.default for f in fields(MetaConfig)}
 TRAIN_DEFAULTS = dict(task="quadratic", task_args={}, net="lstm", net_args={}, run_dir=None, wandb="off",
-                      device="cpu", **META_DEFAULTS)
+                      device="cpu", augment=1.0, **META_DEFAULTS)
 
 
 def cmd_meta_train(args) -> int:
@@ -130,6 +131,11 @@ def cmd_meta_train(args) -> int:
     meta = MetaConfig(**meta_kwargs)
     meta.validate()
     family = _family(cfg)
+    if cfg["augment"] != 1.0:  # meta-train on reparametrised tasks (learned_opt.tasks.augment)
+        try:
+            family = ReparamFamily(family, float(cfg["augment"]))
+        except (TypeError, ValueError) as e:
+            raise CLIError(f"--augment: {e}")
     family(torch.Generator().manual_seed(0))  # build one task now: bad task arguments fail before any write
     try:
         # The seed fixes the initial meta-weights too (without touching the global RNG): two runs with the
@@ -333,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--net")
     t.add_argument("--net-arg", action="append", metavar="KEY=VALUE")
     t.add_argument("--run-dir")
+    t.add_argument("--augment", type=float, metavar="MAX_SCALE",
+                   help="meta-train on tasks reparametrised per tensor, scales in [1/MAX_SCALE, MAX_SCALE]")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--wandb")
     t.add_argument("--device")

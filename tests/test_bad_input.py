@@ -56,6 +56,7 @@ CLI_CASES = [
     (["meta-train", "--run-dir", "{tmp}/new", "--config", "{tmp}/types.json"],
      "iterations must be an integer >= 1, got 'ten'"),
     (["meta-train", "--run-dir", "{tmp}/new", "--curriculum", "10,x"], "--curriculum expects comma-separated"),
+    (["meta-train", "--run-dir", "{tmp}/new", "--augment", "0.5"], "--augment: max_scale must be a finite number >= 1"),
     (["meta-train", "--run-dir", "{tmp}/new", "--task-arg", "dist=cauchy"], "unknown distribution 'cauchy'"),
     (["meta-train", "--run-dir", "{tmp}/new", "--net-arg", "base=adamw"], "unknown base 'adamw'"),
     (["meta-train", "--run-dir", "{tmp}/new", "--second-order", "maybe"], "expected true or false, got 'maybe'"),

@@ -30,6 +30,15 @@ def test_meta_train_writes_a_complete_run_directory(tmp_path, capsys):
     assert len([r for r in lines if "meta_loss" in r]) == 4  # 2 iterations x (10 / 5) truncations
 
 
+def test_meta_train_with_task_augmentation(tmp_path, capsys):
+    d = tmp_path / "run"
+    rc, out, err = run(capsys, "meta-train", "--run-dir", str(d), "--task", "digits", "--task-arg", "hidden=8",
+                       "--augment", "3", "--iterations", "1", "--horizon", "4", "--truncation", "2")
+    assert rc == 0, err
+    assert json.loads((d / "config.json").read_text())["config"]["augment"] == 3.0
+    assert (d / "lopt.pt").exists()
+
+
 def test_config_file_is_read_and_flags_override_it(tmp_path, capsys):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"iterations": 1, "horizon": 12, "truncation": 4, "task_args": {"num_problems": 4}}))
