@@ -60,7 +60,8 @@ class Config:
     threads: int = 1
 
 
-PRESETS = {"smoke": dict(horizon=12, truncation=4, lambdas=(0.0, 1e-2), thresholds=(0.5,), iterations=2, tasks_per_step=1,
+PRESETS = {"smoke": dict(horizon=12, truncation=4, lambdas=(0.0, 1e-2), thresholds=(0.5,), iterations=2,
+                         tasks_per_step=1,
                          test_tasks=3, val_tasks=1, select_tasks=2, budgets=(4, 12), lr_grid_points=3,
                          out_dir="runs/control_smoke")}
 

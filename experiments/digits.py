@@ -147,16 +147,16 @@ def main(argv=None) -> dict:
         torch.manual_seed(seed)  # meta-network initialisation
         net = build_learned(cfg.net, **net_args).to(cfg.device)
         mcfg.seed = seed
-        trainer = MetaTrainer(net, meta_family if cfg.augment > 1 else family, mcfg, run_dir=os.path.join(cfg.out_dir, f"run_seed{seed}"),
-                              progress=sys.stderr.isatty())
+        trainer = MetaTrainer(net, meta_family if cfg.augment > 1 else family, mcfg,
+                              run_dir=os.path.join(cfg.out_dir, f"run_seed{seed}"), progress=sys.stderr.isatty())
         t0 = time.perf_counter()
         trainer.run()
         meta_seconds.append(time.perf_counter() - t0)
         save_lopt(os.path.join(cfg.out_dir, f"run_seed{seed}", "lopt.pt"), net)
         ctrl = net.as_controller if cfg.control == "learned" else None
         res = evaluate(family, net, ctrl, num_tasks=cfg.test_tasks, steps=max_h)
-        unseen_curves = {a: evaluate(unseen_fams[a], net, ctrl, num_tasks=cfg.test_tasks, steps=cfg.horizon).curves
-                         for a in cfg.unseen}
+        unseen_curves = {a: evaluate(unseen_fams[a], net, ctrl, num_tasks=cfg.test_tasks,
+                                     steps=cfg.horizon).curves for a in cfg.unseen}
         # test accuracy at every horizon (the shorter runs repeat the same tasks and batches)
         accuracy = {h: (res.accuracy if h == max_h else
                         evaluate(family, net, ctrl, num_tasks=cfg.test_tasks, steps=h).accuracy) for h in horizons}
