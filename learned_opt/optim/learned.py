@@ -14,8 +14,9 @@ The update head starts at zero updates, the LR head at multiplier 1 and the stop
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from einops import rearrange, repeat
@@ -149,9 +150,66 @@ class DecisionHeads(nn.Module):
                 since += 1
         return DecisionState(loss0, gnorm0, val0, best, last, since, checks)
 
+    def features(self, obs: Observation, state: DecisionState, like: Tensor) -> Tensor:
+        """Global features: loss, validation and gradient-norm ratios, time embeddings.
+
+        Built from Python floats, so they are *constants* in the meta-graph (a deliberate choice: the
+        meta-gradient is the derivative with these features held fixed, not their full derivative, which would
+        run through every loss and gradient norm they read). :meth:`record_features` / :meth:`replay_features`
+        freeze them, so that a finite-difference check measures the same derivative.
+        """
+        if self._feature_override is not None:
+            return self._feature_override(obs, state, like)
+        return self._compute_features(obs, state, like)
+
+    # Off (None) except inside record_features / replay_features: the hot path pays one attribute check.
+    _feature_override = None
+
+    @contextlib.contextmanager
+    def _override_features(self, fn):
+        previous = self._feature_override
+        self._feature_override = fn
+        try:
+            yield
+        finally:
+            self._feature_override = previous
+
+    @contextlib.contextmanager
+    def record_features(self) -> Iterator[List[Tuple[int, Tensor]]]:
+        """Record ``(step, features)`` of every decision made inside the block into the yielded list."""
+        tape: List[Tuple[int, Tensor]] = []
+
+        def record(obs, state, like):
+            feats = self._compute_features(obs, state, like)
+            tape.append((obs.step, feats))
+            return feats
+
+        with self._override_features(record):
+            yield tape
+
+    @contextlib.contextmanager
+    def replay_features(self, tape: Sequence[Tuple[int, Tensor]]) -> Iterator[None]:
+        """Inside the block, use the recorded features in order instead of computing them (finite differences
+        of a meta-gradient with the features frozen to those of the recorded run). Raises ``RuntimeError`` when
+        the decisions do not follow the tape step for step, or leave some of it unused."""
+        position = 0
+
+        def replay(obs, state, like):
+            nonlocal position
+            if position >= len(tape) or tape[position][0] != obs.step:
+                expected = tape[position][0] if position < len(tape) else "the end of the tape"
+                raise RuntimeError(f"feature replay out of step: decision at step {obs.step}, tape at {expected}")
+            position += 1
+            return tape[position - 1][1].to(like)
+
+        with self._override_features(replay):
+            yield
+        if position != len(tape):
+            raise RuntimeError(f"feature replay used {position} of {len(tape)} recorded steps")
+
     @staticmethod
-    def features(obs: Observation, state: DecisionState, like: Tensor) -> Tensor:
-        """Global features (detached inputs): loss, validation and gradient-norm ratios, time embeddings."""
+    def _compute_features(obs: Observation, state: DecisionState, like: Tensor) -> Tensor:
+        """The features of :meth:`features`, always computed afresh."""
         loss = float(obs.loss.detach()) if obs.loss is not None else math.nan
         gnorm = float(obs.grad_norm) if obs.grad_norm is not None else math.nan
         has_val = state.checks > 0
