@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_flatten
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from learned_opt.log import provenance  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer  # noqa: E402
 from learned_opt.optim import Adam  # noqa: E402
 from learned_opt.optim.learned import CoordLSTM, CoordMLP  # noqa: E402
@@ -361,6 +362,8 @@ def main(argv=None) -> int:
                 # other work on a shared machine slows the small-op side of a ratio more than the other
                 "load_average_before_after": [load_before[0] if load_before else None,
                                               os.getloadavg()[0] if load_before else None]},
+        # taken after the timings, so its git subprocesses do not share the CPU with them
+        "provenance": provenance(),
         "details": details,
     }
     summary["meta_inner_steps_per_s"].update({f"quadratic_{k}": r["inner_steps_per_s"]

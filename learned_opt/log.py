@@ -106,26 +106,69 @@ class Logger:
         self.wandb = None
 
 
-def provenance() -> Dict[str, Any]:
-    """Git commit (and whether the tree was dirty), package versions and machine facts of this run."""
-    import numpy as np
+CODE_PATHS = ("learned_opt", "experiments", "benchmarks")  # what a result depends on; results/ is not code
+PACKAGES = ("torch", "numpy", "higher", "einops", "wandb", "scikit-learn", "scipy", "matplotlib")
+NUMERICS_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
+def _git(args, cwd: str) -> Optional[str]:
+    """Stdout of ``git args`` run in ``cwd``, or None when git is missing or fails (not a repository)."""
+    try:
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd)
+    except OSError:
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def git_state(root: Optional[str] = None) -> Dict[str, Any]:
+    """Commit of the repository holding ``root`` (default: this package) and the state of its code paths.
+
+    Only :data:`CODE_PATHS` count as dirty: the scripts rewrite ``results/`` before they record provenance, so
+    a whole-tree check would always say dirty. Untracked files there count too (an uncommitted module is code).
+    """
+    none = {"git_commit": None, "git_code_commit": None, "git_dirty": None, "git_diff": None,
+            "git_untracked": None}
+    top = _git(["rev-parse", "--show-toplevel"], root or os.path.dirname(os.path.abspath(__file__)))
+    if top is None:
+        return none
+    top = top.strip()
+    commit = (_git(["rev-parse", "HEAD"], top) or "").strip() or None
+    if commit is None:  # a repository without commits
+        return none
+    paths = ["--", *CODE_PATHS]
+    # HEAD can be a results-only commit; this is the newest commit that changed code
+    code_commit = (_git(["log", "-1", "--format=%H", "HEAD", *paths], top) or "").strip() or None
+    diff = _git(["diff", "--no-color", "--no-ext-diff", "HEAD", *paths], top)
+    untracked = (_git(["ls-files", "--others", "--exclude-standard", *paths], top) or "").splitlines()
+    if diff is None:
+        return {**none, "git_commit": commit, "git_code_commit": code_commit}
+    dirty = bool(diff) or bool(untracked)
+    return {"git_commit": commit, "git_code_commit": code_commit, "git_dirty": dirty,
+            "git_diff": diff if diff else None, "git_untracked": untracked}
+
+
+def package_versions(names=PACKAGES) -> Dict[str, Optional[str]]:
+    """Installed version of each distribution (None where missing); metadata, since not all set __version__."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def provenance(root: Optional[str] = None) -> Dict[str, Any]:
+    """Git commit and code diff, package versions and machine facts of this run (``root``: repository to read)."""
     import torch
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=here).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, cwd=here).stdout.strip())
-    except OSError:
-        commit, dirty = None, None
-    versions = {"torch": torch.__version__, "numpy": np.__version__}
-    for name in ("higher", "einops", "wandb", "sklearn"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - optional packages
-            versions[name] = None
-    return {"git_commit": commit, "git_dirty": dirty, "packages": versions,
+    from .repro import cpu_model, numerics_pinned
+
+    return {**git_state(root), "packages": package_versions(),
             "python": sys.version.split()[0], "machine": platform.machine(), "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "numerics_env": {k: os.environ.get(k) for k in NUMERICS_ENV}, "numerics_pinned": numerics_pinned(),
             "torch_threads": torch.get_num_threads(),
             "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
