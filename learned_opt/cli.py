@@ -215,7 +215,7 @@ def cmd_evaluate(args) -> int:
         raise CLIError(str(e))
     family = _family({"task": args.task, "task_args": _kv(args.task_arg, "--task-arg"), "device": args.device})
     ctrl = net.as_controller if args.learned_control else None
-    res = evaluate(family, net, ctrl, num_tasks=args.num_tasks, steps=args.steps, seed=args.seed,
+    res = evaluate(family, net, ctrl, num_tasks=args.num_tasks, steps=args.steps, split="test", seed=args.seed,
                    val_every=args.val_every)
     out = {"lopt": path, "task": args.task, "steps": args.steps, **_stats(res.curves, args.steps),
            "mean_stop_step": float(np.mean(res.stop_steps))}
@@ -239,11 +239,11 @@ def cmd_compare(args) -> int:
         t = tune_lr(lambda lr, n=n: get_optimizer(n, lr=lr), family, grid=grid, steps=args.steps,
                     num_tasks=args.num_tasks, seed=args.seed, name=n)
         res = evaluate(family, get_optimizer(n, lr=t.best_lr), num_tasks=args.num_tasks, steps=args.steps,
-                       seed=args.seed)
+                       split="test", seed=args.seed)
         rows[n] = dict(_stats(res.curves, args.steps), lr=t.best_lr, lr_at_grid_edge=t.at_edge)
     if args.lopt or args.run_dir:
         net = load_lopt(_lopt_path(args)).to(args.device)
-        res = evaluate(family, net, num_tasks=args.num_tasks, steps=args.steps, seed=args.seed)
+        res = evaluate(family, net, num_tasks=args.num_tasks, steps=args.steps, split="test", seed=args.seed)
         rows["learned"] = _stats(res.curves, args.steps)
     lines = ["| optimizer | mean loss | median loss | lr |", "|---|---|---|---|"]
     for n, r in rows.items():

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .distributed import DistContext, rank_seed
-from .evaluate import evaluate, robust_mean
+from .evaluate import evaluate, robust_mean, task_seed
 from .log import Logger
 from .optim.baselines import Adam, AdamState
 from .optim.learned import build_learned, kind_of
@@ -407,7 +407,9 @@ class MetaTrainer:
         return self.net if self.optimizer is None else self.optimizer
 
     def _new_run(self, horizon: int) -> InnerRun:
-        task_gen = generator(int(torch.randint(0, 2**62, (1,), generator=self.gen).item()))
+        # a meta-training task: its seed lies in the train split by construction (never a val or test task)
+        index = int(torch.randint(0, 2**62, (1,), generator=self.gen).item())
+        task_gen = generator(task_seed("train", index, self.cfg.seed))
         task = self.family(task_gen)
         params = task.init(task_gen)
         with torch.no_grad():
@@ -506,9 +508,11 @@ class MetaTrainer:
         cfg = self.cfg
         horizon = cfg.val_horizon or cfg.horizon
         ctrl_fn = self._controller if cfg.control == "learned" else None
-        res = evaluate(self.family, self._inner_optimizer(), ctrl_fn, num_tasks=cfg.val_tasks, steps=horizon, split="val",
-                       seed=cfg.seed, val_every=1 if cfg.meta_loss in ("val", "halting") else 0,
-                       stop_metrics=cfg.val_metric == "val_at_stop")
+        # checkpoint selection has a validation stream of its own: the tasks that choose the meta-weights are
+        # never the ones that tune the baselines or check a configuration
+        res = evaluate(self.family, self._inner_optimizer(), ctrl_fn, num_tasks=cfg.val_tasks, steps=horizon,
+                       split="val", seed=cfg.seed, stream="select",
+                       val_every=1 if cfg.meta_loss in ("val", "halting") else 0)
         if cfg.val_metric == "val_at_stop":
             return robust_mean(res.val_at_stop)
         if cfg.val_metric == "mean_log_curve":  # every horizon up to val_horizon counts, not only the last

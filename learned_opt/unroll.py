@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -83,13 +83,16 @@ def _mean_scale(scale) -> float:
 def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Generator,
            params: Optional[Sequence[Tensor]] = None, opt_state: Any = None, ctrl_state: Any = None,
            start_step: int = 0, horizon: Optional[int] = None, differentiable: bool = False,
-           second_order: bool = False, val_every: int = 0, final_eval: bool = True) -> UnrollResult:
+           second_order: bool = False, val_every: int = 0, final_eval: bool = True,
+           observe: Optional[Callable[[int, List[Tensor]], None]] = None) -> UnrollResult:
     """Run ``steps`` inner steps of ``optimizer`` under ``controller`` on ``task``.
 
     ``params`` / ``opt_state`` / ``ctrl_state`` / ``start_step`` continue an earlier unroll (truncations);
     by default the task initialises the parameters. ``val_every=k`` evaluates the validation loss every ``k``
     steps (0: never). The loop stops early when the controller decides to stop; without ``differentiable`` it
-    also stops when every problem's loss is non-finite (``diverged``).
+    also stops when every problem's loss is non-finite (``diverged``). ``observe(t, params)``, when given, is
+    called with the (detached) parameters after ``t`` updates at the start of every step and after the last one;
+    it must not draw from ``generator`` (evaluation at checkpoints uses it).
     """
     check_positive_int("steps", steps)
     horizon = start_step + steps if horizon is None else horizon
@@ -139,6 +142,8 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
 
     t = start_step
     for t in range(start_step, start_step + steps):
+        if observe is not None:
+            observe(t, [p.detach() for p in params])
         params, per_problem, loss, val = evaluate(params, t, True)
         grads = torch.autograd.grad(loss, params, create_graph=differentiable and second_order,
                                     retain_graph=differentiable)
@@ -169,8 +174,14 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
             break
     else:
         t = start_step + steps
+        if observe is not None:
+            observe(t, [p.detach() for p in params])
         if final_eval:
+            # The closing evaluation only peeks at the data stream: a run continued from here (the next
+            # truncation) draws the same batch for step t, so truncated unrolls follow the untruncated trajectory.
+            state = generator.get_state()
             params_eval, per_problem, loss, val = evaluate(params, t, False)
+            generator.set_state(state)
             record(t, per_problem, loss, val)
     if restore_best and best is not None:
         params = best[0]

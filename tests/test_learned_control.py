@@ -29,11 +29,11 @@ def test_stop_head_learns_to_stop_on_overfitting_tasks_only():
     cfg = MetaConfig(horizon=60, truncation=20, iterations=30, meta_loss="halting", control="learned",
                      halting_lambda=0.0, meta_lr=3e-2, tasks_per_step=4)
     fresh_stops = evaluate(OVERFITS, opt, lambda: LearnedController(learn_lr=False, stop_bias=-4.0),
-                           num_tasks=6, steps=60, val_every=1).stop_steps
+                           num_tasks=6, steps=60, val_every=1, split="test").stop_steps
     assert fresh_stops == [60] * 6  # an untrained stop head never fires
     MetaTrainer(ctrl, Mixed(), cfg, optimizer=opt).run()
-    over = evaluate(OVERFITS, opt, lambda: ctrl, num_tasks=10, steps=60, val_every=1).stop_steps
-    improves = evaluate(IMPROVES, opt, lambda: ctrl, num_tasks=10, steps=60, val_every=1).stop_steps
+    over = evaluate(OVERFITS, opt, lambda: ctrl, num_tasks=10, steps=60, val_every=1, split="test").stop_steps
+    improves = evaluate(IMPROVES, opt, lambda: ctrl, num_tasks=10, steps=60, val_every=1, split="test").stop_steps
     assert sum(s < 60 for s in over) >= 8, over
     assert all(s == 60 for s in improves), improves
 

@@ -82,17 +82,17 @@ def test_meta_training_on_quadratics_beats_untrained_and_tuned_sgd():
     horizon = 20
     torch.manual_seed(0)
     net = CoordLSTM()
-    untrained = evaluate(family, net, num_tasks=8, steps=horizon).final().mean()
+    untrained = evaluate(family, net, num_tasks=8, steps=horizon, split="test").final().mean()
     # SGD tuned on validation tasks over a grid that reaches past its stability limit (~0.02)
     tuned = quiet(tune_lr, lambda lr: SGD(lr=lr), family, grid=lr_grid(1e-3, 0.1, 21), steps=horizon,
                   num_tasks=8, name="SGD")
     assert not tuned.at_edge
-    sgd = evaluate(family, SGD(lr=tuned.best_lr), num_tasks=8, steps=horizon).final().mean()
+    sgd = evaluate(family, SGD(lr=tuned.best_lr), num_tasks=8, steps=horizon, split="test").final().mean()
 
     cfg = MetaConfig(horizon=horizon, truncation=10, iterations=150, meta_lr=0.01, seed=0)
     trainer = MetaTrainer(net, family, cfg).run()
     assert trainer.skipped == 0 and trainer.meta_step == 300
-    trained = evaluate(family, net, num_tasks=8, steps=horizon).final().mean()
+    trained = evaluate(family, net, num_tasks=8, steps=horizon, split="test").final().mean()
     # measured: untrained ~118, tuned SGD ~2.4, trained ~0.75 (seeds 0..7 all 0.70-0.80)
     assert trained < 0.5 * sgd, (trained, sgd)
     assert trained < 0.05 * untrained, (trained, untrained)

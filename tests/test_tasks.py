@@ -320,24 +320,40 @@ def test_metanet_regression_overfits():
 
 # -------------------------------------------------------------------------------------------------- digits
 
-def test_digits_splits_are_disjoint_and_cover_the_dataset():
+def test_digits_pools_and_splits_partition_the_dataset():
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    splits = digits_splits()
-    sizes = {s: splits[s][0].shape[0] for s in SPLITS}
-    assert sizes == {"train": 1197, "val": 300, "test": 300}
+    pools = {p: digits_splits(p) for p in ("meta", "heldout")}
+    sizes = {(p, s): pools[p][s][0].shape[0] for p in pools for s in SPLITS}
+    assert sizes[("meta", "val")] == sizes[("meta", "test")] == 150 and sizes[("meta", "train")] == 598
+    assert sizes[("heldout", "train")] == 599
     assert sum(sizes.values()) == 1797
-    rows = torch.cat([torch.cat([splits[s][0], splits[s][1][:, None].double()], 1) for s in SPLITS])
+    rows = torch.cat([torch.cat([pools[p][s][0], pools[p][s][1][:, None].double()], 1) for p in pools
+                      for s in SPLITS])
     full = torch.cat([torch.tensor(d.data, dtype=torch.float64) / 16,
                       torch.tensor(d.target, dtype=torch.float64)[:, None]], 1)
     # same multiset of (image, label) rows, each used once: a partition of the 1797 images
     key = lambda m: sorted(map(tuple, m.tolist()))
     assert key(rows) == key(full)
-    assert splits["train"][0].min() >= 0 and splits["train"][0].max() <= 1
+    assert pools["meta"]["train"][0].min() >= 0 and pools["meta"]["train"][0].max() <= 1
     # a different split seed gives a different, equally sized partition
-    other = digits_splits(split_seed=1)
-    assert other["val"][0].shape == (300, 64) and not torch.equal(other["val"][0], splits["val"][0])
+    other = digits_splits("meta", split_seed=1)
+    assert other["val"][0].shape == (150, 64) and not torch.equal(other["val"][0], pools["meta"]["val"][0])
+    with pytest.raises(ValueError, match="unknown digits pool 'test'"):
+        digits_splits("test")
+
+
+def test_heldout_digits_tasks_train_on_images_no_meta_task_sees():
+    seen = set()
+    for seed in range(3):
+        task = DigitsFamily()(generator(seed))
+        seen |= {tuple(r) for s in SPLITS for r in task.data[s][0].double().tolist()}
+    held = DigitsFamily(pool="heldout")(generator(0))
+    rows = {tuple(r) for s in SPLITS for r in held.data[s][0].double().tolist()}
+    assert len(rows) > 850 and not (rows & seen)
+    with pytest.raises(ValueError, match="unknown digits pool"):
+        DigitsFamily(pool="other")
 
 
 def test_digits_task_defaults():
@@ -346,7 +362,7 @@ def test_digits_task_defaults():
     assert [tuple(p.shape) for p in task.init(generator(0))] == [(20, 64), (20,), (10, 20), (10,)]
     x, y = task.sample_batch(generator(1), "train")
     assert x.shape == (128, 64) and x.dtype == torch.float32 and y.dtype == torch.long
-    assert task.sample_batch(generator(1), "test")[0].shape == (300, 64)
+    assert task.sample_batch(generator(1), "test")[0].shape == (150, 64)
 
 
 def test_digits_training_subset_is_drawn_from_the_train_split():

@@ -26,6 +26,7 @@ class Reparametrized:
             raise ValueError(f"reparametrisation scales must be finite and > 0, got {list(scales)!r}")
         self.task, self.scales = task, [float(c) for c in scales]
         self.num_problems = getattr(task, "num_problems", 1)
+        self.loss_name = getattr(task, "loss_name", None)
 
     def _w(self, params: Sequence[Tensor]) -> List[Tensor]:
         if len(params) != len(self.scales):
@@ -51,6 +52,10 @@ class Reparametrized:
     def loss(self, params: Sequence[Tensor], batch) -> Tensor:
         """Scalar loss of the reparametrised parameters."""
         return self.task.loss(self._w(params), batch)
+
+    def split_losses(self, params: Sequence[Tensor], split: str) -> Tensor:
+        """The wrapped task's loss on a whole split, at the reparametrised parameters."""
+        return self.task.split_losses(self._w(params), split)
 
     def accuracy(self, params: Sequence[Tensor], split: str = "test") -> float:
         """The wrapped task's accuracy (classification tasks only)."""

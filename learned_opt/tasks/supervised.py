@@ -75,6 +75,11 @@ class SupervisedTask:
         """Scalar mean loss over the batch."""
         return self.losses(params, batch)[0]
 
+    def split_losses(self, params: Sequence[Tensor], split: str) -> Tensor:
+        """Loss on the *whole* ``split`` (every example, no sampling), shape ``(1,)``."""
+        check_split(split)
+        return self.losses(params, self.data[split])
+
     def accuracy(self, params: Sequence[Tensor], split: str = "test") -> float:
         """Classification accuracy on a whole split (cross-entropy tasks only)."""
         if self.loss_name != "cross_entropy":
