@@ -1,16 +1,82 @@
-"""Helpers shared by the experiment scripts: argument parsing from a dataclass, provenance, tables, figures."""
+"""Helpers shared by the experiment scripts: the protocol settings every script has, argument parsing from a
+dataclass, provenance, parallel runs, tables, figures."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Sequence
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Sequence
 
 import numpy as np
 
+from learned_opt.evaluate import TEST_DRAW, paired  # noqa: F401  (re-exported for the scripts)
 from learned_opt.flags import add_dataclass_flags
 from learned_opt.log import provenance  # noqa: F401  (re-exported for the scripts)
+
+
+@dataclass
+class ProtocolConfig:
+    """Settings every experiment shares (each a flag): where the reported numbers come from."""
+    final: bool = False  # True: evaluate on the final-test split (only for the reported numbers); False:
+    # development, on validation tasks of their own stream ("dev"), never a test task
+    seeds: int = 3  # meta-training seeds (at least 3 for any claim)
+    val_tasks: int = 20  # validation tasks every baseline is tuned on (the protocol's minimum is 20)
+    workers: int = 1  # processes for independent runs (tuning of different baselines, meta-training seeds)
+
+
+def eval_split(cfg: ProtocolConfig) -> Dict[str, Any]:
+    """Keyword arguments of :func:`learned_opt.evaluate.evaluate` for the evaluation tasks of this run."""
+    return {"split": "test"} if cfg.final else {"split": "val", "stream": "dev"}
+
+
+def test_split_name(cfg: ProtocolConfig) -> str:
+    """How the summary names the evaluation tasks."""
+    return f"test (draw {TEST_DRAW})" if cfg.final else "val/dev (development run: no test task touched)"
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Entry point of a script: pin portable numerics (re-executing the process once), then run ``main``."""
+    from learned_opt.repro import ensure_portable_numerics
+
+    ensure_portable_numerics()
+    main()
+
+
+def _call(job):
+    fn, args = job
+    return fn(*args)
+
+
+def parallel_map(fn: Callable, arg_tuples: Iterable[tuple], workers: int = 1) -> List[Any]:
+    """``[fn(*a) for a in arg_tuples]``, in ``workers`` forked processes when ``workers > 1`` (each one thread).
+
+    ``fn`` must be a module-level function; results come back in order. Runs are deterministic either way.
+    """
+    jobs = [(fn, tuple(a)) for a in arg_tuples]
+    if workers <= 1 or len(jobs) <= 1:
+        return [_call(j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("fork")) as ex:
+        return list(ex.map(_call, jobs))
+
+
+def fmt_paired(p: Dict[str, Any]) -> str:
+    """``0.812 [0.771, 0.856], p=1e-05, wins 87%`` for a :func:`paired` record."""
+    return (f"{p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}], p={p['wilcoxon_p']:.2g}, "
+            f"wins {100 * p['win_rate']:.0f}%")
+
+
+def verdict(p: Dict[str, Any], bound: float) -> str:
+    """``met`` only when the whole interval lies at or below ``bound``."""
+    return "met" if p["ci_high"] <= bound else ("not met" if p["ci_low"] > bound else "not met (interval "
+                                                                                      "crosses the bound)")
 
 
 def _scalar(text: str):
