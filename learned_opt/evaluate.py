@@ -643,29 +643,33 @@ def steps_to_reach(curve: np.ndarray, target: float) -> float:
     return float(hit[0]) if hit.size else math.inf
 
 
-def envelope_speedup(envelope: Dict[int, float], learned_loss: float, step: int) -> Tuple[float, bool]:
+def envelope_speedup(envelope: Dict[int, float], learned_loss: float, step: int) -> Tuple[float, Optional[str]]:
     """Speedup of reaching ``learned_loss`` in ``step`` steps over a baseline *tuned for each horizon*.
 
     ``envelope[h]`` is the baseline's mean loss at step ``h`` when tuned for horizon ``h``. Returns
-    ``(h* / step, is_bound)`` where ``h*`` is the smallest horizon whose tuned baseline reaches ``learned_loss``,
-    interpolated log-linearly between the envelope's horizons (made non-increasing by a running minimum). When no
-    horizon reaches it, ``h*`` is only bounded below by the largest horizon: ``(max_h / step, True)``.
+    ``(h* / step, bound)`` where ``h*`` is the smallest horizon whose tuned baseline reaches ``learned_loss``,
+    interpolated log-linearly between the envelope's horizons (made non-increasing by a running minimum), and
+    ``bound`` is None. When no horizon reaches it, ``h*`` is only bounded below by the largest horizon
+    (``bound='lower'``); when even the smallest horizon already reaches it, only bounded above by the smallest
+    (``bound='upper'``).
     """
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step!r}")
     hs = sorted(envelope)
     vals = np.minimum.accumulate([envelope[h] for h in hs])
     if not any(v <= learned_loss for v in vals):
-        return hs[-1] / step, True
+        return hs[-1] / step, "lower"
     i = next(k for k, v in enumerate(vals) if v <= learned_loss)
-    if i == 0 or vals[i] == learned_loss:
-        return hs[i] / step, False
+    if vals[i] == learned_loss:
+        return hs[i] / step, None
+    if i == 0:
+        return hs[0] / step, "upper"
     h0, h1, v0, v1 = hs[i - 1], hs[i], vals[i - 1], vals[i]
     if not (v0 > v1 > 0 and learned_loss > 0):
-        return h1 / step, False
+        return h1 / step, None
     frac = (math.log(v0) - math.log(learned_loss)) / (math.log(v0) - math.log(v1))
     h = math.exp(math.log(h0) + frac * (math.log(h1) - math.log(h0)))
-    return h / step, False
+    return h / step, None
 
 
 def protocol_record(*, meta_training_seeds: int, validation_tasks: int, tuning_metric: Any, test_split: str,

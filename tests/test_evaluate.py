@@ -253,11 +253,14 @@ def test_paired_statistics():
 
 def test_envelope_speedup_and_steps_to_reach():
     env = {10: 1.0, 100: 0.1, 1000: 0.01}
-    assert envelope_speedup(env, 0.1, 10) == (10.0, False)  # Adam tuned for 100 steps gets there in 100
+    assert envelope_speedup(env, 0.1, 10) == (10.0, None)  # Adam tuned for 100 steps gets there in 100
     s, bound = envelope_speedup(env, math.sqrt(0.1 * 0.01), 10)  # half-way in log between 100 and 1000
-    assert not bound and s == pytest.approx(math.sqrt(100 * 1000) / 10, rel=1e-6)
-    assert envelope_speedup(env, 1e-4, 100) == (10.0, True)
-    assert envelope_speedup(env, 5.0, 100) == (0.1, False)
+    assert bound is None and s == pytest.approx(math.sqrt(100 * 1000) / 10, rel=1e-6)
+    assert envelope_speedup(env, 1e-4, 100) == (10.0, "lower")  # never reached: at least 1000 / 100
+    assert envelope_speedup(env, 5.0, 100) == (0.1, "upper")  # reached before the first horizon: at most
+    # the envelope is a running minimum: a worse baseline at 100 steps than at 10 does not count
+    frac = math.log(2 / 1.5) / math.log(2 / 0.5)
+    assert envelope_speedup({10: 2.0, 100: 3.0, 1000: 0.5}, 1.5, 10)[0] == pytest.approx(10 ** (2 + frac) / 10)
     with pytest.raises(ValueError, match="step must be >= 1"):
         envelope_speedup(env, 0.1, 0)
     assert steps_to_reach(np.array([10.0, 8, 6, 4]), 4.0) == 3.0
