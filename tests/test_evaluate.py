@@ -264,3 +264,25 @@ def test_envelope_speedup_and_steps_to_reach():
     with pytest.raises(ValueError, match="step must be >= 1"):
         envelope_speedup(env, 0.1, 0)
     assert steps_to_reach(np.array([10.0, 8, 6, 4]), 4.0) == 3.0
+
+
+def test_learned_optimizer_with_its_lr_head_is_horizon_independent():
+    # the digits experiment evaluates the learned optimizer once to the longest horizon and reads the shorter ones
+    # at checkpoints: valid only while nothing it computes depends on the horizon
+    from learned_opt.optim.learned import CoordLSTM
+
+    torch.manual_seed(0)
+    net = CoordLSTM(hidden=8, base="adam", base_lr=0.05, lr_max=1.0, base_lr_range=1.0, init_zero=False)
+    with torch.no_grad():
+        for p in net.heads.lr.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        net.heads.lr[-1].bias.fill_(-3.0)  # a lower-only head with a positive output would pin the rate at 1
+    fam = MetaNetFamily(n_train=16, n_val=32, n_test=32)
+    long = evaluate(fam, net, net.as_controller, num_tasks=2, steps=25, split="val", checkpoints=(10,))
+    short = evaluate(fam, net, net.as_controller, num_tasks=2, steps=10, split="val")
+    for m in ("train_loss", "val_loss", "test_loss"):
+        np.testing.assert_array_equal(long.metric(m, 10), short.metric(m))
+    np.testing.assert_array_equal(long.curves[:, :11], short.curves)
+    g = generator(task_seed("val", 0))
+    rates = unroll(fam(g), net, net.as_controller(), steps=10, generator=g).records["lr_scale"][:-1]
+    assert 0.1 < min(rates) and max(rates) < 0.99  # the head is active: it is what the equality checks
