@@ -6,9 +6,8 @@ state and the step counter all carry over. So with the meta-update made a no-op,
 of 2 and 3 steps must follow exactly the forward trajectory of one truncation of 5. Each test also resets one
 piece of state at the boundary and checks that the trajectory then differs, so the guard proves it can fail.
 
-The task is a deterministic quadratic on purpose: on a minibatch task the trajectories legitimately differ,
-because each truncation ends with an evaluation that draws one more batch from the run's generator, which
-shifts the batch stream of every later step.
+Both a deterministic quadratic and a minibatch task (digits) are checked: the evaluation that closes a
+truncation only peeks at the run's data stream, so the next truncation's first step draws the same batch.
 """
 from __future__ import annotations
 
@@ -18,9 +17,11 @@ import torch
 import learned_opt.meta as meta
 from learned_opt.meta import MetaConfig, MetaTrainer
 from learned_opt.optim.learned import CoordLSTM
-from learned_opt.tasks import QuadraticFamily
+from learned_opt.tasks import DigitsFamily, QuadraticFamily
 
 HORIZON = 5
+FAMILIES = {"quadratic": QuadraticFamily(dim=3, num_problems=2),
+            "digits (minibatches)": DigitsFamily(hidden=(8,), batch_size=16)}
 
 
 class NoMetaUpdate:
@@ -50,7 +51,7 @@ RESETS = {
 }
 
 
-def trajectories(monkeypatch, net, lengths=None, truncation=HORIZON, reset=None):
+def trajectories(monkeypatch, net, lengths=None, truncation=HORIZON, reset=None, family=FAMILIES["quadratic"]):
     """Per-run inner train losses at steps 0..HORIZON of one meta-iteration, with no-op meta-updates.
 
     ``lengths`` drives ``meta_step_on`` over those truncations (as ``MetaTrainer.run`` does); without it,
@@ -58,7 +59,7 @@ def trajectories(monkeypatch, net, lengths=None, truncation=HORIZON, reset=None)
     between truncations. Also returns the truncation lengths used and the unrolls' step labels."""
     cfg = MetaConfig(horizon=HORIZON, truncation=truncation, iterations=1, tasks_per_step=2, control="learned",
                      seed=3)
-    trainer = MetaTrainer(net, QuadraticFamily(dim=3, num_problems=2), cfg)
+    trainer = MetaTrainer(net, family, cfg)
     trainer.meta_opt = NoMetaUpdate()
     before = [p.detach().clone() for p in net.parameters()]
     calls = []  # (task, start_step, step labels, losses) per unroll
@@ -98,17 +99,19 @@ def trajectories(monkeypatch, net, lengths=None, truncation=HORIZON, reset=None)
     return torch.tensor(losses, dtype=torch.float64), labels, starts
 
 
-def test_truncations_of_2_and_3_follow_the_trajectory_of_one_truncation_of_5(monkeypatch):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_truncations_of_2_and_3_follow_the_trajectory_of_one_truncation_of_5(monkeypatch, family):
     net = make_net()
-    whole, labels, starts = trajectories(monkeypatch, net, lengths=[HORIZON])
+    fam = FAMILIES[family]
+    whole, labels, starts = trajectories(monkeypatch, net, lengths=[HORIZON], family=fam)
     assert labels == [list(range(HORIZON + 1))] * 2 and starts == [[0]] * 2
-    assert bool((whole[:, 1:] < whole[:, :1]).all())  # the learner is being trained, not sitting still
-    split, labels, starts = trajectories(monkeypatch, net, lengths=[2, 3])
+    assert bool((whole[:, -1] < whole[:, 0]).all())  # the learner is being trained, not sitting still
+    split, labels, starts = trajectories(monkeypatch, net, lengths=[2, 3], family=fam)
     assert labels == [list(range(HORIZON + 1))] * 2 and starts == [[0, 2]] * 2
     torch.testing.assert_close(split, whole, rtol=1e-6, atol=0)
     # The guard can fail: resetting any carried state at the boundary changes the steps after it (and only those).
     for name, reset in RESETS.items():
-        broken, _, _ = trajectories(monkeypatch, net, lengths=[2, 3], reset=reset)
+        broken, _, _ = trajectories(monkeypatch, net, lengths=[2, 3], reset=reset, family=fam)
         assert torch.equal(broken[:, :3], split[:, :3]), name
         gap = ((broken[:, 3:] - whole[:, 3:]).abs() / whole[:, 3:].abs()).max().item()
         assert gap > 1e-3, (name, gap)
