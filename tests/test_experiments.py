@@ -95,13 +95,13 @@ def test_digits_ablation_smoke_touches_validation_tasks_only(tmp_path, monkeypat
     real = digits_ablation.evaluate
 
     def spy(*args, **kwargs):
-        splits.append(kwargs.get("split", "test"))
+        splits.append((kwargs["split"], kwargs.get("stream")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(digits_ablation, "evaluate", spy)
     out = tmp_path / "ablation"
     summary = digits_ablation.main(["--preset", "smoke", "--out_dir", str(out)])
-    assert splits and set(splits) == {"val"}  # no test task is ever evaluated
+    assert splits and set(splits) == {("val", "ablation")}  # only validation tasks of the ablation's own stream
     assert set(summary["ratios"]) == {"final", "head free to raise 10x, rates e^+-3", "no augmentation",
                                       "first-order meta-gradients"}
     assert all(len(rows) == 1 and set(rows[0]) == {"6 steps", "8 steps", "relu"}
