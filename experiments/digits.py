@@ -89,6 +89,8 @@ class Config(ProtocolConfig):
     reference_schedule: bool = True  # also report Adam with tuned warm-up + cosine decay (a reference)
     device: str = "cpu"
     out_dir: str = "results/digits"
+    cache_dir: str = ""  # tuning cache (default: out_dir/tuning_cache); tuning touches validation tasks only,
+    # so a development run and the final run can share it
     threads: int = 1
 
 
@@ -127,6 +129,11 @@ def families(cfg: Config):
     return meta, evals, tune_fams
 
 
+def tuning_cache(cfg: Config) -> str:
+    """Where tuning results are cached."""
+    return cfg.cache_dir or os.path.join(cfg.out_dir, "tuning_cache")
+
+
 def tune_job(cfg: Config, name: str, learner: str):
     """Tune baseline ``name`` on validation tasks of ``learner`` for every horizon and tuned metric."""
     torch.set_num_threads(cfg.threads)
@@ -138,7 +145,7 @@ def tune_job(cfg: Config, name: str, learner: str):
     lr_axis = default_lr_axis(cfg.grid_low, cfg.grid_high)
     out = tune_baseline(name, tune_fams[learner], horizons=horizons,
                         metrics=sorted({m for _, m in ROWS.values()}), num_tasks=cfg.val_tasks, lr_axis=lr_axis,
-                        cache_dir=os.path.join(cfg.out_dir, "tuning_cache"))
+                        cache_dir=tuning_cache(cfg))
     if name == "adam" and learner == "base":  # the envelope uses the train-loss tuning only
         out = {k: v for k, v in out.items() if k[0] in cfg.eval_horizons or k[1] == "train_loss"}
     return out
@@ -153,7 +160,7 @@ def reference_job(cfg: Config, h: int):
                             lambda: Cosine(total_steps=h, warmup_steps=max(1, h // 10)))
     return tune(f"adam+warmup-cosine@{h}", make, tune_fams["base"], [default_lr_axis(cfg.grid_low, cfg.grid_high)],
                 horizons=[h], metrics=["train_loss"], num_tasks=cfg.val_tasks, horizon_independent=False,
-                cache_dir=os.path.join(cfg.out_dir, "tuning_cache"))[(h, "train_loss")]
+                cache_dir=tuning_cache(cfg))[(h, "train_loss")]
 
 
 def eval_job(cfg: Config, learner: str, name: str, kwargs: dict, steps: int, checkpoints: tuple, sched_h: int = 0):
