@@ -329,6 +329,12 @@ def main(argv=None) -> dict:
             summary["unseen"][a][row] = {**p, "baseline": best}
             rows.append([f"learned on {a}", cfg.horizon, report, float(learned.mean()), float(np.median(learned)),
                          fmt_paired(p) + f" vs {best}"])
+        acc = {"learned": float(np.mean([s["unseen_at"][a][cfg.horizon]["accuracy"] for s in per_seed]))}
+        for n in cfg.baselines:
+            tb = tuned[(n, a)][(cfg.horizon, "val_loss")]
+            acc[f"{n} (tuned on held-out loss)"] = float(
+                base_at[(a, n, tuple(sorted(tb.hparams.items())))][cfg.horizon]["accuracy"].mean())
+        summary["unseen"][a]["accuracy"] = acc
     # Never above the initial loss: the mean minibatch curve over tasks, per seed.
     worst = max(float((s["curves"].mean(0) / s["curves"].mean(0)[0]).max()) for s in per_seed)
     summary["max_mean_loss_over_initial"] = worst
