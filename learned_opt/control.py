@@ -228,6 +228,38 @@ class EarlyStopping:
         return Decision(stop_prob=float(stop), stop=stop), EarlyStoppingState(state.best, state.best_step, bad)
 
 
+class FixedBudgetState(NamedTuple):
+    """Best validation loss seen so far."""
+    best: float
+
+
+@dataclass(frozen=True)
+class FixedBudget:
+    """Stop after ``budget`` updates; with ``restore_best`` the inner loop returns the parameters of the lowest
+    validation loss seen (early stopping's restore without its patience), so that a fixed budget compares like
+    for like with patience-based early stopping."""
+    budget: int = 100
+    restore_best: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
+            raise ValueError(f"budget must be an integer >= 1, got {self.budget!r}")
+
+    def init(self) -> FixedBudgetState:
+        """No best yet."""
+        return FixedBudgetState(math.inf)
+
+    def decide(self, obs: Observation, state: FixedBudgetState) -> Tuple[Decision, FixedBudgetState]:
+        """Mark a new best on steps with a validation loss; stop at step ``budget`` (after ``budget`` updates)."""
+        is_best = False
+        if obs.val_loss is not None:
+            val = float(obs.val_loss)
+            if val < state.best:
+                state, is_best = FixedBudgetState(val), True
+        stop = obs.step >= self.budget
+        return Decision(stop_prob=float(stop), stop=stop, is_best=is_best), state
+
+
 @dataclass(frozen=True)
 class Compose:
     """Run several controllers: scales multiply, the run stops if any stops, ``is_best`` if any says so."""
@@ -279,6 +311,7 @@ SCHEDULES = {
     "cosine": Cosine,
     "plateau": ReduceOnPlateau,
     "early_stopping": EarlyStopping,
+    "fixed_budget": FixedBudget,
 }
 
 

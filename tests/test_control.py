@@ -391,3 +391,59 @@ def test_get_controller_unknown_name():
 def test_bad_hyperparameters_raise_value_error_naming_the_value(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# ------------------------------------------------------------------------------------------------ fixed budget
+
+def test_fixed_budget_stops_at_its_budget_and_marks_every_new_best():
+    from learned_opt.control import FixedBudget
+
+    ctrl = FixedBudget(budget=5)
+    vals = [3.0, 2.0, 2.5, None, 1.0, 1.5, 0.5]
+    state, flags, stop_at = ctrl.init(), [], None
+    for t, v in enumerate(vals):
+        d, state = ctrl.decide(obs(t, v), state)
+        flags.append(d.is_best)
+        assert d.lr_scale == 1.0
+        if d.stop:
+            stop_at = t
+            break
+    assert stop_at == 5  # after 5 updates, never earlier, whatever the validation loss does
+    assert [t for t, f in enumerate(flags) if f] == [0, 1, 4]  # a step without a validation loss is no check
+    assert state.best == 1.0 and ctrl.restore_best
+
+
+def test_fixed_budget_in_the_inner_loop_returns_the_best_parameters_seen():
+    """On an overfitting task, the budget run returns exactly the parameters early stopping would restore at the
+    same step (the lowest validation loss seen), not the last ones."""
+    from learned_opt.control import FixedBudget
+    from learned_opt.optim import get_optimizer
+    from learned_opt.tasks import MetaNetFamily
+    from learned_opt.tasks.base import generator
+    from learned_opt.unroll import unroll
+
+    def run(ctrl):
+        g = generator(7)
+        task = MetaNetFamily(n_train=8)(g)
+        return task, unroll(task, get_optimizer("adam", lr=0.05), ctrl, steps=60, generator=g, val_every=1)
+
+    task, res = run(FixedBudget(budget=40))
+    assert res.stopped and res.stop_step == 40
+    vals = res.records["val_loss"]
+    best = min(range(41), key=lambda t: vals[t])
+    assert res.best_step == best < 40  # the task overfits before the budget runs out
+    last = run(FixedBudget(budget=40, restore_best=False))[1]
+    assert last.best_step is None
+    with torch.no_grad():
+        got = float(task.split_losses(res.params, "val"))
+        end = float(task.split_losses(last.params, "val"))
+    assert got == pytest.approx(vals[best], rel=1e-6) and got < end
+
+
+def test_fixed_budget_is_built_by_name_and_rejects_bad_budgets():
+    from learned_opt.control import FixedBudget
+
+    assert get_controller("fixed_budget", budget=7) == FixedBudget(7)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="budget"):
+            FixedBudget(budget=bad)
