@@ -258,7 +258,7 @@ class Axis:
             if lo == 0.0:
                 return None
             u = (1 - lo) * r
-            new = 0.0 if u >= 1 else self._v(u)
+            new = 0.0 if u >= 1 - 1e-9 else self._v(u)  # (1 - 0.9) * 10 rounds to just below 1: that is 0
         else:
             u = (1 - hi) / r
             if u < 1e-7:

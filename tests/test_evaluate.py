@@ -148,6 +148,8 @@ def test_search_stops_at_a_domain_edge_and_warns_at_a_grid_edge():
     res = coordinate_search(lambda p: p["momentum"] + abs(math.log10(p["lr"] / 0.1)),
                             [Axis("lr", (0.01, 1.0), refine=False), Axis("momentum", (0.5, 0.9), "log1m")])
     assert res.best["momentum"] == 0.0 and res.edges["momentum"] == "domain"
+    # widening (0.9, ...) downwards lands exactly on the domain edge 0, not on a rounding residue of it
+    assert Axis("beta2", (0.9, 0.99, 0.999), "log1m").extend([0.9, 0.99, 0.999], "low") == [0.0, 0.9, 0.99, 0.999]
     with pytest.warns(UserWarning, match="still at the edge"):
         res = coordinate_search(lambda p: p["lr"], [Axis("lr", (1.0, 10.0))], max_widen=2)
     assert res.edges["lr"] == "grid"
