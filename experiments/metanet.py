@@ -100,20 +100,12 @@ def family(cfg: Config) -> MetaNetFamily:
     return MetaNetFamily(n_train=cfg.n_train)
 
 
-def build(name: str, hparams: Dict[str, float]):
-    """:func:`make_baseline`, except Nesterov at momentum 0, which is exactly SGD: the search widens the momentum
-    axis down to its domain edge 0, where ``Nesterov`` refuses to be built."""
-    if name == "nesterov" and hparams.get("momentum") == 0.0:
-        return make_baseline("sgd", {"lr": hparams["lr"]})
-    return make_baseline(name, hparams)
-
-
 def tune_one(cfg: Config, name: str):
     """``name`` tuned under early stopping on ``cfg.val_tasks`` validation tasks, on the validation-data loss at
     the stop (the held-out loss that the reported rows measure on test data)."""
     stopper = lambda: EarlyStopping(patience=cfg.patience)  # noqa: E731 - a fresh controller per task
     axes = (default_lr_axis(),) + BASELINE_AXES[name]
-    res = tune(f"{name}+early_stopping_p{cfg.patience}", lambda hp: (build(name, hp), stopper), family(cfg),
+    res = tune(f"{name}+early_stopping_p{cfg.patience}", lambda hp: (make_baseline(name, hp), stopper), family(cfg),
                axes, horizons=[cfg.epochs], metrics=["val_loss"], num_tasks=cfg.val_tasks, seed=0, val_every=1,
                horizon_independent=False, cache_dir=os.path.join(cfg.out_dir, "tuning_cache"))
     return res[(cfg.epochs, "val_loss")]
@@ -168,7 +160,7 @@ def main(argv=None) -> dict:
 
     # 3. Evaluate everything on the same evaluation tasks.
     learned = [run(net) for net, _ in trained]
-    rows = {name: run(build(name, t.hparams)) for name, t in tuned.items()}
+    rows = {name: run(make_baseline(name, t.hparams)) for name, t in tuned.items()}
     rows[REFERENCE] = run(make_baseline("adam", {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999}))
 
     # 4. Statistics: the best tuned baseline by mean test loss on these tasks (the choice that favours the
@@ -181,7 +173,7 @@ def main(argv=None) -> dict:
         "protocol": protocol_record(
             meta_training_seeds=cfg.seeds, validation_tasks=cfg.val_tasks,
             tuning_metric="val_loss (validation-data loss at the early stop, best weights restored)",
-            test_split=test_split_name(cfg), test_tasks=cfg.eval_tasks, test_draw=TEST_DRAW if cfg.final else None,
+            test_split=test_split_name(cfg), test_tasks=cfg.eval_tasks,
             evaluation=where, reported_metric="test_loss (the task's held-out test data) at the early stop",
             paired_units="tasks", early_stopping={"patience": cfg.patience, "restore_best": True},
             best_baseline_chosen_by="mean test loss at the stop on the evaluation tasks"),

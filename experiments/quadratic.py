@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, parallel_map,  # noqa: E402
                     parse_config, plot_curves, provenance, run_main, test_split_name, verdict, write_json)
 
-from learned_opt.evaluate import (BASELINE_AXES, TEST_DRAW, default_lr_axis, evaluate,  # noqa: E402
-                                  make_baseline, mean_ci, paired, protocol_record, tune)
+from learned_opt.evaluate import (TEST_DRAW, default_lr_axis, evaluate, make_baseline, mean_ci,  # noqa: E402
+                                  paired, protocol_record, tune_baseline)
 from learned_opt.meta import MetaConfig, MetaTrainer, save_lopt  # noqa: E402
 from learned_opt.optim.learned import CoordLSTM  # noqa: E402
 from learned_opt.tasks import QuadraticFamily  # noqa: E402
@@ -126,22 +126,12 @@ def meta_train(cfg: Config, seed: int):
                  "select_score": trainer.best_score}
 
 
-def build(name: str, hparams: Dict[str, float]):
-    """:func:`make_baseline`, except Nesterov at momentum 0, which is exactly SGD: the search widens the momentum
-    axis down to its domain edge 0, where ``Nesterov`` refuses to be built."""
-    if name == "nesterov" and hparams.get("momentum") == 0.0:
-        return make_baseline("sgd", {"lr": hparams["lr"]})
-    return make_baseline(name, hparams)
-
-
 def tune_one(cfg: Config, name: str, horizons) -> Dict:
-    """``name`` tuned on ``cfg.val_tasks`` validation tasks for every horizon, scored on the loss there (what
-    :func:`tune_baseline` does, built by :func:`build`)."""
+    """``name`` tuned on ``cfg.val_tasks`` validation tasks for every horizon, scored on the loss there."""
     family = QuadraticFamily(cfg.dim, cfg.problems_per_task, device=cfg.device, split=cfg.split)
-    axes = (default_lr_axis(cfg.lr_low, cfg.lr_high, cfg.lr_per_decade),) + BASELINE_AXES[name]
-    return tune(name, lambda hp: (build(name, hp), None), family, axes, horizons=horizons,
-                metrics=["train_loss"], num_tasks=cfg.val_tasks, seed=0,
-                cache_dir=os.path.join(cfg.out_dir, "tuning_cache"))
+    return tune_baseline(name, family, horizons=horizons, metrics=["train_loss"], num_tasks=cfg.val_tasks,
+                         lr_axis=default_lr_axis(cfg.lr_low, cfg.lr_high, cfg.lr_per_decade),
+                         cache_dir=os.path.join(cfg.out_dir, "tuning_cache"))
 
 
 def fmt_hp(hp: Dict[str, float]) -> str:
@@ -188,7 +178,7 @@ def main(argv=None) -> dict:
     curves = {f"learned (CoordLSTM, {cfg.seeds} seed{'s' * (cfg.seeds > 1)})": np.concatenate(learned_curves)}
     for name in BASELINES:
         for h in horizons:
-            res = evaluate(eval_family, build(name, tuned[(name, h)].hparams), num_tasks=cfg.eval_tasks,
+            res = evaluate(eval_family, make_baseline(name, tuned[(name, h)].hparams), num_tasks=cfg.eval_tasks,
                            steps=h, **where)
             base[name][h] = res.metric("train_loss", h)
             if h == horizons[-1]:
@@ -201,7 +191,7 @@ def main(argv=None) -> dict:
         "protocol": protocol_record(
             meta_training_seeds=cfg.seeds, validation_tasks=cfg.val_tasks,
             tuning_metric="train_loss (whole-split loss at each evaluation horizon; for quadratics the loss)",
-            test_split=test_split_name(cfg), test_tasks=cfg.eval_tasks, test_draw=TEST_DRAW if cfg.final else None,
+            test_split=test_split_name(cfg), test_tasks=cfg.eval_tasks,
             evaluation=where, problems_per_task=cfg.problems_per_task, evaluation_problems=problems,
             validation_problems_per_task=cfg.problems_per_task, paired_units="problems",
             best_baseline_chosen_by="mean loss on the evaluation tasks, per horizon"),

@@ -405,9 +405,12 @@ def baseline_kwargs(hparams: Dict[str, float]) -> Dict[str, Any]:
 
 
 def make_baseline(name: str, hparams: Dict[str, float]):
-    """The hand-coded optimizer ``name`` with the searched ``hparams``."""
+    """The hand-coded optimizer ``name`` with the searched ``hparams``. Nesterov at momentum 0 (the search widens
+    the momentum axis down to its domain edge) is exactly SGD, which is what it builds there."""
     from .optim import get_optimizer
 
+    if name == "nesterov" and hparams.get("momentum") == 0.0:
+        name, hparams = "sgd", {k: v for k, v in hparams.items() if k != "momentum"}
     return get_optimizer(name, **baseline_kwargs(hparams))
 
 
@@ -586,7 +589,7 @@ def paired(learned, baseline, *, level: float = 0.95, n_boot: int = 4000, seed: 
     ``baseline``: ``(tasks,)`` or the same shape. Returns ``ratio`` (the mean over seeds and tasks of the per-task
     ratio learned / baseline) with a ``level`` bootstrap interval ``ci_low .. ci_high`` (resampling seeds, then
     tasks), ``ratio_of_means`` with its own bootstrap interval, ``gmean_ratio``, the two-sided Wilcoxon signed-rank
-    p-value on the per-task log ratios (averaged over seeds), ``win_rate`` (fraction of seed-task pairs where
+    p-value on the per-task log ratios (averaged over seeds) and ``favours`` (the side of their median), ``win_rate`` (fraction of seed-task pairs where
     learned is lower), the per-seed mean ratios and their t interval.
     """
     from scipy import stats
@@ -631,7 +634,9 @@ def paired(learned, baseline, *, level: float = 0.95, n_boot: int = 4000, seed: 
         out = {"ratio": float(R.mean()), "ci_low": lo, "ci_high": hi, "ci": "bootstrap",
                "ratio_of_means": float(L.mean() / B.mean()), "ratio_of_means_ci": [rlo, rhi],
                "gmean_ratio": float(np.exp(logr.mean())) if np.all(np.isfinite(logr)) else math.inf,
-               "wilcoxon_p": p, "win_rate": float(np.mean(L < B)), "n_seeds": S, "n_tasks": T,
+               "wilcoxon_p": p, "favours": ("learned" if np.median(per_task_log) < 0 else
+                                            "baseline" if np.median(per_task_log) > 0 else "neither"),
+               "win_rate": float(np.mean(L < B)), "n_seeds": S, "n_tasks": T,
                "per_seed_ratio": per_seed, "per_seed_t_ci": [slo, shi],
                "finite_tasks": int(finite.size)}
     return out
@@ -677,5 +682,5 @@ def protocol_record(*, meta_training_seeds: int, validation_tasks: int, tuning_m
     """The ``protocol`` object every comparing summary carries."""
     return {"meta_training_seeds": meta_training_seeds, "validation_tasks": validation_tasks, "ci": "bootstrap",
             "ci_over_seeds": "t", "tuning_metric": tuning_metric, "test_split": test_split,
-            "test_tasks": test_tasks, "test_draw": TEST_DRAW if test_split == "test" else None,
+            "test_tasks": test_tasks, "test_draw": TEST_DRAW if test_split.startswith("test") else None,
             "lr_resolution_decades": 0.125, **extra}

@@ -288,3 +288,10 @@ def test_learned_optimizer_with_its_lr_head_is_horizon_independent():
     g = generator(task_seed("val", 0))
     rates = unroll(fam(g), net, net.as_controller(), steps=10, generator=g).records["lr_scale"][:-1]
     assert 0.1 < min(rates) and max(rates) < 0.99  # the head is active: it is what the equality checks
+
+
+def test_make_baseline_builds_nesterov_at_momentum_zero_as_sgd():
+    from learned_opt.evaluate import make_baseline
+
+    assert make_baseline("nesterov", {"lr": 0.1, "momentum": 0.0}) == SGD(lr=0.1)
+    assert make_baseline("adam", {"lr": 0.1, "beta1": 0.5, "beta2": 0.9}) == Adam(lr=0.1, betas=(0.5, 0.9))
