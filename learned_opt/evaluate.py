@@ -327,7 +327,8 @@ def coordinate_search(score: Callable[[Dict[str, float]], float], axes: Sequence
             i = g.index(point[a.name])
             cand = g if full else g[max(0, i - 1):i + 2]
             scores = {v: s({**point, a.name: v}) for v in cand}
-            best = min(cand, key=lambda v: (scores[v], cand.index(v)))
+            # ties keep the current value: an axis with no effect stays put instead of widening to its limit
+            best = min(cand, key=lambda v: (scores[v], v != point[a.name], cand.index(v)))
             if all(math.isinf(x) for x in scores.values()):
                 best = g[0]  # nothing converged: look below
             if best != point[a.name]:

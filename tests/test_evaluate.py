@@ -155,6 +155,13 @@ def test_search_stops_at_a_domain_edge_and_warns_at_a_grid_edge():
     assert res.edges["lr"] == "grid"
 
 
+def test_an_axis_without_effect_stays_at_its_start_and_is_not_widened():
+    res = coordinate_search(lambda p: abs(math.log10(p["lr"] / 0.1)),
+                            [Axis("lr", (0.01, 0.1, 1.0)), Axis("gamma", (0.5, 0.9, 0.99), "log1m", start=0.9)])
+    assert res.best == {"lr": 0.1, "gamma": 0.9} and res.widened["gamma"] == 0 and res.edges["gamma"] == "interior"
+    assert len(res.table) == 5
+
+
 def test_axis_rejects_bad_grids():
     with pytest.raises(ValueError, match="at least two values"):
         Axis("lr", (0.1,))
