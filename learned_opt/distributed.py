@@ -10,6 +10,8 @@ the others. Rank 0 alone writes checkpoints and logs; the checkpoint carries eve
 resumed run continues exactly.
 
 ``torchrun --standalone --nproc-per-node=2 -m learned_opt.cli meta-train ...`` runs two ranks on one CPU machine.
+A rank waits at most ``--dist-timeout`` seconds (or ``$LEARNED_OPT_DIST_TIMEOUT``; default 300) for its peers in a
+collective, then fails instead of hanging.
 """
 from __future__ import annotations
 
@@ -24,6 +26,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .evaluate import task_seed
+
+
+# How long a rank waits in a collective before it fails. Ranks meet every meta-step and run the same work in
+# between (validation and checkpoints included, which are bounded by seconds to minutes), so 5 minutes of
+# silence means a stalled or dead peer; torch's own default of 30 minutes only delays the error.
+TIMEOUT_ENV = "LEARNED_OPT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300.0
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -117,14 +126,18 @@ class DistContext:
 def init_from_env(device: str = "cpu", timeout_s: Optional[float] = None) -> Optional[DistContext]:
     """Join the process group that ``torchrun`` describes in the environment; ``None`` for a single process.
 
-    The backend is NCCL for a CUDA device (each rank on ``cuda:LOCAL_RANK``) and gloo otherwise. The timeout
-    (``LEARNED_OPT_DIST_TIMEOUT`` seconds, 1800 by default) bounds how long a rank waits for a peer that died.
+    The backend is NCCL for a CUDA device (each rank on ``cuda:LOCAL_RANK``) and gloo otherwise. ``timeout_s``
+    (default: :data:`TIMEOUT_ENV` seconds, else :data:`DEFAULT_TIMEOUT_S`) bounds how long a rank waits in a
+    collective for a peer that stalled or died.
     """
     world = env_world_size()
     if world <= 1:
         return None
     if timeout_s is None:
-        timeout_s = float(os.environ.get("LEARNED_OPT_DIST_TIMEOUT", "1800"))
+        timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ValueError(f"the distributed timeout must be a finite number of seconds > 0, got {timeout_s!r} "
+                         f"(--dist-timeout or ${TIMEOUT_ENV})")
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device("cuda", local)

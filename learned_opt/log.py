@@ -13,9 +13,10 @@ import platform
 import subprocess
 import sys
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 WANDB_MODES = ("off", "disabled", "offline", "online")
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def _jsonable(v: Any) -> Any:
@@ -26,27 +27,51 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _check_mode(mode: str) -> None:
+    if mode not in WANDB_MODES:
+        raise ValueError(f"unknown wandb mode {mode!r}; known: {', '.join(WANDB_MODES)}")
+
+
 class Logger:
     """Append metrics to ``path`` (JSONL) and, when ``wandb_mode`` is offline/online, to a W&B run."""
 
     def __init__(self, path: Optional[str], wandb_mode: str = "off", config: Optional[Dict] = None,
-                 project: str = "learned_opt", run_dir: Optional[str] = None, name: Optional[str] = None):
-        if wandb_mode not in WANDB_MODES:
-            raise ValueError(f"unknown wandb mode {wandb_mode!r}; known: {', '.join(WANDB_MODES)}")
+                 project: str = "learned_opt", run_dir: Optional[str] = None, name: Optional[str] = None,
+                 resume: bool = False):
+        _check_mode(wandb_mode)
         self.path = path
+        self._lines: Optional[int] = None  # counted once, then kept: checkpoints ask for it often
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.wandb = None
-        if wandb_mode in ("offline", "online"):
-            try:
-                import wandb
+        self.start_wandb(wandb_mode, config, project, run_dir, name, resume)
 
-                self.wandb = wandb.init(project=project, mode=wandb_mode, config=config or {}, name=name,
-                                        dir=run_dir or (os.path.dirname(os.path.abspath(path)) if path else None),
-                                        reinit=True)
-            except Exception as e:  # noqa: BLE001 - W&B must never stop a run
-                warnings.warn(f"W&B disabled: {type(e).__name__}: {e}")
-                self.wandb = None
+    def start_wandb(self, mode: str, config: Optional[Dict] = None, project: str = "learned_opt",
+                    run_dir: Optional[str] = None, name: Optional[str] = None, resume: bool = False) -> None:
+        """Open the W&B run when ``mode`` is offline/online; its id is kept in ``run_dir`` so that ``resume``
+        continues the same W&B run instead of opening a new, unlinked one."""
+        _check_mode(mode)
+        if mode not in ("offline", "online"):
+            return
+        try:
+            import wandb
+
+            id_file = os.path.join(run_dir, WANDB_ID_FILE) if run_dir else None
+            run_id = None
+            if resume and id_file and os.path.exists(id_file):
+                with open(id_file) as f:
+                    run_id = f.read().strip() or None
+            run_id = run_id or wandb.util.generate_id()
+            self.wandb = wandb.init(project=project, mode=mode, config=config or {}, name=name,
+                                    dir=run_dir or (os.path.dirname(os.path.abspath(self.path)) if self.path
+                                                    else None),
+                                    id=run_id, resume="allow", reinit=True)
+            if id_file:
+                with open(id_file, "w") as f:
+                    f.write(run_id + "\n")
+        except Exception as e:  # noqa: BLE001 - W&B must never stop a run
+            warnings.warn(f"W&B disabled: {type(e).__name__}: {e}")
+            self.wandb = None
 
     def truncate(self, lines: int) -> None:
         """Keep the first ``lines`` lines of the JSONL file (used on resume, so nothing is logged twice)."""
@@ -56,13 +81,16 @@ class Logger:
             kept = f.readlines()[:lines]
         with open(self.path, "w") as f:
             f.writelines(kept)
+        self._lines = len(kept)
 
     def lines(self) -> int:
         """Number of lines written so far."""
-        if not self.path or not os.path.exists(self.path):
-            return 0
-        with open(self.path) as f:
-            return sum(1 for _ in f)
+        if self._lines is None:
+            if not self.path or not os.path.exists(self.path):
+                return 0
+            with open(self.path) as f:
+                self._lines = sum(1 for _ in f)
+        return self._lines
 
     def log(self, record: Dict[str, Any]) -> None:
         """Write one record."""
@@ -70,6 +98,8 @@ class Logger:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(clean) + "\n")
+            if self._lines is not None:
+                self._lines += 1
         self._wandb_call(lambda run: run.log({k: v for k, v in record.items()
                                               if isinstance(_jsonable(v), (int, float))}))
 
@@ -104,6 +134,25 @@ class Logger:
         """Finish the W&B run, if any."""
         self._wandb_call(lambda run: run.finish())
         self.wandb = None
+
+
+def read_records(path: str) -> List[Dict[str, Any]]:
+    """The records of a JSONL log. A half-written last line (a run killed mid-write) is skipped with a warning;
+    a bad line before the end raises ``ValueError`` naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i == len(lines):  # no newline after it: the write never finished
+                warnings.warn(f"{path}:{i}: ignored a half-written last line")
+                continue
+            raise ValueError(f"{path}:{i} is not valid JSON") from None
+    return records
 
 
 CODE_PATHS = ("learned_opt", "experiments", "benchmarks")  # what a result depends on; results/ is not code

@@ -12,13 +12,19 @@ are averaged over the ranks every meta-step (see :mod:`learned_opt.distributed`)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import math
 import os
+import signal
+import socket
+import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +39,16 @@ from .tasks.base import check_positive_int, generator
 from .unroll import UnrollResult, unroll
 
 META_LOSSES = ("sum", "mean_log", "val", "halting")
+CONTROLS = ("none", "learned")
+VAL_METRICS = ("mean_final", "mean_log_final", "mean_log_curve", "val_at_stop")
+# Inner steps per task at most (horizons, evaluation steps). The per-step records of an unroll and an
+# evaluation's loss curves grow with the horizon, and a million steps of even the smallest task take hours on a
+# CPU: a larger number is a typo (1e12 used to exhaust memory before the first step).
+MAX_HORIZON = 1_000_000
+# Settings a resumed run may change: they decide how long it runs and how often it saves, not what it learns.
+RESUMABLE = ("iterations", "checkpoint_every", "checkpoint_seconds")
+TRAINING_FORMAT = "learned_opt.meta/1"  # checkpoint.pt: everything a resumed run needs
+LOPT_FORMAT = "learned_opt.lopt/1"  # lopt.pt: a trained meta-network alone
 
 
 @dataclass
@@ -56,12 +72,16 @@ class MetaConfig:
     val_horizon: int = 0  # inner steps of each validation run (0: the meta-training horizon)
     val_metric: str = "mean_final"  # or "mean_log_final", "mean_log_curve" (every step), "val_at_stop"
     keep_best: bool = True
-    checkpoint_every: int = 0  # meta-iterations between checkpoints (0: only at the end, if a run_dir is set)
+    # With a run_dir, a checkpoint every checkpoint_every meta-iterations or checkpoint_seconds of training,
+    # whichever comes first (0 turns either off; with both 0, only at the end): a killed run loses little.
+    checkpoint_every: int = 10
+    checkpoint_seconds: float = 60.0
     seed: int = 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
         check_positive_int("horizon", self.horizon)
+        check_at_most("horizon", self.horizon, MAX_HORIZON)
         check_positive_int("truncation", self.truncation)
         check_positive_int("tasks_per_step", self.tasks_per_step)
         check_positive_int("iterations", self.iterations)
@@ -69,19 +89,20 @@ class MetaConfig:
             raise ValueError(f"truncation {self.truncation} is longer than the horizon {self.horizon}")
         for h in self.curriculum:
             check_positive_int("curriculum horizon", h)
+            check_at_most("curriculum horizon", h, MAX_HORIZON)
         if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
             raise ValueError(f"meta_lr must be a finite number > 0, got {self.meta_lr!r}")
         if not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
         if self.meta_loss not in META_LOSSES:
             raise ValueError(f"unknown meta-loss {self.meta_loss!r}; known: {', '.join(META_LOSSES)}")
-        if self.control not in ("none", "learned"):
+        if self.control not in CONTROLS:
             raise ValueError(f"control must be 'none' or 'learned', got {self.control!r}")
         if self.meta_loss == "halting" and self.control != "learned":
             raise ValueError("the halting meta-loss trains the stop head: it needs control='learned'")
         if not self.loss_ceiling > 1:
             raise ValueError(f"loss_ceiling must be > 1, got {self.loss_ceiling!r}")
-        if self.val_metric not in ("mean_final", "mean_log_final", "mean_log_curve", "val_at_stop"):
+        if self.val_metric not in VAL_METRICS:
             raise ValueError(f"unknown val_metric {self.val_metric!r}")
         # Negative intervals used to pass and then act as "every iteration" (i % -1 == 0); zero validation
         # tasks failed only at the first validation, mid-run.
@@ -92,8 +113,27 @@ class MetaConfig:
         check_positive_int("val_tasks", self.val_tasks)
         if isinstance(self.val_horizon, bool) or not isinstance(self.val_horizon, int) or self.val_horizon < 0:
             raise ValueError(f"val_horizon must be an integer >= 0 (0: the horizon), got {self.val_horizon!r}")
+        check_at_most("val_horizon", self.val_horizon, MAX_HORIZON)
+        if isinstance(self.checkpoint_seconds, bool) or not (isinstance(self.checkpoint_seconds, (int, float))
+                                                            and 0 <= self.checkpoint_seconds < math.inf):
+            raise ValueError(f"checkpoint_seconds must be a finite number >= 0, got {self.checkpoint_seconds!r}")
         if not (self.halting_lambda >= 0 and math.isfinite(self.halting_lambda)):
             raise ValueError(f"halting_lambda must be a finite number >= 0, got {self.halting_lambda!r}")
+
+
+def _plain(x: Any) -> Any:
+    """Tuples as lists, recursively: a setting read back from JSON compares equal to the one it was."""
+    if isinstance(x, (tuple, list)):
+        return [_plain(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def check_at_most(name: str, value: int, limit: int) -> None:
+    """Raise ``ValueError`` naming ``name`` when ``value`` exceeds ``limit`` (:data:`MAX_HORIZON` says why)."""
+    if value > limit:
+        raise ValueError(f"{name} {value} exceeds the maximum of {limit} inner steps")
 
 
 def tree_detach(x: Any) -> Any:
@@ -216,13 +256,15 @@ def _opt_state_from_dict(d: Dict[str, Any]) -> AdamState:
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """Write atomically (temporary file, fsync, rename) and keep the previous file as ``<path>.prev``.
 
-    A failure while writing (full disk, no permission) raises ``RuntimeError`` and leaves the earlier
-    checkpoints untouched.
+    The temporary file's name is unique to the call, so two writers never write into one file. A failure while
+    writing (full disk, no permission) raises ``RuntimeError`` and leaves the earlier checkpoints untouched.
     """
-    tmp = f"{path}.tmp"
+    tmp = None
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "wb") as f:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
@@ -231,11 +273,25 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         try:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.remove(tmp)
         except OSError:
             pass
         raise RuntimeError(f"could not save checkpoint {path}: {e.strerror or e}") from e
+
+
+def _why_unreadable(e: Exception) -> str:
+    """A short reason a file did not load (torch's own messages run to hundreds of characters of advice)."""
+    text = str(e)
+    if isinstance(e, ValueError) and "learned_opt" in text:
+        return text
+    if isinstance(e, EOFError) or "truncated" in text or "central directory" in text or "EOF" in text:
+        return "truncated or empty file"
+    if "Unsupported global" in text:  # a pickle of arbitrary objects, which we never write
+        return "holds objects other than tensors, dicts, lists and numbers (not a learned_opt file)"
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return "not a torch file (corrupt or another format)"
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
@@ -253,20 +309,23 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
                 warnings.warn(f"checkpoint {path} is unreadable ({errors[-1]}); resumed from {candidate}")
             return payload
         except Exception as e:  # noqa: BLE001 - any unreadable file falls back
-            errors.append(f"{candidate}: {type(e).__name__}: {e}")
+            errors.append(f"{candidate}: {_why_unreadable(e)}")
     raise RuntimeError("no usable checkpoint: " + "; ".join(errors))
 
 
 def save_lopt(path: str, net) -> None:
     """Save a trained meta-network (kind, constructor config and weights) for :func:`load_lopt`."""
-    save_checkpoint(path, {"format": "learned_opt.lopt/1", "kind": kind_of(net), "config": net.config,
+    save_checkpoint(path, {"format": LOPT_FORMAT, "kind": kind_of(net), "config": net.config,
                            "state_dict": net.state_dict()})
 
 
 def load_lopt(path: str):
     """Load a meta-network saved by :func:`save_lopt`."""
     payload = load_checkpoint(path)
-    if payload.get("format") != "learned_opt.lopt/1":
+    if payload.get("format") == TRAINING_FORMAT:
+        raise ValueError(f"{path} is a training checkpoint, not a saved meta-network: load the lopt.pt that its "
+                         f"run wrote next to it")
+    if payload.get("format") != LOPT_FORMAT:
         raise ValueError(f"{path} is not a saved meta-network (format {payload.get('format')!r})")
     net = build_learned(payload["kind"], **payload["config"])
     try:
@@ -281,12 +340,99 @@ def _grad_norm(grads: Sequence[Tensor]) -> Tensor:
     return torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
 
 
+LOCK_NAME = "run.lock"
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory: ``<dir>/run.lock``, ``flock``-ed while held, names its owner's pid.
+
+    The kernel drops an ``flock`` when its process dies (even by SIGKILL), so a lock file left behind by a dead
+    process is stale by construction: the next run takes it over with a warning that names the dead pid. Taking
+    the lock again in the process that holds it is a no-op, so the CLI and :meth:`MetaTrainer.run` can both ask.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir, self.path = run_dir, os.path.join(run_dir, LOCK_NAME)
+        self.fd: Optional[int] = None
+
+    @staticmethod
+    def _owner(fd: int) -> Dict[str, Any]:
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, or raise :class:`RunDirBusy` naming the process that holds it."""
+        import fcntl  # POSIX only, like the rest of the tooling (make, venv paths)
+
+        os.makedirs(self.run_dir, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                owner = self._owner(fd)
+                os.close(fd)
+                if owner == me:  # this process holds it already
+                    return self
+                raise RunDirBusy(f"run directory {self.run_dir} is in use by pid {owner.get('pid', '?')} on "
+                                 f"{owner.get('host', '?')} (lock file {self.path}); wait for that run to end "
+                                 f"or choose another --run-dir") from None
+            try:  # a holder that was releasing may have unlinked the file we opened: lock the current one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            owner = self._owner(fd)
+            if owner.get("pid") is not None and owner != me:
+                warnings.warn(f"took over the stale lock of {self.run_dir} left by pid {owner['pid']} on "
+                              f"{owner.get('host', '?')}, which no longer runs")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+            self.fd = fd
+            return self
+
+    def release(self) -> None:
+        """Give the lock up and remove the lock file (no-op when this object did not take it)."""
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)  # while still locked, so no other process can have taken it meanwhile
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Interrupted(Exception):
+    """Meta-training stopped by SIGINT or SIGTERM after writing a checkpoint; ``signum`` says which signal."""
+
+    def __init__(self, signum: int, iteration: int, path: Optional[str]):
+        self.signum = signum
+        where = f"checkpoint of iteration {iteration} saved in {path}" if path else "no run directory to save in"
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {where}")
+
+
 class MetaTrainer:
     """Meta-trains ``net`` on tasks from ``family``; ``run()`` returns the log of the run."""
 
     def __init__(self, net, family, config: MetaConfig, *, run_dir: Optional[str] = None,
                  logger: Optional[Logger] = None, progress: bool = False, dist: Optional[DistContext] = None,
-                 optimizer=None):
+                 optimizer=None, run_config: Optional[Dict[str, Any]] = None):
         config.validate()
         if optimizer is not None and config.control != "learned":
             raise ValueError("meta-training a controller for a fixed optimizer needs control='learned'")
@@ -315,6 +461,11 @@ class MetaTrainer:
         self.best_state = copy.deepcopy(net.state_dict())
         self.train_seconds = 0.0
         self.history: List[Dict[str, Any]] = []  # this process's records only; metrics.jsonl holds the whole run
+        # The caller's whole configuration (the CLI's task, meta-network, ...), kept in every checkpoint so that
+        # a run can be resumed with its own settings even without its config.json.
+        self.run_config = run_config
+        self.signal: Optional[int] = None  # SIGINT / SIGTERM received during run()
+        self._stop = False  # every rank agrees to stop at this meta-step
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -329,7 +480,7 @@ class MetaTrainer:
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume exactly."""
-        out = {"format": "learned_opt.meta/1", "kind": kind_of(self.net), "net_config": self.net.config,
+        out = {"format": TRAINING_FORMAT, "kind": kind_of(self.net), "net_config": self.net.config,
                "config": asdict(self.cfg), "net": self.net.state_dict(),
                "meta_opt": _opt_state_to_dict(self.meta_state), "generator": self.gen.get_state(),
                "iteration": self.iteration, "meta_step": self.meta_step, "skipped": self.skipped,
@@ -337,35 +488,49 @@ class MetaTrainer:
                "train_seconds": self.train_seconds, "log_lines": self.logger.lines()}
         if self.dist is not None:
             out["world_size"] = self.world_size
+        if self.run_config is not None:
+            out["run_config"] = self.run_config
         return out
 
-    def save(self) -> None:
-        """Write a checkpoint atomically (no-op without a run directory).
+    def save(self, state: Optional[Dict[str, Any]] = None) -> None:
+        """Write a checkpoint of ``state`` (default: now) atomically (no-op without a run directory).
 
         Distributed: a collective. Every rank sends its task generator to the checkpoint, rank 0 writes, and all
         ranks learn whether the write worked, so a failed save stops every rank with the same error.
         """
         if not self.checkpoint_path:
             return
+        state = state if state is not None else self.state_dict()
+        self._last_save = time.monotonic()
         if self.dist is None:
-            save_checkpoint(self.checkpoint_path, self.state_dict())
+            save_checkpoint(self.checkpoint_path, state)
             return
-        states = self.dist.gather_states(self.gen.get_state())
+        states = self.dist.gather_states(state["generator"])
         error = None
         if self.is_main:
             try:
-                save_checkpoint(self.checkpoint_path, {**self.state_dict(), "generators": states})
+                save_checkpoint(self.checkpoint_path, {**state, "generators": states})
             except RuntimeError as e:
                 error = e
         if not self.dist.all_ok(error is None):
             raise error or RuntimeError(f"could not save checkpoint {self.checkpoint_path} (rank 0 failed)")
 
     def resume(self) -> bool:
-        """Restore from the run directory's checkpoint if one exists; returns whether it did."""
+        """Restore from the run directory's checkpoint if one exists; returns whether it did.
+
+        Raises ``ValueError`` (and changes nothing) when the checkpoint was written by another kind of network,
+        another configuration of it, another number of ranks, or with other settings than ``self.cfg`` (only
+        :data:`RESUMABLE` settings may change), or when it is already past ``cfg.iterations``.
+        """
         path = self.checkpoint_path
         if not path or not (os.path.exists(path) or os.path.exists(path + ".prev")):
             return False
         ck = load_checkpoint(path)
+        if ck.get("format") == LOPT_FORMAT:
+            raise ValueError(f"{path} is a saved meta-network (what lopt.pt holds), not a training checkpoint: it "
+                             f"has no meta-optimizer state to resume from")
+        if ck.get("format") != TRAINING_FORMAT:
+            raise ValueError(f"{path} is not a training checkpoint (format {ck.get('format')!r})")
         if ck.get("world_size", 1) != self.world_size:
             raise ValueError(f"checkpoint {path} was written by {ck.get('world_size', 1)} rank(s); this run has "
                              f"{self.world_size}: resume with the same number of processes")
@@ -377,6 +542,14 @@ class MetaTrainer:
                              for k in sorted(set(saved) | set(here)) if saved.get(k) != here.get(k))
             raise ValueError(f"checkpoint {path} is for a {ck.get('kind')} network of another configuration "
                              f"({diff})")
+        saved, here = ck.get("config") or {}, asdict(self.cfg)
+        for k in here:  # keys that older checkpoints lack are not compared
+            if k in saved and k not in RESUMABLE and _plain(saved[k]) != _plain(here[k]):
+                raise ValueError(f"checkpoint {path} was written with {k}={saved[k]!r}, this run has "
+                                 f"{k}={here[k]!r}: a resumed run keeps its settings")
+        if ck["iteration"] > self.cfg.iterations:
+            raise ValueError(f"checkpoint {path} is at iteration {ck['iteration']}, past iterations="
+                             f"{self.cfg.iterations}: give at least {ck['iteration']} to continue")
         try:
             self.net.load_state_dict(ck["net"])
         except RuntimeError as e:
@@ -388,6 +561,42 @@ class MetaTrainer:
         self.train_seconds = ck["train_seconds"]
         self.logger.truncate(ck["log_lines"])
         return True
+
+    def _resume_point(self) -> Dict[str, Any]:
+        """A checkpoint of now that later steps do not change (the meta-weights are updated in place)."""
+        state = self.state_dict()
+        state["net"] = {k: v.clone() for k, v in state["net"].items()}
+        return state
+
+    @contextlib.contextmanager
+    def _signals_saved(self) -> Iterator[bool]:
+        """While inside, SIGINT and SIGTERM only set :attr:`signal` (a second one stops at once, unsaved).
+
+        Yields whether the handlers are in place: only in the main thread, and only with a run directory to save
+        in; elsewhere signals keep their usual effect.
+        """
+        if not self.checkpoint_path or threading.current_thread() is not threading.main_thread():
+            yield False
+            return
+
+        def handler(signum, frame):
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            self.signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield True
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _warn_skipped(self, why: str) -> None:
+        # at 1, 2, 4, 8, ... skipped steps: a run of non-finite steps warns a handful of times, not every step
+        n = self.skipped
+        if n & (n - 1) == 0:
+            warnings.warn(f"meta-step {self.meta_step}: {why}; update skipped ({n} skipped so far; next warning "
+                          f"at {2 * n})")
 
     # ------------------------------------------------------------------ training
     def horizon_at(self, iteration: int) -> int:
@@ -466,22 +675,30 @@ class MetaTrainer:
                        "stop_prob_mean": float(sum(map(sum, sp)) / max(1, sum(map(len, sp)))),
                        "inner_loss": float(sum(r.records["train_loss"][-1] for r in results) / len(results))}
         record.update(diagnostics)
-        if self.dist is not None:
-            # Always reached, on every rank: the one collective of the step is never behind a condition.
+        if self.dist is None:
+            self._stop = self.signal is not None
+        else:
+            # Always reached, on every rank: the one collective of the step is never behind a condition. It also
+            # carries whether any rank received a signal, so that all ranks stop at the same meta-step.
             if grads is None:
-                warnings.warn(f"meta-step {self.meta_step}, rank {self.dist.rank}: non-finite inner loss or "
-                              f"meta-gradient; this rank's contribution is dropped")
+                self._dropped = getattr(self, "_dropped", 0) + 1
+                if self._dropped & (self._dropped - 1) == 0:  # rate-limited, as in _warn_skipped
+                    warnings.warn(f"meta-step {self.meta_step}, rank {self.dist.rank}: non-finite inner loss or "
+                                  f"meta-gradient; this rank's contribution is dropped ({self._dropped} times "
+                                  f"so far)")
             grads, mean_loss, finite, means = self.dist.reduce_meta_gradient(
-                grads, record["meta_loss"], self.meta_params, extras=list(diagnostics.values()))
+                grads, record["meta_loss"], self.meta_params,
+                extras=[*diagnostics.values(), float(self.signal is not None)])
+            self._stop = means[-1] > 0
             record.update(meta_loss=mean_loss, finite_ranks=finite, inner_loss_rank=diagnostics["inner_loss"])
-            record.update(zip(diagnostics, means))  # the diagnostics too are means over the ranks
+            record.update(zip(diagnostics, means[:-1]))  # the diagnostics too are means over the ranks
             if grads is not None:
                 gnorm = _grad_norm(grads)
                 record["meta_grad_norm"] = float(gnorm)
         if grads is None:
             self.skipped += 1
             record.update(skipped=1, skipped_total=self.skipped)
-            warnings.warn(f"meta-step {self.meta_step}: non-finite inner loss or meta-gradient; update skipped")
+            self._warn_skipped("non-finite inner loss or meta-gradient")
         else:
             factor = min(1.0, cfg.clip_norm / (float(gnorm) + 1e-12))
             grads = [g * factor for g in grads]
@@ -495,6 +712,7 @@ class MetaTrainer:
             else:  # never let the meta-weights become non-finite
                 self.skipped += 1
                 record.update(skipped=1, skipped_total=self.skipped)
+                self._warn_skipped("non-finite meta-update")
         for run, res in zip(runs, results):
             run.params = [p.detach() for p in res.params]
             run.opt_state = tree_detach(res.opt_state)
@@ -524,17 +742,32 @@ class MetaTrainer:
         return robust_mean(final)
 
     def run(self) -> "MetaTrainer":
-        """Meta-train for the configured iterations (continuing after :meth:`resume`)."""
+        """Meta-train for the configured iterations (continuing after :meth:`resume`).
+
+        With a run directory: holds its :class:`RunLock`, writes a checkpoint every ``checkpoint_every``
+        iterations or ``checkpoint_seconds`` seconds and at the end, and on SIGINT / SIGTERM (main thread only)
+        stops after the meta-step in progress, writes the checkpoint of the iteration's start and raises
+        :class:`Interrupted`.
+        """
+        lock = RunLock(self.run_dir) if self.run_dir and self.is_main else contextlib.nullcontext()
+        with lock, self._signals_saved() as handling:
+            self._train(handling)
+        return self
+
+    def _train(self, handling: bool) -> None:
         cfg = self.cfg
         if self.iteration == 0 and self.meta_step == 0 and self.is_main:
             # a fresh run (not resumed) in a directory that held an earlier run: its log starts empty instead
             # of being appended to the old one (the CLI refuses such a directory without --resume)
             self.logger.truncate(0)
+        self._last_save = time.monotonic()
         bar = None
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=cfg.iterations, initial=self.iteration, desc="meta-train", leave=False)
         while self.iteration < cfg.iterations:
+            # a stop mid-iteration saves the state of the iteration's start: resuming from it is exact
+            resume_point = self._resume_point() if handling else None
             start = time.perf_counter()
             horizon = self.horizon_at(self.iteration)
             runs = [self._new_run(horizon) for _ in range(cfg.tasks_per_step)]
@@ -542,6 +775,13 @@ class MetaTrainer:
                 record = self.meta_step_on(runs, length)
                 self.logger.log(record)
                 self.history.append(record)
+                if self._stop:
+                    self.save(resume_point)
+                    if bar is not None:
+                        bar.close()
+                    raise Interrupted(self.signal or signal.SIGTERM,
+                                      resume_point["iteration"] if resume_point else self.iteration,
+                                      self.checkpoint_path)
             self.iteration += 1
             self.train_seconds += time.perf_counter() - start
             if cfg.val_every and self.iteration % cfg.val_every == 0:
@@ -552,7 +792,7 @@ class MetaTrainer:
                     self.best_state = copy.deepcopy(self.net.state_dict())
                 self.logger.log({"meta_step": self.meta_step, "iteration": self.iteration,
                                  "val_score": score, "val_best": self.best_score})
-            if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+            if self._checkpoint_due():
                 self.save()
             if bar is not None:
                 bar.update(1)
@@ -564,4 +804,15 @@ class MetaTrainer:
         self.save()
         if cfg.keep_best and cfg.val_every and math.isfinite(self.best_score):
             self.net.load_state_dict(self.best_state)
-        return self
+
+    def _checkpoint_due(self) -> bool:
+        """Whether to save after this iteration (distributed: rank 0's clock decides for every rank)."""
+        cfg = self.cfg
+        if not self.checkpoint_path or self.iteration >= cfg.iterations:  # the end saves anyway
+            return False
+        due = bool(cfg.checkpoint_every) and self.iteration % cfg.checkpoint_every == 0
+        if cfg.checkpoint_seconds:
+            due = due or time.monotonic() - self._last_save >= cfg.checkpoint_seconds
+            if self.dist is not None:  # clocks differ between ranks; the save is a collective
+                due = bool(self.dist.broadcast_int(int(due)))
+        return due

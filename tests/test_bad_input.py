@@ -26,6 +26,7 @@ from learned_opt.unroll import unroll
 SMALL = ["--iterations", "1", "--horizon", "4", "--truncation", "2", "--task-arg", "num_problems=4",
          "--net-arg", "hidden=6"]
 RESUME = ["meta-train", "--run-dir", "{run}", "--resume"]
+NEW = ["meta-train", "--run-dir", "{tmp}/new"]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ CLI_CASES = [
     (["train-harder"], "invalid choice: 'train-harder'"),
     (["meta-train", "--run-dir", "{tmp}/new", "--config", "{tmp}/list.json"], "must hold a JSON object"),
     (["meta-train", "--run-dir", "{tmp}/new", "--config", "{tmp}/types.json"],
-     "iterations must be an integer >= 1, got 'ten'"),
+     "types.json: iterations must be an integer, got 'ten'"),
     (["meta-train", "--run-dir", "{tmp}/new", "--curriculum", "10,x"], "--curriculum expects comma-separated"),
     (["meta-train", "--run-dir", "{tmp}/new", "--augment", "0.5"], "--augment: max_scale must be a finite number >= 1"),
     (["meta-train", "--run-dir", "{tmp}/new", "--task-arg", "dist=cauchy"], "unknown distribution 'cauchy'"),
@@ -63,27 +64,28 @@ CLI_CASES = [
     (["meta-train", "--run-dir", "{tmp}/new", "--task", "digits", "--task-arg", "n_train=99999"],
      "n_train=99999 exceeds"),
     # zero, negative and NaN hyper-parameters
-    (RESUME + ["--tasks-per-step", "0"], "tasks_per_step must be an integer >= 1, got 0"),
-    (RESUME + ["--clip-norm", "nan"], "clip_norm must be > 0, got nan"),
-    (RESUME + ["--loss-ceiling", "0.5"], "loss_ceiling must be > 1, got 0.5"),
-    (RESUME + ["--checkpoint-every", "-1"], "checkpoint_every must be an integer >= 0, got -1"),
-    (RESUME + ["--val-tasks", "0"], "val_tasks must be an integer >= 1, got 0"),
-    (RESUME + ["--net-arg", "hidden=0"], "hidden and layers must be >= 1"),
-    (RESUME + ["--net-arg", "lr_bound=nan"], "lr_bound must be > 1, got nan"),
-    (RESUME + ["--horizon", "3", "--truncation", "4"], "truncation 4 is longer than the horizon 3"),
-    # an existing run: a checkpoint from a different architecture, or no --resume
-    (RESUME + SMALL[:-2] + ["--net-arg", "hidden=5"], "another configuration (hidden=6 there, 5 here)"),
-    (RESUME + SMALL + ["--net", "mlp"], "is for a lstm network, not mlp"),
+    (NEW + ["--tasks-per-step", "0"], "tasks_per_step must be an integer >= 1, got 0"),
+    (NEW + ["--clip-norm", "nan"], "clip_norm must be > 0, got nan"),
+    (NEW + ["--loss-ceiling", "0.5"], "loss_ceiling must be > 1, got 0.5"),
+    (NEW + ["--checkpoint-every", "-1"], "checkpoint_every must be an integer >= 0, got -1"),
+    (NEW + ["--val-tasks", "0"], "val_tasks must be an integer >= 1, got 0"),
+    (NEW + ["--net-arg", "hidden=0"], "hidden and layers must be >= 1"),
+    (NEW + ["--net-arg", "lr_bound=nan"], "lr_bound must be > 1, got nan"),
+    (NEW + ["--horizon", "3", "--truncation", "4"], "truncation 4 is longer than the horizon 3"),
+    # an existing run: flags that contradict its saved settings on --resume, or no --resume
+    (RESUME + SMALL[:-2] + ["--net-arg", "hidden=5"], "--net-arg hidden=5 conflicts with the run being resumed "
+                                                      "(hidden=6 in"),
+    (RESUME + SMALL + ["--net", "mlp"], "--net mlp conflicts with the run being resumed (net='lstm' in"),
     (["meta-train", "--run-dir", "{run}", *SMALL], "already holds a run"),
     # evaluate and compare
-    (["evaluate", "--run-dir", "{run}", "--steps", "0"], "steps must be an integer >= 1, got 0"),
+    (["evaluate", "--run-dir", "{run}", "--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
     (["evaluate", "--run-dir", "{run}", "--num-tasks", "-2"], "num_tasks must be an integer >= 1, got -2"),
     (["evaluate", "--run-dir", "{run}", "--steps", "3", "--num-tasks", "1", "--val-every", "-1"],
      "val_every must be >= 0"),
-    (["evaluate", "--lopt", "{run}/checkpoint.pt"], "is not a saved meta-network"),
+    (["evaluate", "--lopt", "{run}/checkpoint.pt"], "is a training checkpoint, not a saved meta-network"),
     (["evaluate", "--run-dir", "{run}", "--task", "nope"], "unknown task 'nope'"),
     (["compare", "--grid-points", "0", "--out", "{tmp}/cmp"], "must be an integer >= 1, got 0"),
-    (["compare", "--grid-high", "nan", "--out", "{tmp}/cmp"], "need 0 < low < high"),
+    (["compare", "--grid-high", "nan", "--out", "{tmp}/cmp"], "argument --grid-high: must be a finite number"),
 ]
 
 
@@ -136,7 +138,8 @@ API_CASES = [
     (lambda t: MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(), MetaConfig(horizon=10, truncation=20)),
      "truncation 20 is longer than the horizon 10"),
     (lambda t: MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(), MetaConfig(meta_lr=math.nan)), "meta_lr"),
-    (lambda t: load_lopt(os.path.join(_meta_checkpoint(t), "checkpoint.pt")), "is not a saved meta-network"),
+    (lambda t: load_lopt(os.path.join(_meta_checkpoint(t), "checkpoint.pt")),
+     "is a training checkpoint, not a saved meta-network"),
     (lambda t: load_lopt(str(t / "missing.pt")), "no usable checkpoint"),
     (lambda t: MetaTrainer(CoordLSTM(hidden=5), QuadraticFamily(dim=2), MetaConfig(horizon=2, truncation=2),
                            run_dir=_meta_checkpoint(t)).resume(), "hidden=4 there, 5 here"),

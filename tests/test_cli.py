@@ -97,7 +97,7 @@ BAD = [
     (["meta-train", "--run-dir", "{tmp}/a", "--config", "{tmp}/unknown.json"], "unknown key(s) in config file"),
     (["meta-train", "--run-dir", "{tmp}/a", "--task-arg", "dim"], "--task-arg expects key=value"),
     (["meta-train", "--run-dir", "{tmp}/a", "--task-arg", "dim=-3"], "dim must be an integer >= 1"),
-    (["meta-train", "--run-dir", "{tmp}/a", "--task-arg", "colour=3"], "bad task argument"),
+    (["meta-train", "--run-dir", "{tmp}/a", "--task-arg", "colour=3"], "--task-arg: unknown key 'colour'"),
     (["meta-train", "--run-dir", "{tmp}/a", "--net-arg", "extra_inputs=[\"hessian\"]"], "unknown extra input"),
     (["meta-train"], "--run-dir is required"),
     (["evaluate", "--lopt", "{tmp}/nothing.pt"], "no saved meta-network"),
