@@ -288,7 +288,8 @@ def make_optimizer(name: Optional[str], optimizer_args: Dict[str, Any]):
         raise CLIError(f"--optimizer-arg: {e}" if not str(e).startswith("--") else str(e))
 
 
-def _build_net(cfg: Dict[str, Any]):
+def _build_net(cfg: Dict[str, Any], family):
+    """The meta-network of ``--net`` / ``--net-arg``, in the dtype of the family's tasks (``--task-arg dtype``)."""
     if cfg["net"] not in LEARNED:
         raise CLIError(f"unknown meta-network {cfg['net']!r}; known: {', '.join(LEARNED)}")
     try:
@@ -297,9 +298,28 @@ def _build_net(cfg: Dict[str, Any]):
         # same flags start alike, in a fresh process or not.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg["seed"])
-            return build_learned(cfg["net"], **kwargs).to(cfg["device"])
+            net = build_learned(cfg["net"], **kwargs)
     except (TypeError, ValueError) as e:
         raise CLIError(f"bad meta-network argument: {e}" if not str(e).startswith("--") else str(e))
+    return net.to(device=cfg["device"], dtype=task_dtype(family))
+
+
+def task_dtype(family) -> torch.dtype:
+    """The dtype of the family's learner parameters: the meta-network computes in it too."""
+    g = torch.Generator().manual_seed(0)
+    return family(g).init(g)[0].dtype
+
+
+def _preflight(family, optimizer, controller, what: str) -> None:
+    """One inner step on one task before anything is written: combinations that cannot run fail here, as bad
+    input, instead of minutes later in the middle of a run."""
+    from .unroll import unroll
+
+    g = torch.Generator().manual_seed(0)
+    try:
+        unroll(family(g), optimizer, controller, steps=1, generator=g)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CLIError(f"{what} cannot run: {str(e).splitlines()[0]}")
 
 
 def _check_net_and_optimizer(cfg: Dict[str, Any]):
@@ -358,7 +378,10 @@ def cmd_meta_train(args) -> int:
     meta.validate()
     optimizer = _check_net_and_optimizer(cfg)
     family = make_family(cfg["task"], cfg["task_args"], cfg["device"], cfg["augment"])
-    net = _build_net(cfg)
+    net = _build_net(cfg, family)
+    _preflight(family, optimizer or net, net if optimizer is not None else
+               (net.as_controller() if meta.control == "learned" else None),
+               f"--net {cfg['net']} on --task {cfg['task']} with --task-arg {json.dumps(cfg['task_args'] or {})}")
     run_dir = cfg["run_dir"]
     timeout = args.dist_timeout
     # Under torchrun (WORLD_SIZE > 1) join the process group: every rank trains, rank 0 alone writes.
@@ -440,9 +463,9 @@ def _learned_source(args) -> Tuple[Optional[str], Optional[str], Optional[Dict[s
     return path, (run_dir if saved is not None else None), saved
 
 
-def _load_net(path: str, device: str):
+def _load_net(path: str, device: str, family):
     try:
-        return load_lopt(path).to(device)
+        return load_lopt(path).to(device=device, dtype=task_dtype(family))
     except (RuntimeError, ValueError) as e:
         raise CLIError(str(e))
 
@@ -500,7 +523,7 @@ def cmd_evaluate(args) -> int:
         raise CLIError("give --lopt PATH or --run-dir DIR")
     task, task_args, control = _task_and_control(args, saved)
     family = make_family(task, task_args, args.device)
-    net = _load_net(path, args.device)
+    net = _load_net(path, args.device, family)
     optimizer, controller_fn, spec = _learned_pieces(net, control, args, saved)
     out = args.out or (os.path.join(run_dir, "eval.json") if run_dir else None)
     settings = {"lopt": os.path.abspath(path), "task": task, "task_args": task_args, "learned_control": control,
@@ -557,7 +580,7 @@ def cmd_compare(args) -> int:
     family = make_family(task, task_args, args.device)
     learned = None
     if path is not None:
-        net = _load_net(path, args.device)
+        net = _load_net(path, args.device, family)
         learned = _learned_pieces(net, control, args, saved)[:2]
     rows = {}
     for n in names:

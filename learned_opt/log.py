@@ -27,6 +27,14 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _new_run_id() -> str:
+    """A W&B run id: 8 random characters of [a-z0-9], as W&B makes them (its helper moves between versions)."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 def _check_mode(mode: str) -> None:
     if mode not in WANDB_MODES:
         raise ValueError(f"unknown wandb mode {mode!r}; known: {', '.join(WANDB_MODES)}")
@@ -61,7 +69,7 @@ class Logger:
             if resume and id_file and os.path.exists(id_file):
                 with open(id_file) as f:
                     run_id = f.read().strip() or None
-            run_id = run_id or wandb.util.generate_id()
+            run_id = run_id or _new_run_id()
             self.wandb = wandb.init(project=project, mode=mode, config=config or {}, name=name,
                                     dir=run_dir or (os.path.dirname(os.path.abspath(self.path)) if self.path
                                                     else None),

@@ -808,7 +808,7 @@ class MetaTrainer:
     def _checkpoint_due(self) -> bool:
         """Whether to save after this iteration (distributed: rank 0's clock decides for every rank)."""
         cfg = self.cfg
-        if not self.checkpoint_path or self.iteration >= cfg.iterations:  # the end saves anyway
+        if not self.checkpoint_path:
             return False
         due = bool(cfg.checkpoint_every) and self.iteration % cfg.checkpoint_every == 0
         if cfg.checkpoint_seconds:

@@ -4,9 +4,11 @@ the non-finite guards, exact stop-and-resume, checkpoint robustness, saved meta-
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import math
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -338,11 +340,14 @@ def test_failed_save_raises_and_keeps_previous_checkpoint(tmp_path, monkeypatch)
     save_checkpoint(path, _payload(2))
     before = (open(path, "rb").read(), open(path + ".prev", "rb").read())
 
-    # 1. the temporary file cannot be created (a directory is in the way: works even as root)
-    os.mkdir(path + ".tmp")
+    # 1. the temporary file cannot be created
+    def no_temp(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_temp)
     with pytest.raises(RuntimeError, match="could not save checkpoint"):
         save_checkpoint(path, _payload(3))
-    os.rmdir(path + ".tmp")
+    monkeypatch.undo()
     assert (open(path, "rb").read(), open(path + ".prev", "rb").read()) == before
 
     # 2. the disk fills up in the middle of writing
@@ -355,7 +360,7 @@ def test_failed_save_raises_and_keeps_previous_checkpoint(tmp_path, monkeypatch)
         save_checkpoint(path, _payload(3))
     monkeypatch.undo()
     assert (open(path, "rb").read(), open(path + ".prev", "rb").read()) == before
-    assert not os.path.exists(path + ".tmp")  # no debris left behind
+    assert not glob.glob(str(tmp_path / "*.tmp"))  # no debris left behind
     assert load_checkpoint(path)["n"] == 2
 
     # 3. the directory is a file
