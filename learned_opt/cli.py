@@ -211,6 +211,12 @@ def resolve_train_config(args) -> Dict[str, Any]:
     file_cfg = _load_config(getattr(args, "config", None))
     if not args.resume:
         cfg = {**TRAIN_DEFAULTS, **file_cfg, **given}
+        for key, cls in _arg_classes(cfg).items():  # arguments from the file are reported as the file's
+            if key in file_cfg and key not in given and cls is not None:
+                try:
+                    coerce_kwargs(cls, cfg[key], f"config file {args.config}: {key}")
+                except ValueError as e:
+                    raise CLIError(str(e))
         if cfg["net"] == "controller" and "control" not in file_cfg and "control" not in given:
             cfg["control"] = "learned"  # a learned controller makes LR and stop decisions: that is its job
         if not cfg["run_dir"]:
@@ -383,9 +389,8 @@ def cmd_meta_train(args) -> int:
                (net.as_controller() if meta.control == "learned" else None),
                f"--net {cfg['net']} on --task {cfg['task']} with --task-arg {json.dumps(cfg['task_args'] or {})}")
     run_dir = cfg["run_dir"]
-    timeout = args.dist_timeout
     # Under torchrun (WORLD_SIZE > 1) join the process group: every rank trains, rank 0 alone writes.
-    dist_ctx = init_from_env(cfg["device"], timeout_s=timeout)
+    dist_ctx = init_from_env(cfg["device"], timeout_s=args.dist_timeout)
     main_rank = dist_ctx is None or dist_ctx.is_main
     lock, created, logger = RunLock(run_dir), not os.path.exists(run_dir), Logger(None)
     started = False
@@ -669,6 +674,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+META_HELP = {
+    "horizon": f"inner steps per task, at most {MAX_HORIZON}",
+    "truncation": "inner steps per meta-update (truncated backpropagation through time)",
+    "tasks_per_step": "tasks unrolled side by side per meta-update",
+    "iterations": "meta-iterations, one batch of tasks each; raise it with --resume to continue a run",
+    "meta_lr": "learning rate of the meta-optimizer (Adam)",
+    "clip_norm": "global norm to which the meta-gradient is clipped",
+    "meta_loss": "what each truncation minimises",
+    "halting_lambda": "cost of one inner step in the halting meta-loss",
+    "second_order": "differentiate through the learner's gradients too",
+    "control": "learned: the meta-network's LR and stop heads drive the inner loop",
+    "loss_ceiling": "inner losses are clipped at this multiple of the task's initial loss",
+    "curriculum": "horizons, comma-separated, each for an equal share of the iterations",
+    "random_offset": "a random length for each task's first truncation",
+    "val_every": "meta-iterations between validations on held-out tasks (0: never)",
+    "val_tasks": "tasks per validation",
+    "val_horizon": "inner steps per validation task (0: the horizon)",
+    "val_metric": "validation score (lower is better)",
+    "keep_best": "end with the best validated meta-weights instead of the last",
+    "checkpoint_every": "meta-iterations between checkpoints (0: off)",
+    "checkpoint_seconds": "seconds of training between checkpoints (0: off)",
+}
 STEPS = at_most(MAX_HORIZON, "learned_opt.meta.MAX_HORIZON inner steps")
 TASKS_HELP = f"task family: {', '.join(sorted(FAMILIES))}"
 
@@ -681,8 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
     shared.add_argument("--threads", type=at_most(1024, "threads"), default=1, metavar="N", help=THREADS_HELP)
 
     def parser(name, fn):
-        sp = sub.add_parser(name, help=fn.__doc__.split(";")[0], description=fn.__doc__, parents=[shared],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp = sub.add_parser(name, help=fn.__doc__.split(";")[0], description=" ".join(fn.__doc__.split()),
+                            parents=[shared])
         sp.set_defaults(fn=fn)
         return sp
 
@@ -728,16 +755,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W&B logging; offline needs no account (default: off)")
     t.add_argument("--device", help="cpu or cuda[:N] (default: cpu)")
     t.add_argument("--seed", type=parse_int, help="seed of the meta-weights and the tasks (default: 0)")
-    t.add_argument("--dist-timeout", type=float, metavar="SECONDS",
-                   default=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)),
+    t.add_argument("--dist-timeout", type=finite_float, metavar="SECONDS",
                    help=f"under torchrun: how long a rank waits for a stalled peer before failing (default: "
                         f"${TIMEOUT_ENV}, else {DEFAULT_TIMEOUT_S:g})")
     add_dataclass_flags(t, MetaConfig, skip={"seed"}, dashes=True,
                         choices={"meta_loss": META_LOSSES, "control": CONTROLS, "val_metric": VAL_METRICS},
-                        help={"horizon": f"inner steps per task, at most {MAX_HORIZON}",
-                              "curriculum": "horizons, comma-separated, each for an equal share of the iterations",
-                              "checkpoint_every": "meta-iterations between checkpoints (0: off)",
-                              "checkpoint_seconds": "seconds between checkpoints (0: off)"})
+                        help=META_HELP)
 
     e = parser("evaluate", cmd_evaluate)
     learned_flags(e, "evaluate")

@@ -134,7 +134,11 @@ def init_from_env(device: str = "cpu", timeout_s: Optional[float] = None) -> Opt
     if world <= 1:
         return None
     if timeout_s is None:
-        timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        raw = os.environ.get(TIMEOUT_ENV, "")
+        try:
+            timeout_s = float(raw) if raw.strip() else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"${TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
     if not (timeout_s > 0 and math.isfinite(timeout_s)):
         raise ValueError(f"the distributed timeout must be a finite number of seconds > 0, got {timeout_s!r} "
                          f"(--dist-timeout or ${TIMEOUT_ENV})")

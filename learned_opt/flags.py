@@ -189,13 +189,17 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, skip: Container
         default = f.default if f.default is not dataclasses.MISSING else None
         if isinstance(default, tuple):
             default = ",".join(map(str, default)) or "none"
+        elif isinstance(default, bool):
+            default = str(default).lower()
         text = (help.get(f.name, "") + f" (default: {default})").strip()
         metavar = "{" + ",".join(map(str, choices[f.name])) + "}" if f.name in choices else None
         if kind is bool:
             parser.add_argument(flag, dest=f.name, type=parse_bool, metavar="{true,false}", help=text)
         elif kind is int:
             parser.add_argument(flag, dest=f.name, type=parse_int, metavar=metavar or "N", help=text)
-        elif kind in (float, str):
-            parser.add_argument(flag, dest=f.name, type=kind, metavar=metavar, help=text)
+        elif kind is float:
+            parser.add_argument(flag, dest=f.name, type=float, metavar=metavar or "X", help=text)
+        elif kind is str:
+            parser.add_argument(flag, dest=f.name, type=str, metavar=metavar, help=text)
         else:
             parser.add_argument(flag, dest=f.name, type=str, metavar="A,B,...", help=text)

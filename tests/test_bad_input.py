@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,93 @@ CLI_CASES = [
     (["compare", "--grid-high", "nan", "--out", "{tmp}/cmp"], "argument --grid-high: must be a finite number"),
 ]
 
+# Kinds the table above did not have (issue 11): resume conflicts, huge horizons, typed config files, controllers,
+# messages that name the flag or file, outputs that exist or cannot be written, half-written logs.
+CONFIGS = {  # name -> content of {tmp}/<name>.json
+    "resume_conflict": {"truncation": 1},
+    "random_offset": {"random_offset": "no"},
+    "second_order": {"second_order": "false"},
+    "task_args_text": {"task_args": "num_problems=4"},
+    "curriculum_text": {"curriculum": "20,50"},
+    "meta_lr_text": {"meta_lr": "1e-3"},
+    "iterations_bool": {"iterations": True},
+    "horizon_float": {"horizon": 1e12},
+    "net_args_type": {"net_args": {"hidden": "big"}},
+}
+NEW_CASES = [
+    # --resume: the run's saved settings win; a flag or config key that contradicts them is refused
+    (RESUME + ["--horizon", "8"], "--horizon 8 conflicts with the run being resumed (horizon=4 in"),
+    (RESUME + ["--task", "metanet"], "--task metanet conflicts with the run being resumed (task='quadratic' in"),
+    (RESUME + ["--task-arg", "num_problems=2"], "--task-arg num_problems=2 conflicts with the run being resumed "
+                                                "(num_problems=4 in"),
+    (RESUME + ["--task-arg", "dim=5"], "--task-arg dim=5 conflicts with the run being resumed (dim not set, so 10"),
+    (RESUME + ["--random-offset", "true"], "--random-offset True conflicts with the run being resumed"),
+    (RESUME + ["--curriculum", "2,4"], "--curriculum [2, 4] conflicts with the run being resumed"),
+    (RESUME + ["--seed", "3"], "--seed 3 conflicts with the run being resumed (seed=0 in"),
+    (RESUME + ["--augment", "2"], "--augment 2.0 conflicts with the run being resumed"),
+    (RESUME + ["--config", "{tmp}/resume_conflict.json"], "resume_conflict.json: truncation 1 conflicts with the run"),
+    (["meta-train", "--run-dir", "{tmp}/missing", "--resume"], "--resume: there is no run directory"),
+    (["meta-train", "--run-dir", "{tmp}/empty", "--resume"], "holds no checkpoint.pt to resume from"),
+    (["meta-train", "--resume", "--iterations", "3"], "--resume needs --run-dir"),
+    (["meta-train", "--run-dir", "{tmp}/lopt_as_checkpoint", "--resume"],
+     "checkpoint.pt is a saved meta-network (what lopt.pt holds), not a training checkpoint"),
+    # huge horizons are refused up front, not after exhausting memory
+    (NEW + ["--horizon", "1e12"], "horizon 1000000000000 exceeds the maximum of 1000000 inner steps"),
+    (NEW + ["--curriculum", "10,2000000"], "curriculum horizon 2000000 exceeds the maximum of 1000000"),
+    (NEW + ["--val-horizon", "1e7"], "val_horizon 10000000 exceeds the maximum of 1000000"),
+    (["evaluate", "--run-dir", "{run}", "--steps", "1e12"], "argument --steps: 1e12 exceeds the maximum of 1000000"),
+    (["compare", "--steps", "99999999"], "argument --steps: 99999999 exceeds the maximum of 1000000"),
+    # config files are type-checked, naming the file and the key
+    (NEW + ["--config", "{tmp}/random_offset.json"], "random_offset.json: random_offset must be true or false, "
+                                                     "got 'no'"),
+    (NEW + ["--config", "{tmp}/second_order.json"], "second_order.json: second_order must be true or false, "
+                                                    "got 'false'"),
+    (NEW + ["--config", "{tmp}/task_args_text.json"], "task_args_text.json: task_args must be an object"),
+    (NEW + ["--config", "{tmp}/curriculum_text.json"], "curriculum_text.json: curriculum must be a list of "
+                                                       "integers, got '20,50'"),
+    (NEW + ["--config", "{tmp}/meta_lr_text.json"], "meta_lr_text.json: meta_lr must be a number, got '1e-3'"),
+    (NEW + ["--config", "{tmp}/iterations_bool.json"], "iterations_bool.json: iterations must be an integer, "
+                                                       "got True"),
+    (NEW + ["--config", "{tmp}/horizon_float.json"], "horizon_float.json: horizon must be an integer"),
+    (NEW + ["--config", "{tmp}/net_args_type.json"], "net_args_type.json: net_args hidden must be an integer, "
+                                                     "got 'big'"),
+    # combinations that used to end in a traceback, and the learned controller's flags
+    (NEW + ["--task-arg", "device=tpu"], "unknown device 'tpu' for --task-arg device"),
+    (NEW + ["--device", "cuda:x"], "--device cuda:x"),
+    (NEW + ["--net", "controller"], "--net controller learns LR and stop decisions for a hand-coded optimizer"),
+    (NEW + ["--net", "controller", "--control", "none", "--optimizer", "adam"], "it needs --control learned"),
+    (NEW + ["--net", "controller", "--optimizer", "lion"], "unknown optimizer 'lion' for --optimizer"),
+    (NEW + ["--net", "controller", "--optimizer", "adam", "--optimizer-arg", "lr=-1"],
+     "--optimizer-arg: lr must be a finite number > 0"),
+    (NEW + ["--optimizer", "adam"], "--optimizer is for --net controller only"),
+    # messages name the flag
+    (NEW + ["--task", "digits", "--task-arg", "hidden=abc"], "--task-arg hidden must be a list of integers, "
+                                                             "got 'abc'"),
+    (NEW + ["--task-arg", "dtype=float65"], "--task-arg dtype must be a dtype"),
+    (NEW + ["--task-arg", "num_problems=2.5"], "--task-arg num_problems must be an integer, got 2.5"),
+    (NEW + ["--net-arg", "hidden=abc"], "--net-arg hidden must be an integer, got 'abc'"),
+    (["compare", "--grid-high", "inf"], "argument --grid-high: must be a finite number, got inf"),
+    (["compare", "--grid-low", "2", "--grid-high", "1", "--optimizers", "sgd"], "--grid-low / --grid-high"),
+    (["meta-train", "--run-dir", "{run}", "--threads", "0"], "argument --threads: must be an integer >= 1"),
+    (["meta-train", "--run-dir", "{run}", "--dist-timeout", "inf"], "argument --dist-timeout: must be a finite"),
+    # checkpoint and file errors are short and say what is wrong
+    (["evaluate", "--lopt", "{tmp}/garbage.pt"], "garbage.pt: not a torch file (corrupt or another format)"),
+    (["evaluate", "--lopt", "{tmp}/pickle.pt"], "holds objects other than tensors, dicts, lists and numbers"),
+    (["evaluate", "--run-dir", "{tmp}/missing"], "--run-dir: there is no run directory"),
+    (["evaluate", "--run-dir", "{tmp}/empty"], "no saved meta-network at"),
+    # outputs: never overwrite another result silently, check them before the work
+    (["evaluate", "--run-dir", "{run}", "--out", "{tmp}/other_eval.json"], "holds another evaluation"),
+    (["evaluate", "--run-dir", "{run}", "--out", "{tmp}/file/eval.json"], "cannot write in"),
+    (["compare", "--out", "{tmp}/taken", "--optimizers", "sgd"], "--out {tmp}/taken already holds compare.json"),
+    (["compare", "--out", "{tmp}/file", "--optimizers", "sgd"], "--out {tmp}/file is a file"),
+    (["compare", "--optimizers", ","], "--optimizers names no optimizer"),
+    (["plot", "--run-dir", "{tmp}/badlog"], "metrics.jsonl:2 is not valid JSON"),
+]
+if not torch.cuda.is_available():
+    NEW_CASES.append((NEW + ["--task-arg", "device=cuda"], "--task-arg device cuda requested but CUDA is not "
+                                                           "available"))
+CLI_CASES += NEW_CASES
+
 
 @pytest.mark.parametrize("argv,message", CLI_CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CLI_CASES])
 def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, finished_run, argv, message):
@@ -95,7 +183,21 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, finishe
     shutil.copytree(finished_run, run)
     (tmp_path / "list.json").write_text(json.dumps([1, 2]))
     (tmp_path / "types.json").write_text(json.dumps({"iterations": "ten"}))
+    for name, content in CONFIGS.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(finished_run, tmp_path / "lopt_as_checkpoint")
+    shutil.copy(finished_run / "lopt.pt", tmp_path / "lopt_as_checkpoint" / "checkpoint.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"\x00garbage" * 50)
+    torch.save({"format": "learned_opt.lopt/1", "weights": np.zeros(3)}, tmp_path / "pickle.pt")
+    (tmp_path / "other_eval.json").write_text(json.dumps({"settings": {"task": "digits"}}))
+    (tmp_path / "file").write_text("a file, not a directory")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "compare.json").write_text("{}")
+    (tmp_path / "badlog").mkdir()
+    (tmp_path / "badlog" / "metrics.jsonl").write_text('{"meta_step": 0, "meta_loss": 1}\n{"meta_st\n{"meta_step": 1}\n')
     argv = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp_path)) for a in argv]
+    message = message.replace("{tmp}", str(tmp_path))
     before = _snapshot(tmp_path)
     try:
         rc = main(argv)
@@ -106,6 +208,7 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, finishe
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert message in lines[0], lines[0]
+    assert len(lines[0]) < 400, lines[0]  # one short line, not torch's advice
     assert "Traceback" not in err + out
     assert _snapshot(tmp_path) == before  # nothing created, nothing overwritten
 
