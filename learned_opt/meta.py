@@ -268,7 +268,7 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(path):
+        with contextlib.suppress(FileNotFoundError):  # another writer may have just moved it
             os.replace(path, f"{path}.prev")
         os.replace(tmp, path)
     except OSError as e:
