@@ -191,3 +191,25 @@ def test_torchrun_two_processes_cli_end_to_end(tmp_path):
     ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ck["world_size"] == 2 and len(ck["generators"]) == 2
     assert not torch.equal(ck["generators"][0], ck["generators"][1])
+
+
+def test_rank_timeout_defaults_to_5_minutes_and_follows_the_flag_and_the_variable(monkeypatch):
+    from learned_opt import distributed
+
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.append(timeout))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    distributed.init_from_env()
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "42")
+    distributed.init_from_env()
+    distributed.init_from_env(timeout_s=7)  # --dist-timeout wins over the variable
+    assert seen == [timedelta(seconds=300), timedelta(seconds=42), timedelta(seconds=7)]
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="LEARNED_OPT_DIST_TIMEOUT='soon' is not a number of seconds"):
+        distributed.init_from_env()
+    with pytest.raises(ValueError, match="--dist-timeout"):
+        distributed.init_from_env(timeout_s=0)

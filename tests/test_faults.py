@@ -80,3 +80,44 @@ def test_sigkill_at_random_moment_then_resume_equals_uninterrupted(tmp_path, cap
     log_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     log_b = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert log_a == log_b, f"seed {seed}"  # nothing lost, nothing logged twice
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="needs POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_or_sigterm_writes_a_checkpoint_exits_nonzero_and_resume_is_exact(tmp_path, capsys, sig):
+    """Periodic checkpoints off: the only checkpoint is the one the signal writes."""
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    args = [a for a in ARGS if a not in ("--checkpoint-every", "1")] + [
+        "--checkpoint-every", "0", "--checkpoint-seconds", "0", "--net", "lstm"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "learned_opt.cli", *args, "--run-dir", str(stopped)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    try:
+        while _lines(stopped / "metrics.jsonl") < 20:  # inside the training loop, several iterations in
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.002)
+        assert not (stopped / "checkpoint.pt").exists()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig
+        err = proc.stderr.read().strip().splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert len(err) == 1 and err[0].startswith(f"error: interrupted by {signal.Signals(sig).name}; checkpoint "
+                                               f"of iteration "), err
+    assert "continue with --resume" in err[0]
+    ck = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    assert 0 < ck["iteration"] < ITERATIONS and not (stopped / "lopt.pt").exists()
+    assert not (stopped / "run.lock").exists()
+    assert main(["meta-train", "--run-dir", str(stopped), "--resume"]) == 0, capsys.readouterr().err
+    assert main([*args, "--run-dir", str(straight)]) == 0, capsys.readouterr().err
+    a = torch.load(straight / "lopt.pt", weights_only=True)["state_dict"]
+    b = torch.load(stopped / "lopt.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert log_a == log_b

@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import pytest
 
 from learned_opt import repro
-from learned_opt.log import Logger, provenance
+from learned_opt.log import Logger, provenance, read_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,3 +207,42 @@ def test_cli_meta_train_with_wandb_offline_logs_figure_table_and_artifacts(tmp_p
     assert any(f.endswith(".png") and "media" in f for f in files), files  # the meta-loss figure
     assert any(f.endswith(".table.json") for f in files), files  # the result table
     assert (d / "meta_loss.png").exists()
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from learned_opt.cli import main
+
+    for k in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    d = tmp_path / "run"
+    assert main(["meta-train", "--run-dir", str(d), "--iterations", "1", "--horizon", "4", "--truncation", "2",
+                 "--task-arg", "num_problems=2", "--wandb", "offline"]) == 0
+    run_id = (d / "wandb_run_id").read_text().strip()
+    time.sleep(1.1)  # W&B names offline run folders by the second
+    assert main(["meta-train", "--run-dir", str(d), "--resume", "--iterations", "2"]) == 0  # W&B mode restored
+    runs = sorted(glob.glob(str(d / "wandb" / "offline-run-*")))
+    assert len(runs) == 2 and all(r.endswith("-" + run_id) for r in runs)  # one W&B run, resumed
+    assert (d / "wandb_run_id").read_text().strip() == run_id
+
+
+def test_read_records_skips_a_half_written_last_line_only(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a"')
+    with pytest.warns(UserWarning, match="half-written last line"):
+        assert read_records(str(path)) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\n{"a"\n{"a": 3}\n')
+    with pytest.raises(ValueError, match="m.jsonl:2 is not valid JSON"):
+        read_records(str(path))
+
+
+def test_logger_counts_lines_without_rereading_the_file(tmp_path):
+    log = Logger(str(tmp_path / "m.jsonl"))
+    for i in range(3):
+        log.log({"i": i})
+    assert log.lines() == 3
+    (tmp_path / "m.jsonl").write_text("")  # the count is kept in memory (checkpoints ask for it every time)
+    assert log.lines() == 3
+    log.truncate(1)
+    assert log.lines() == 0 and Logger(str(tmp_path / "m.jsonl")).lines() == 0

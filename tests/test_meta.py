@@ -8,7 +8,10 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 import warnings
 
 import pytest
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from learned_opt.evaluate import evaluate, lr_grid, tune_lr
-from learned_opt.meta import (InnerRun, MetaConfig, MetaTrainer, halting_distribution, halting_loss,
+from learned_opt.meta import (InnerRun, MetaConfig, MetaTrainer, RunLock, halting_distribution, halting_loss,
                               load_checkpoint, load_lopt, save_checkpoint, save_lopt, truncation_loss)
 from learned_opt.optim.adapter import ProtocolOptimizer
 from learned_opt.optim.baselines import SGD
@@ -603,3 +606,77 @@ def test_fresh_run_in_an_old_run_directory_starts_a_new_log(tmp_path):
     with open(tmp_path / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["meta_step"] for r in records] == list(range(trainer.meta_step))  # one run, not two appended
+
+
+# --------------------------------------------------------------------------------------------- issue 11
+def test_concurrent_saves_to_one_path_never_share_a_temporary_file(tmp_path):
+    path = str(tmp_path / "ck.pt")
+    errors = []
+
+    def writer(k):
+        try:
+            for i in range(40):
+                save_checkpoint(path, _payload(100 * k + i))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert load_checkpoint(path)["format"] == "test/1"
+    assert not glob.glob(str(tmp_path / "*.tmp"))
+
+
+def test_checkpoints_are_periodic_by_default_by_iterations_and_by_seconds(tmp_path, monkeypatch):
+    cfg = MetaConfig(horizon=2, truncation=2, iterations=12, meta_lr=0.01)
+    assert cfg.checkpoint_every > 0 and cfg.checkpoint_seconds > 0
+    saved = []
+    monkeypatch.setattr(MetaTrainer, "save", lambda self, state=None: saved.append(self.iteration))
+    MetaTrainer(CoordLSTM(hidden=4), SquareFamily(n=2), cfg, run_dir=str(tmp_path / "a")).run()
+    assert saved == [10, 12]  # every 10 iterations, and at the end
+    saved.clear()
+    cfg = MetaConfig(horizon=2, truncation=2, iterations=4, checkpoint_every=0, checkpoint_seconds=1e-9)
+    MetaTrainer(CoordLSTM(hidden=4), SquareFamily(n=2), cfg, run_dir=str(tmp_path / "b")).run()
+    assert saved == [1, 2, 3, 4, 4]  # every iteration lasts longer than the interval
+
+
+def test_run_lock_is_reentrant_in_its_process_and_takes_over_a_stale_lock(tmp_path):
+    d = str(tmp_path / "run")
+    with RunLock(d):
+        with RunLock(d):  # the CLI holds it and MetaTrainer.run asks again
+            pass
+        owner = json.loads((tmp_path / "run" / "run.lock").read_text())
+        assert owner["pid"] == os.getpid()  # the inner release left the outer lock in place
+    assert not (tmp_path / "run" / "run.lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run" / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": "elsewhere"}))
+    with pytest.warns(UserWarning, match=f"stale lock of .* left by pid {dead.pid}"):
+        with RunLock(d):
+            assert json.loads((tmp_path / "run" / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def test_resume_refuses_other_settings_and_a_saved_meta_network(tmp_path):
+    d = str(tmp_path / "run")
+    cfg = MetaConfig(horizon=4, truncation=2, iterations=2, seed=0)
+    MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=2), cfg, run_dir=d).run()
+    other = MetaConfig(horizon=6, truncation=2, iterations=3, seed=0)
+    with pytest.raises(ValueError, match="written with horizon=4, this run has horizon=6"):
+        MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=2), other, run_dir=d).resume()
+    more = MetaConfig(horizon=4, truncation=2, iterations=3, checkpoint_every=1, checkpoint_seconds=0, seed=0)
+    assert MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=2), more, run_dir=d).resume()  # may change
+    save_lopt(os.path.join(d, "checkpoint.pt"), CoordLSTM(hidden=4))
+    with pytest.raises(ValueError, match="is a saved meta-network .*not a training checkpoint"):
+        MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=2), cfg, run_dir=d).resume()
+
+
+def test_checkpoint_errors_are_one_short_line(tmp_path):
+    path = tmp_path / "ck.pt"
+    path.write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(RuntimeError) as info:
+        load_checkpoint(str(path))
+    text = str(info.value)
+    assert "not a torch file" in text and "weights_only" not in text and len(text) < 300 and "\n" not in text
