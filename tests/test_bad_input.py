@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from learned_opt.cli import main
+from learned_opt.flags import coerce, coerce_kwargs
 from learned_opt.meta import MetaConfig, MetaTrainer, load_lopt
 from learned_opt.optim import SGD, Adam, RMSprop, get_optimizer
 from learned_opt.optim.learned import CoordLSTM, CoordMLP, DecisionHeads, build_learned
@@ -248,6 +249,19 @@ API_CASES = [
                            run_dir=_meta_checkpoint(t)).resume(), "hidden=4 there, 5 here"),
     (lambda t: MetaTrainer(CoordMLP(hidden=4), QuadraticFamily(dim=2), MetaConfig(horizon=2, truncation=2),
                            run_dir=_meta_checkpoint(t)).resume(), "is for a lstm network, not mlp"),
+    # issue 11: resumes that contradict the checkpoint, huge horizons, typed arguments
+    (lambda t: MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=2), MetaConfig(horizon=4, truncation=2),
+                           run_dir=_meta_checkpoint(t)).resume(), "written with horizon=2, this run has horizon=4"),
+    (lambda t: MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=2),
+                           MetaConfig(horizon=2, truncation=2, iterations=1, seed=1),
+                           run_dir=_meta_checkpoint(t)).resume(), "written with seed=0, this run has seed=1"),
+    (lambda t: MetaConfig(horizon=10**12).validate(), "horizon 1000000000000 exceeds the maximum of 1000000"),
+    (lambda t: MetaConfig(val_horizon=10**7).validate(), "val_horizon 10000000 exceeds the maximum"),
+    (lambda t: MetaConfig(checkpoint_seconds=math.nan).validate(), "checkpoint_seconds must be a finite number"),
+    (lambda t: coerce("no", bool, "run.json: random_offset"), "run.json: random_offset must be true or false"),
+    (lambda t: coerce_kwargs(get_family("digits").__class__, {"hidden": "abc"}, "--task-arg"),
+     "--task-arg hidden must be a list of integers, got 'abc'"),
+    (lambda t: coerce_kwargs(CoordLSTM, {"hiddn": 4}, "--net-arg"), "--net-arg: unknown key 'hiddn'"),
 ]
 
 
