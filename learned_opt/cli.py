@@ -27,8 +27,8 @@ from .distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, init_from_env, shutdown
 from .evaluate import evaluate, lr_grid, tune_lr
 from .flags import (add_dataclass_flags, at_most, coerce, coerce_kwargs, finite_float, parse_int, type_hints)
 from .log import WANDB_MODES, Logger, provenance, read_records
-from .meta import (CONTROLS, MAX_HORIZON, META_LOSSES, RESUMABLE, VAL_METRICS, Interrupted, MetaConfig,
-                   MetaTrainer, RunLock, load_checkpoint, load_lopt, save_lopt)
+from .meta import (CHECKPOINT, CONTROLS, MAX_HORIZON, META_LOSSES, RESUMABLE, VAL_METRICS, Interrupted,
+                   MetaConfig, MetaTrainer, RunLock, has_checkpoint, load_checkpoint, load_lopt, save_lopt)
 from .optim import OPTIMIZERS, get_optimizer
 from .optim.learned import LEARNED, build_learned, kind_of
 from .tasks import FAMILIES, get_family
@@ -169,11 +169,13 @@ def _conflict(key: str, value: Any, cfg: Dict[str, Any]) -> Optional[Tuple[str, 
     cls, saved = _arg_classes(cfg).get(key), cfg[key]
     defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items()} if cls else {}
     for k, v in value.items():
-        before = saved[k] if k in saved else defaults.get(k, inspect.Parameter.empty)
+        if k in saved:
+            before, text = saved[k], f"{k}={json.dumps(saved[k])}"
+        else:
+            before = defaults.get(k, inspect.Parameter.empty)
+            text = f"{k} not set, so {before!r}"
         if _canonical(key, {k: v}, cfg) != _canonical(key, {k: before}, cfg):
-            return f"{k}={json.dumps(v)}", (f"{k}={json.dumps(before)}" if k in saved else
-                                            f"{k} not set, so {before!r}" if before is not inspect.Parameter.empty
-                                            else f"no {k}")
+            return f"{k}={json.dumps(v)}", text
     return None
 
 
@@ -187,22 +189,16 @@ def run_config(run_dir: str) -> Optional[Dict[str, Any]]:
             return {**TRAIN_DEFAULTS, **record["config"]}
     except (OSError, ValueError):
         pass
-    ckpt = os.path.join(run_dir, "checkpoint.pt")
-    if os.path.exists(ckpt) or os.path.exists(ckpt + ".prev"):
+    if has_checkpoint(run_dir):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                saved = load_checkpoint(ckpt).get("run_config")
+                saved = load_checkpoint(os.path.join(run_dir, CHECKPOINT)).get("run_config")
             except (RuntimeError, ValueError):
                 saved = None
         if isinstance(saved, dict):
             return {**TRAIN_DEFAULTS, **saved}
     return None
-
-
-def _has_checkpoint(run_dir: str) -> bool:
-    ckpt = os.path.join(run_dir, "checkpoint.pt")
-    return os.path.exists(ckpt) or os.path.exists(ckpt + ".prev")
 
 
 def resolve_train_config(args) -> Dict[str, Any]:
@@ -227,7 +223,7 @@ def resolve_train_config(args) -> Dict[str, Any]:
         raise CLIError("--resume needs --run-dir DIR (the run to continue)")
     if not os.path.isdir(run_dir):
         raise CLIError(f"--resume: there is no run directory {run_dir}")
-    if not _has_checkpoint(run_dir):
+    if not has_checkpoint(run_dir):
         raise CLIError(f"--resume: {run_dir} holds no checkpoint.pt to resume from; start it without --resume")
     cfg = run_config(run_dir)
     if cfg is None:
@@ -401,7 +397,7 @@ def cmd_meta_train(args) -> int:
         if main_rank:
             try:
                 lock.acquire()  # before anything is written: a second run in this directory stops here
-                if not args.resume and _has_checkpoint(run_dir):
+                if not args.resume and has_checkpoint(run_dir):
                     raise CLIError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
                                    f"another --run-dir")
             except Exception as e:  # noqa: BLE001 - re-raised below, after every rank knows
@@ -460,7 +456,7 @@ def _learned_source(args) -> Tuple[Optional[str], Optional[str], Optional[Dict[s
         raise CLIError(f"--run-dir: there is no run directory {args.run_dir}")
     if not os.path.exists(path):
         hint = ""
-        if args.run_dir and _has_checkpoint(args.run_dir):
+        if args.run_dir and has_checkpoint(args.run_dir):
             hint = f" (the run has not finished: continue it with meta-train --run-dir {args.run_dir} --resume)"
         raise CLIError(f"no saved meta-network at {path}{hint}")
     run_dir = args.run_dir or os.path.dirname(os.path.abspath(path))

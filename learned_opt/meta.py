@@ -341,6 +341,13 @@ def _grad_norm(grads: Sequence[Tensor]) -> Tensor:
 
 
 LOCK_NAME = "run.lock"
+CHECKPOINT = "checkpoint.pt"
+
+
+def has_checkpoint(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds a training checkpoint (the latest or the previous one) to resume from."""
+    path = os.path.join(run_dir, CHECKPOINT)
+    return os.path.exists(path) or os.path.exists(path + ".prev")
 
 
 class RunDirBusy(RuntimeError):
@@ -471,7 +478,7 @@ class MetaTrainer:
     @property
     def checkpoint_path(self) -> Optional[str]:
         """Where the latest checkpoint lives (``None`` without a run directory)."""
-        return os.path.join(self.run_dir, "checkpoint.pt") if self.run_dir else None
+        return os.path.join(self.run_dir, CHECKPOINT) if self.run_dir else None
 
     @property
     def world_size(self) -> int:
@@ -523,7 +530,7 @@ class MetaTrainer:
         :data:`RESUMABLE` settings may change), or when it is already past ``cfg.iterations``.
         """
         path = self.checkpoint_path
-        if not path or not (os.path.exists(path) or os.path.exists(path + ".prev")):
+        if not path or not has_checkpoint(self.run_dir):
             return False
         ck = load_checkpoint(path)
         if ck.get("format") == LOPT_FORMAT:
