@@ -6,7 +6,8 @@ terms through the learner's gradient off by default. Added for robustness: other
 validation loss, the halting objective for the stop head), our own Adam as the meta-optimizer with global
 gradient-norm clipping, guards against non-finite losses and meta-gradients, a per-task loss ceiling, a
 curriculum over horizons (Chen et al. 2020), random truncation offsets, held-out validation keeping the best
-meta-weights, atomic checkpoints with exact resume, and JSONL / W&B logs. With a
+meta-weights, atomic checkpoints with exact resume (periodic by default, and on SIGINT / SIGTERM), a lock file
+that keeps a second process out of a run directory, and JSONL / W&B logs. With a
 :class:`~learned_opt.distributed.DistContext` (``dist=``) every rank unrolls its own tasks and the meta-gradients
 are averaged over the ranks every meta-step (see :mod:`learned_opt.distributed`).
 """

@@ -196,7 +196,8 @@ def test_cli_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, finishe
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "compare.json").write_text("{}")
     (tmp_path / "badlog").mkdir()
-    (tmp_path / "badlog" / "metrics.jsonl").write_text('{"meta_step": 0, "meta_loss": 1}\n{"meta_st\n{"meta_step": 1}\n')
+    (tmp_path / "badlog" / "metrics.jsonl").write_text('{"meta_step": 0, "meta_loss": 1}\n{"meta_st\n'
+                                                       '{"meta_step": 1}\n')
     argv = [a.replace("{run}", str(run)).replace("{tmp}", str(tmp_path)) for a in argv]
     message = message.replace("{tmp}", str(tmp_path))
     before = _snapshot(tmp_path)
