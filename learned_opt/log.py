@@ -27,6 +27,11 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _first_line(e: Exception) -> str:
+    """An exception's first line (W&B's validation errors run to several)."""
+    return (str(e).splitlines() or [""])[0]
+
+
 def _new_run_id() -> str:
     """A W&B run id: 8 random characters of [a-z0-9], as W&B makes them (its helper moves between versions)."""
     import secrets
@@ -78,7 +83,7 @@ class Logger:
                 with open(id_file, "w") as f:
                     f.write(run_id + "\n")
         except Exception as e:  # noqa: BLE001 - W&B must never stop a run
-            warnings.warn(f"W&B disabled: {type(e).__name__}: {e}")
+            warnings.warn(f"W&B disabled: {type(e).__name__}: {_first_line(e)}")
             self.wandb = None
 
     def truncate(self, lines: int) -> None:
@@ -135,7 +140,7 @@ class Logger:
         try:
             fn(self.wandb)
         except Exception as e:  # noqa: BLE001 - W&B must never stop a run
-            warnings.warn(f"W&B logging failed and is now off: {type(e).__name__}: {e}")
+            warnings.warn(f"W&B logging failed and is now off: {type(e).__name__}: {_first_line(e)}")
             self.wandb = None
 
     def close(self) -> None:
