@@ -590,8 +590,9 @@ def paired(learned, baseline, *, level: float = 0.95, n_boot: int = 4000, seed: 
     ``baseline``: ``(tasks,)`` or the same shape. Returns ``ratio`` (the mean over seeds and tasks of the per-task
     ratio learned / baseline) with a ``level`` bootstrap interval ``ci_low .. ci_high`` (resampling seeds, then
     tasks), ``ratio_of_means`` with its own bootstrap interval, ``gmean_ratio``, the two-sided Wilcoxon signed-rank
-    p-value on the per-task log ratios (averaged over seeds) and ``favours`` (the side of their median), ``win_rate`` (fraction of seed-task pairs where
-    learned is lower), the per-seed mean ratios and their t interval.
+    p-value on the per-task log ratios (averaged over seeds) and ``favours`` (the side of their median),
+    ``win_rate`` (fraction of seed-task pairs where learned is lower), the per-seed mean ratios and their t
+    interval.
     """
     from scipy import stats
 

@@ -36,7 +36,7 @@ def test_digits_smoke_writes_the_protocol_keys_and_reuses_its_tuning_cache(tmp_p
         p = summary["paired"][name]
         assert set(p) >= {"ratio", "ci_low", "ci_high", "wilcoxon_p", "win_rate"} and p["n_seeds"] == 2, name
         assert p["ci_low"] <= p["ratio"] <= p["ci_high"]
-    assert set(summary["unseen"]) == {"relu"} and set(summary["unseen"]["relu"]) == {"train", "heldout"}
+    assert set(summary["unseen"]) == {"relu"} and set(summary["unseen"]["relu"]) == {"train", "heldout", "accuracy"}
     assert set(summary["speedup_over_tuned_adam"]) == {"5", "10", "20"}
     for h in ("10", "20"):  # held-out accuracy of the learned optimizer at every horizon
         assert 0.0 <= summary["learned"][h]["accuracy"] <= 1.0
