@@ -540,6 +540,33 @@ def test_untrained_heads_change_nothing_and_lr_head_scales_the_update():
         torch.testing.assert_close(a, factor * b, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("make", [lambda: CoordLSTM(hidden=4), lambda: CoordMLP(hidden=8)], ids=["lstm", "mlp"])
+def test_meta_training_without_control_leaves_the_heads_at_a_multiplier_of_one(make):
+    """What makes controller='auto' safe as the default: meta-training with control='none' never moves the
+    heads, so a saved network's LR multiplier is exactly 1 in the drop-in while its update rule did train."""
+    import warnings
+
+    from learned_opt.meta import MetaConfig, MetaTrainer
+    from learned_opt.tasks import QuadraticFamily
+
+    torch.manual_seed(0)
+    net = make()
+    heads = {k: v.clone() for k, v in net.heads.state_dict().items()}
+    body = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("heads.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        MetaTrainer(net, QuadraticFamily(num_problems=2), MetaConfig(horizon=6, truncation=3, iterations=3,
+                                                                     meta_lr=0.01, seed=0)).run()
+    assert all(torch.equal(v, net.heads.state_dict()[k]) for k, v in heads.items())
+    assert any(not torch.equal(v, net.state_dict()[k]) for k, v in body.items())
+    w = nn.Parameter(torch.randn(5))
+    opt = ProtocolOptimizer([w], net)
+    opt.zero_grad()
+    (w ** 2).sum().backward()
+    opt.step(loss=(w ** 2).sum())
+    assert float(opt.decisions[0].lr_scale) == 1.0
+
+
 def test_stop_head_is_exposed_and_the_stopping_step_applies_no_update():
     torch.manual_seed(0)
     net = CoordLSTM(hidden=4, init_zero=False)

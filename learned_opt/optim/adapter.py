@@ -79,14 +79,14 @@ class ProtocolOptimizer(torch.optim.Optimizer):
     constructor: every step adds ``(group['lr'] / lr) * u`` to the parameters, where ``u`` is the update that
     ``opt`` proposes (times the learned LR multiplier when a controller runs, see below). A hand-coded
     baseline's own rate is already inside ``u``: ``ProtocolOptimizer(params, Adam(lr=1e-3))`` steps exactly like
-    ``torch.optim.Adam(params, lr=1e-3)``, and so does ``ProtocolOptimizer(params, Adam(lr=1e-3), lr=1e-3)``
-    (the constructor's ``lr`` is only the reference the groups' rates are measured against). With the default
-    ``lr=1.0`` it reads as a plain multiplier. A group with its own rate, ``{'params': head, 'lr': 0.1}``, takes
-    ``0.1 / lr`` times the update. ``torch.optim.lr_scheduler`` schedulers change ``group['lr']`` and hence
-    the multiplier: ``StepLR(opt, 10, gamma=0.5)`` halves the updates every 10 steps; rates a scheduler sets
-    in absolute terms (``CosineAnnealingLR``'s ``eta_min``, ``OneCycleLR``'s ``max_lr``) are read in the same
-    units, relative to the constructor's ``lr``. ``group['lr'] = 0`` freezes a group (its state still advances,
-    as in ``torch.optim``).
+    ``torch.optim.Adam(params, lr=1e-3)``, and so does ``ProtocolOptimizer(params, Adam(lr=1e-3), lr=1e-3)``:
+    the constructor's ``lr`` is only the reference that the groups' rates are measured against (kept in every
+    group as ``group['lr_ref']``). With the default ``lr=1.0`` it reads as a plain multiplier. A group with its
+    own rate, ``{'params': head, 'lr': 0.1}``, takes ``0.1 / lr`` times the update. ``torch.optim.lr_scheduler``
+    schedulers change ``group['lr']`` and hence the multiplier: ``StepLR(opt, 10, gamma=0.5)`` halves the
+    updates every 10 steps; rates a scheduler sets in absolute terms (``CosineAnnealingLR``'s ``eta_min``,
+    ``OneCycleLR``'s ``max_lr``) are read in the same units, relative to the constructor's ``lr``.
+    ``group['lr'] = 0`` freezes a group (its state still advances, as in ``torch.optim``).
 
     **Parameters without gradients.** As in ``torch.optim``, a step moves only the parameters whose ``.grad``
     is not ``None`` (``requires_grad=False`` parameters never have one); the others are left exactly as they
