@@ -7,8 +7,8 @@ Measures, with one intra-op thread (small-op workloads, DESIGN.md section 3), wa
 timings taken in alternation, so that a load change on a shared machine hits both sides of a ratio alike:
 
 1. ``higher_over_func_meta_step``: one meta-training step (truncation 10 on the digits MLP 64->20->10) with the
-   learner run through ``higher`` (our :class:`~learned_opt.functional.FunctionalModule`) over the same step with
-   ``torch.func.functional_call``; the worse of CoordLSTM and CoordMLP. Target <= 1.1.
+   learner run through ``higher`` (:class:`~learned_opt.functional.FunctionalModule`'s default backend) over the
+   same step with its ``torch.func.functional_call`` backend; the worse of CoordLSTM and CoordMLP. Target <= 1.1.
 2. ``lopt_over_adam_eval_step_digits``: one evaluation inner step (forward, backward, update, apply; no graph) of
    each meta-network over the same step with hand-coded Adam on the digits MLP; the worse of CoordLSTM, CoordMLP
    and the digits experiment's configuration (Adam-based CoordLSTM driven by its own LR head). Target
@@ -33,7 +33,7 @@ import sys
 import time
 import warnings
 import weakref
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_flatten
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from learned_opt.functional import FunctionalModule  # noqa: E402
 from learned_opt.log import provenance  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer  # noqa: E402
 from learned_opt.optim import Adam  # noqa: E402
@@ -64,18 +65,6 @@ EVAL_NETS = ("lstm", "mlp", "lstm_digits")  # timed against Adam in the evaluati
 
 
 # ----------------------------------------------------------------------------------------------- tools
-class FuncCall:
-    """A learner run through ``torch.func.functional_call`` (the reference for our ``higher`` path)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
-        self.names = [n for n, _ in module.named_parameters()]
-
-    def __call__(self, params: Sequence[torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
-        """Evaluate the module at ``params``."""
-        return torch.func.functional_call(self.module, dict(zip(self.names, params)), inputs)
-
-
 def side_by_side(fns: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> Dict[str, float]:
     """Median seconds per call of each function, calls interleaved (order rotated every round)."""
     names = list(fns)
@@ -154,7 +143,7 @@ def make_trainer(kind: str, family, truncation: int, horizon: int = 100, functio
     trainer = MetaTrainer(net, family, MetaConfig(horizon=horizon, truncation=truncation, iterations=1))
     run = trainer._new_run(horizon)
     if functional_call:
-        run.task.fn = FuncCall(run.task.fn.module)
+        run.task.fn = FunctionalModule(run.task.fn.module, backend="func")
     return trainer, run
 
 

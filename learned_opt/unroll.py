@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .control import Constant, Observation
+from .control import Constant, Decision, Observation
 from .tasks.base import check_positive_int
 
 RECORD_KEYS = ("step", "train_loss", "val_loss", "lr_scale", "stop_prob", "stop", "grad_norm", "update_norm")
@@ -49,13 +49,13 @@ class UnrollResult:
         return torch.stack([p.detach() for p in self.problem_losses])
 
 
-def _norm(tensors: Sequence[Tensor]) -> Tensor:
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """Global L2 norm of a list of tensors, detached (one fused call, not a Python loop)."""
     with torch.no_grad():
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.detach() for t in tensors])))
 
 
-def _apply_scale(updates: Sequence[Tensor], scale) -> List[Tensor]:
+def apply_scale(updates: Sequence[Tensor], scale) -> List[Tensor]:
     """``scale * u`` for every update; ``scale`` is a number, a 0-d tensor or one scale per tensor."""
     if isinstance(scale, (list, tuple)):
         if len(scale) != len(updates):
@@ -78,6 +78,23 @@ def _mean_scale(scale) -> float:
     if isinstance(scale, (list, tuple)):
         return float(sum(_float(s) for s in scale) / max(len(scale), 1))
     return _float(scale)
+
+
+def propose(optimizer, controller, grads: Sequence[Tensor], params: Sequence[Tensor], opt_state: Any,
+            ctrl_state: Any, *, step: int, horizon: int, loss: Optional[Tensor], val_loss: Optional[Tensor] = None,
+            grad_norm: Optional[Tensor] = None, training: bool = False) -> Tuple[List[Tensor], Any, Decision, Any]:
+    """One inner step's proposal, not yet applied: ``(updates, opt_state, decision, ctrl_state)``.
+
+    The optimizer updates first; the controller then decides on an :class:`Observation` that carries the new
+    optimizer state (a meta-network's own heads read their pooled hidden state there). The caller applies
+    ``apply_scale(updates, decision.lr_scale)`` unless ``decision.stop``. Shared by :func:`unroll` and the
+    ``torch.optim`` adapter (:class:`learned_opt.optim.adapter.ProtocolOptimizer`), so both drive an optimizer
+    and its controller the same way.
+    """
+    updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss)
+    obs = Observation(step, horizon, loss, val_loss, grad_norm, opt_state, training)
+    decision, ctrl_state = controller.decide(obs, ctrl_state)
+    return updates, opt_state, decision, ctrl_state
 
 
 def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Generator,
@@ -149,12 +166,12 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
                                     retain_graph=differentiable)
         if differentiable and not second_order:
             grads = [g.detach() for g in grads]
-        gnorm = _norm(grads)
+        gnorm = global_norm(grads)
         with torch.set_grad_enabled(differentiable):
             loss_in = loss if differentiable else loss.detach()
-            updates, opt_state = optimizer.update(grads, opt_state, params, loss=loss_in)
-            obs = Observation(t, horizon, loss_in, val, gnorm, opt_state, differentiable)
-            decision, ctrl_state = controller.decide(obs, ctrl_state)
+            updates, opt_state, decision, ctrl_state = propose(
+                optimizer, controller, grads, params, opt_state, ctrl_state, step=t, horizon=horizon,
+                loss=loss_in, val_loss=val, grad_norm=gnorm, training=differentiable)
             if isinstance(decision.stop_prob, Tensor):
                 result.stop_probs.append(decision.stop_prob)
             if decision.is_best:
@@ -163,12 +180,12 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
                 record(t, per_problem, loss, val, decision.lr_scale, decision.stop_prob, True, gnorm)
                 result.stopped, result.stop_step = True, t
                 break
-            scaled = _apply_scale(updates, decision.lr_scale)
+            scaled = apply_scale(updates, decision.lr_scale)
             params = list(torch._foreach_add(params, scaled))  # one fused, differentiable op for all tensors
             if not differentiable:
                 params = [p.detach() for p in params]
         record(t, per_problem, loss, val, decision.lr_scale, decision.stop_prob, False, gnorm,
-               _norm(scaled))
+               global_norm(scaled))
         if not differentiable and not torch.isfinite(per_problem).any():
             result.diverged = True
             break

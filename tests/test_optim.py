@@ -1,4 +1,5 @@
-"""Tests for the hand-coded optimizers and the ``torch.optim`` adapter (:mod:`learned_opt.optim`).
+"""Tests for the hand-coded optimizers (:mod:`learned_opt.optim.baselines`); the ``torch.optim`` adapter is
+tested in ``tests/test_adapter.py``.
 
 As in ``higher``'s own test suite, every optimizer is checked step for step against ``torch.optim``: 200 steps
 on a random small MLP loss whose parameters include a scalar, vectors and matrices, in float32 and float64.
@@ -7,7 +8,6 @@ for SGD / heavy ball, against ``higher.innerloop_ctx``. Adding an optimizer mean
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import higher
@@ -16,9 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from learned_opt.optim import (OPTIMIZERS, SGD, Adam, AdamW, Momentum, Nesterov, ProtocolOptimizer, RMSprop,
-                               get_optimizer)
-from learned_opt.optim.learned import CoordLSTM
+from learned_opt.optim import OPTIMIZERS, SGD, Adam, AdamW, Momentum, Nesterov, RMSprop, get_optimizer
 from learned_opt.tasks.quadratic import Quadratic
 from learned_opt.unroll import unroll
 
@@ -286,147 +284,6 @@ def test_meta_gradients_match_higher(name, momentum):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The torch.optim adapter.
-
-
-def _digits(n=512):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data[:n], dtype=torch.float32) / 16.0
-    return x, torch.tensor(d.target[:n], dtype=torch.long)
-
-
-def _mlp(seed=0):
-    torch.manual_seed(seed)  # nn.Linear initialises from the global RNG; tests run in their own process order
-    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-
-
-def test_adapter_trains_a_module():
-    """zero_grad / backward / step with the adapter drives a digits MLP's loss down substantially."""
-    x, y = _digits()
-    model = _mlp()
-    opt = ProtocolOptimizer(model.parameters(), Adam(lr=1e-2))
-    loss_fn = nn.CrossEntropyLoss()
-    with torch.no_grad():
-        first = float(loss_fn(model(x), y))
-    g = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        idx = torch.randperm(x.shape[0], generator=g)[:128]
-        opt.zero_grad()
-        loss_fn(model(x[idx]), y[idx]).backward()
-        opt.step()
-    with torch.no_grad():
-        last = float(loss_fn(model(x), y))
-        acc = float((model(x).argmax(1) == y).float().mean())
-    assert last < 0.15 * first, (first, last)
-    assert acc > 0.9
-
-
-ADAPTER_CASES = [c for c in CASES if c[0] in ("momentum_damp_wd", "adam", "adamw_wd_amsgrad", "rmsprop_centered")]
-
-
-@pytest.mark.parametrize("name,make_ours,make_torch", ADAPTER_CASES, ids=[c[0] for c in ADAPTER_CASES])
-def test_adapter_matches_torch_optim(name, make_ours, make_torch):
-    """The adapter reproduces torch.optim's trajectory on an nn.Module (closure loss returned)."""
-    x, y = _digits(256)
-    a = _mlp(1)
-    b = copy.deepcopy(a)
-    opt_a, opt_b = ProtocolOptimizer(a.parameters(), make_ours()), make_torch(list(b.parameters()))
-    loss_fn = nn.CrossEntropyLoss()
-    for t in range(10):
-        idx = slice(16 * t, 16 * t + 64)
-
-        def closure(m=a, opt=opt_a):
-            opt.zero_grad()
-            loss = loss_fn(m(x[idx]), y[idx])
-            loss.backward()
-            return loss
-
-        ret = opt_a.step(closure)
-        assert torch.is_tensor(ret) and ret.ndim == 0
-        opt_b.zero_grad()
-        loss_fn(b(x[idx]), y[idx]).backward()
-        opt_b.step()
-        for pa, pb in zip(a.parameters(), b.parameters()):
-            torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-6)
-    assert not torch.equal(a[0].weight, _mlp(1)[0].weight)
-
-
-def test_adapter_lr_scheduler_scales_updates():
-    """StepLR on the adapter multiplies the wrapped optimizer's updates by the schedule's factor."""
-    c = torch.tensor([1.0, -2.0, 0.5])
-    w = nn.Parameter(torch.zeros(3))
-    opt = ProtocolOptimizer([w], SGD(lr=0.1))
-    sched = T.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    for t in range(6):
-        before = w.detach().clone()
-        opt.zero_grad()
-        (w * c).sum().backward()  # constant gradient c: the update is -0.1 * scale * c
-        opt.step()
-        sched.step()
-        expected = -0.1 * 0.5 ** (t // 2) * c
-        torch.testing.assert_close(w.detach() - before, expected, atol=1e-7, rtol=1e-6)
-
-
-def test_adapter_with_scheduler_matches_torch():
-    """Adapter(Momentum) + StepLR follows torch.optim.SGD(momentum) + StepLR on an MLP."""
-    x, y = _digits(128)
-    a = _mlp(2)
-    b = copy.deepcopy(a)
-    opt_a = ProtocolOptimizer(a.parameters(), Momentum(lr=0.1, momentum=0.9))
-    opt_b = T.SGD(b.parameters(), lr=0.1, momentum=0.9, foreach=False)
-    scheds = [T.lr_scheduler.StepLR(o, step_size=3, gamma=0.3) for o in (opt_a, opt_b)]
-    loss_fn = nn.CrossEntropyLoss()
-    for _ in range(9):
-        for m, o, s in zip((a, b), (opt_a, opt_b), scheds):
-            o.zero_grad()
-            loss_fn(m(x), y).backward()
-            o.step()
-            s.step()
-    # torch scales the buffer's contribution by the current lr only, as does the adapter (scale * -lr * buf)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-6)
-
-
-def test_adapter_passes_closure_loss_and_zero_grads():
-    """The closure's loss reaches ``update(..., loss=)``; parameters without a gradient get a zero gradient."""
-    seen = []
-
-    class Spy:
-        def init(self, params):
-            return 0
-
-        def update(self, grads, state, params, *, loss=None):
-            seen.append((loss, [g.clone() for g in grads]))
-            return [-g for g in grads], state + 1
-
-    w, unused = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))
-    opt = ProtocolOptimizer([w, unused], Spy())
-
-    def closure():
-        opt.zero_grad()
-        loss = (3 * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    assert float(seen[0][0]) == 6.0 and not seen[0][0].requires_grad
-    assert torch.equal(seen[0][1][0], torch.full((2,), 3.0))
-    assert torch.equal(seen[0][1][1], torch.zeros(3))
-    assert torch.equal(w.detach(), torch.full((2,), -2.0)) and torch.equal(unused.detach(), torch.ones(3))
-    assert opt.proto_state == 1
-
-
-def test_adapter_rejects_bad_arguments():
-    """A non-optimizer is refused with a TypeError naming its type; a zero base lr with a ValueError."""
-    with pytest.raises(TypeError, match="str"):
-        ProtocolOptimizer([nn.Parameter(torch.ones(1))], "adam")
-    with pytest.raises(ValueError, match=r"lr.*0\.0"):
-        ProtocolOptimizer([nn.Parameter(torch.ones(1))], SGD(), lr=0.0)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Bad input.
 
 
@@ -490,65 +347,3 @@ def test_mismatched_grads(name, make_ours, make_torch):
         opt.update([torch.zeros(2, 3)], state, params)
     with pytest.raises(ValueError, match=r"got 3 gradients for 2 parameters"):
         opt.update([torch.zeros(2, 3), torch.zeros(4), torch.zeros(1)], state, params)
-
-
-def test_adapter_state_dict_round_trip_keeps_protocol_state():
-    """A resumed adapter continues exactly like one that never stopped (Adam's moments survive)."""
-    torch.manual_seed(0)
-    model_a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
-    model_b = copy.deepcopy(model_a)
-    x, y = torch.randn(16, 4), torch.randn(16, 1)
-
-    def train(model, opt, n):
-        for _ in range(n):
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
-
-    opt_a = ProtocolOptimizer(model_a.parameters(), Adam(lr=0.01))
-    train(model_a, opt_a, 10)
-    opt_b = ProtocolOptimizer(model_b.parameters(), Adam(lr=0.01))
-    train(model_b, opt_b, 5)
-    saved = copy.deepcopy(opt_b.state_dict())
-    opt_b2 = ProtocolOptimizer(model_b.parameters(), Adam(lr=0.01))
-    opt_b2.load_state_dict(saved)
-    train(model_b, opt_b2, 5)
-    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
-        assert torch.equal(pa, pb)
-
-
-@pytest.mark.parametrize("make", [lambda: Adam(lr=1e-2), lambda: Momentum(lr=1e-2, momentum=0.9),
-                                  lambda: CoordLSTM(hidden=4, base="adam", extra_inputs=["agreement"],
-                                                    init_zero=False)])
-def test_adapter_state_dict_loads_weights_only_and_resumes_exactly(tmp_path, make):
-    torch.manual_seed(0)
-    proto = make()
-    x = torch.randn(64, 5)
-    y = x @ torch.randn(5, 1)
-
-    def train(module, opt, steps):
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = ((module(x) - y) ** 2).mean()
-            loss.backward()
-            opt.step(lambda: loss)
-
-    a = torch.nn.Linear(5, 1)
-    b = copy.deepcopy(a)
-    opt_a = ProtocolOptimizer(a.parameters(), proto)
-    train(a, opt_a, 10)
-    opt_b = ProtocolOptimizer(b.parameters(), proto)
-    train(b, opt_b, 4)
-    torch.save(opt_b.state_dict(), tmp_path / "opt.pt")
-    resumed = ProtocolOptimizer(b.parameters(), proto)
-    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))  # plain containers only
-    train(b, resumed, 6)
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
-
-
-def test_adapter_refuses_to_rebuild_foreign_classes():
-    from learned_opt.optim.adapter import from_plain
-
-    with pytest.raises(ValueError, match="not a learned_opt state"):
-        from_plain({"__namedtuple__": "os:system", "fields": {}})

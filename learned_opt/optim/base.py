@@ -4,6 +4,10 @@ Borrowed from optax's ``GradientTransformation``: an optimizer is ``init(params)
 ``update(grads, state, params, *, loss=None) -> (updates, state)`` over a flat list of tensors. Updates are
 *added* to the parameters (``new = p + lr_scale * u``) by the caller, so a controller's learning-rate scale
 composes with any optimizer. Everything is out-of-place, hence differentiable when the inputs carry a graph.
+
+An optimizer whose update of each tensor depends on that tensor alone (its gradient, parameter and state; every
+hand-coded baseline) sets the class attribute ``per_tensor = True``. The ``torch.optim`` adapter then keeps one
+state per tensor, so that a tensor without a gradient at a step keeps its state exactly, as ``torch.optim`` does.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Hyper-parameters may be tensors (e.g. a learning rate that requires grad, for me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ class SGDState(NamedTuple):
 @dataclass(frozen=True)
 class SGD:
     """Stochastic gradient descent with optional heavy-ball or Nesterov momentum, dampening and L2 decay."""
+    per_tensor: ClassVar[bool] = True  # each tensor's update reads that tensor only (optim/base.py)
     lr: Scalar = 0.01
     momentum: Scalar = 0.0
     dampening: Scalar = 0.0
@@ -102,6 +103,7 @@ class AdamState(NamedTuple):
 @dataclass(frozen=True)
 class Adam:
     """Adam (Kingma & Ba 2015) with bias correction, optional L2 weight decay and optional AMSGrad."""
+    per_tensor: ClassVar[bool] = True  # each tensor's update reads that tensor only (optim/base.py)
     lr: Scalar = 1e-3
     betas: Tuple[Scalar, Scalar] = (0.9, 0.999)
     eps: float = 1e-8
@@ -172,6 +174,7 @@ class RMSpropState(NamedTuple):
 @dataclass(frozen=True)
 class RMSprop:
     """RMSprop (Tieleman & Hinton 2012) with optional momentum, centering and L2 weight decay."""
+    per_tensor: ClassVar[bool] = True  # each tensor's update reads that tensor only (optim/base.py)
     lr: Scalar = 1e-2
     alpha: float = 0.99
     eps: float = 1e-8

@@ -38,14 +38,19 @@ class MLP(nn.Sequential):
 
 
 class SupervisedTask:
-    """A learner module, data splits ``{'train': (x, y), 'val': ..., 'test': ...}`` and a loss."""
+    """A learner module, data splits ``{'train': (x, y), 'val': ..., 'test': ...}`` and a loss.
+
+    ``backend`` chooses how the module runs functionally (``"higher"`` or ``"func"``; ``None``: the
+    ``LEARNED_OPT_FUNCTIONAL`` environment variable, else ``"higher"``; see :mod:`learned_opt.functional`).
+    """
     num_problems = 1
 
     def __init__(self, module: nn.Module, data: Dict[str, Tuple[Tensor, Tensor]], loss: str = "mse",
-                 batch_size: Optional[int] = None, eval_batch_size: Optional[int] = None):
+                 batch_size: Optional[int] = None, eval_batch_size: Optional[int] = None,
+                 backend: Optional[str] = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
-        self.fn = FunctionalModule(module)
+        self.fn = FunctionalModule(module, backend)
         self.data, self.loss_name = data, loss
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
 
