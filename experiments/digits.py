@@ -182,9 +182,11 @@ def seed_job(cfg: Config, seed: int):
     run_dir = os.path.join(cfg.out_dir, f"run_seed{seed}")
     train_family = ReparamFamily(meta, cfg.augment) if cfg.augment > 1 else meta
     trainer = MetaTrainer(net, train_family, meta_config(cfg, seed), run_dir=run_dir, progress=False)
-    t0 = time.perf_counter()
+    # an interrupted final run continues from its checkpoint: resume is bit-identical to never stopping (a test
+    # in test_meta checks it), and refuses a checkpoint written with other settings
+    resumed = trainer.resume()
     trainer.run()
-    seconds = time.perf_counter() - t0
+    seconds = trainer.train_seconds  # meta-training time, summed over interrupted parts
     save_lopt(os.path.join(run_dir, "lopt.pt"), net)
     ctrl = net.as_controller if cfg.control == "learned" else None
     max_h = max(cfg.eval_horizons)
@@ -195,7 +197,8 @@ def seed_job(cfg: Config, seed: int):
                    **eval_split(cfg))
     unseen = {a: evaluate(evals[a], net, ctrl, num_tasks=cfg.test_tasks, steps=cfg.horizon,
                           **eval_split(cfg)) for a in cfg.unseen}
-    return {"seed": seed, "meta_seconds": seconds, "skipped": trainer.skipped, "meta_steps": trainer.meta_step,
+    return {"seed": seed, "meta_seconds": seconds, "resumed": resumed, "skipped": trainer.skipped,
+            "meta_steps": trainer.meta_step,
             "at": res.at, "curves": res.curves, "unseen_at": {a: r.at for a, r in unseen.items()},
             "unseen_curves": {a: r.curves for a, r in unseen.items()}}
 
