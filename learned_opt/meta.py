@@ -254,6 +254,13 @@ def _opt_state_from_dict(d: Dict[str, Any]) -> AdamState:
     return AdamState(tuple(d["mu"]), tuple(d["nu"]), tuple(d["nu_max"]), int(d["count"]))
 
 
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it; it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """Write atomically (temporary file, fsync, rename) and keep the previous file as ``<path>.prev``.
 
@@ -265,6 +272,7 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a saved file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()

@@ -389,6 +389,24 @@ def test_save_to_read_only_dir_raises(tmp_path):
     assert open(path, "rb").read() == before
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    # the atomic save writes through a mkstemp file (created 0600): the saved file must follow the umask, as a
+    # plain open() would, or others on a shared machine cannot read a run's checkpoints and meta-networks
+    old = os.umask(0o022)
+    try:
+        path = str(tmp_path / "ck.pt")
+        save_checkpoint(path, _payload(1))
+        save_checkpoint(path, _payload(2))  # the replaced file, and the kept .prev
+        assert os.stat(path).st_mode & 0o777 == 0o644
+        assert os.stat(path + ".prev").st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        save_checkpoint(path, _payload(3))
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
 def test_trainer_save_to_unwritable_dir_raises(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
