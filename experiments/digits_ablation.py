@@ -7,7 +7,7 @@ tasks of a stream of their own ("ablation": never the tasks that select checkpoi
 development runs); the numbers are per-task ratios (whole training set loss) to Adam with lr 0.1 on the same
 tasks, averaged over tasks. Writes ``results/digits_ablation/{summary.json, table.md}``.
 
-    python experiments/digits_ablation.py                  # the table in the README (about 25 minutes)
+    python experiments/digits_ablation.py --workers 2      # the table in the README (make reproduce)
     python experiments/digits_ablation.py --preset smoke   # seconds; used by the tests
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import markdown_table, parse_config, provenance, run_main, write_json  # noqa: E402
+from common import markdown_table, parallel_map, parse_config, provenance, run_main, write_json  # noqa: E402
 from digits import UNSEEN  # noqa: E402
 
 from learned_opt.evaluate import evaluate  # noqa: E402
@@ -42,7 +42,8 @@ VARIANTS = {
 @dataclass
 class Config:
     """Ablation settings; every field is a command-line flag."""
-    seeds: int = 2
+    seeds: int = 3
+    workers: int = 1  # independent meta-trainings run in this many processes (results do not depend on it)
     tasks: int = 20  # validation tasks for the comparison
     horizon: int = 100
     truncation: int = 20
@@ -61,39 +62,56 @@ PRESETS = {"smoke": dict(seeds=1, tasks=1, horizon=6, truncation=3, iterations=1
                          out_dir="runs/digits_ablation_smoke")}
 
 
+WHERE = dict(split="val", stream="ablation")  # validation tasks of their own stream: no other use touches them
+
+
+def reference(cfg: Config):
+    """Adam with lr 0.1 (what every variant is, fresh) on the ablation tasks: per-task train losses."""
+    torch.set_num_threads(1)
+    family = DigitsFamily(pool="meta")
+    adam = get_optimizer("adam", lr=0.1)
+    points = sorted({cfg.horizon, cfg.long})
+    ref = evaluate(family, adam, num_tasks=cfg.tasks, steps=cfg.long, checkpoints=points, **WHERE)
+    ref_unseen = {a: evaluate(DigitsFamily(pool="meta", **UNSEEN[a]), adam, num_tasks=cfg.tasks,
+                              steps=cfg.horizon, **WHERE).metric("train_loss") for a in cfg.unseen}
+    return {h: ref.metric("train_loss", h) for h in points}, ref_unseen
+
+
+def variant_job(cfg: Config, name: str, seed: int, ref, ref_unseen) -> dict:
+    """Meta-train variant ``name`` with ``seed`` and return its mean per-task loss ratios to the reference."""
+    torch.set_num_threads(1)
+    v = VARIANTS[name]
+    family = DigitsFamily(pool="meta")
+    points = sorted({cfg.horizon, cfg.long})
+    torch.manual_seed(seed)
+    net = CoordLSTM(**v["net"])
+    mcfg = MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations,
+                      meta_lr=cfg.meta_lr, meta_loss="mean_log", control="learned",
+                      second_order=v["second_order"], val_every=cfg.meta_val_every,
+                      val_tasks=cfg.meta_val_tasks, val_horizon=cfg.meta_val_horizon,
+                      val_metric="mean_log_curve", seed=seed)
+    fam = ReparamFamily(family, v["augment"]) if v["augment"] > 1 else family
+    MetaTrainer(net, fam, mcfg).run()
+    c = evaluate(family, net, net.as_controller, num_tasks=cfg.tasks, steps=cfg.long, checkpoints=points, **WHERE)
+    row = {f"{h} steps": float(np.mean(c.metric("train_loss", h) / ref[h])) for h in points}
+    for a in cfg.unseen:
+        cu = evaluate(DigitsFamily(pool="meta", **UNSEEN[a]), net, net.as_controller, num_tasks=cfg.tasks,
+                      steps=cfg.horizon, **WHERE).metric("train_loss")
+        row[a] = float(np.mean(cu / ref_unseen[a]))
+    print(f"{name}, seed {seed}: " + ", ".join(f"{k} {x:.3f}" for k, x in row.items()), flush=True)
+    return row
+
+
 def main(argv=None) -> dict:
     cfg = parse_config(Config, PRESETS, argv)
     torch.set_num_threads(1)
     prov = provenance()
-    family = DigitsFamily(pool="meta")
-    points = sorted({cfg.horizon, cfg.long})
-    adam = get_optimizer("adam", lr=0.1)
-    where = dict(split="val", stream="ablation")
-    ref = evaluate(family, adam, num_tasks=cfg.tasks, steps=cfg.long, checkpoints=points, **where)
-    ref_unseen = {a: evaluate(DigitsFamily(pool="meta", **UNSEEN[a]), adam, num_tasks=cfg.tasks,
-                              steps=cfg.horizon, **where).metric("train_loss") for a in cfg.unseen}
+    ref, ref_unseen = reference(cfg)
+    jobs = [(cfg, name, seed, ref, ref_unseen) for name in VARIANTS for seed in range(cfg.seeds)]
+    rows = parallel_map(variant_job, jobs, cfg.workers)
     results = {}
-    for name, v in VARIANTS.items():
-        for seed in range(cfg.seeds):
-            torch.manual_seed(seed)
-            net = CoordLSTM(**v["net"])
-            mcfg = MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations,
-                              meta_lr=cfg.meta_lr, meta_loss="mean_log", control="learned",
-                              second_order=v["second_order"], val_every=cfg.meta_val_every,
-                              val_tasks=cfg.meta_val_tasks, val_horizon=cfg.meta_val_horizon,
-                              val_metric="mean_log_curve", seed=seed)
-            fam = ReparamFamily(family, v["augment"]) if v["augment"] > 1 else family
-            MetaTrainer(net, fam, mcfg).run()
-            c = evaluate(family, net, net.as_controller, num_tasks=cfg.tasks, steps=cfg.long, checkpoints=points,
-                         **where)
-            row = {f"{h} steps": float(np.mean(c.metric("train_loss", h) / ref.metric("train_loss", h)))
-                   for h in points}
-            for a in cfg.unseen:
-                cu = evaluate(DigitsFamily(pool="meta", **UNSEEN[a]), net, net.as_controller, num_tasks=cfg.tasks,
-                              steps=cfg.horizon, **where).metric("train_loss")
-                row[a] = float(np.mean(cu / ref_unseen[a]))
-            results.setdefault(name, []).append(row)
-            print(f"{name}, seed {seed}: " + ", ".join(f"{k} {x:.3f}" for k, x in row.items()), flush=True)
+    for (_, name, _, _, _), row in zip(jobs, rows):
+        results.setdefault(name, []).append(row)
     cols = list(next(iter(results.values()))[0])
     rows = [[name, *(" / ".join(f"{r[k]:.2f}" for r in rs) for k in cols)] for name, rs in results.items()]
     table = markdown_table(["configuration (seeds separated by /)", *cols], rows)
