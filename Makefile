@@ -36,7 +36,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/digits.py --final true --workers 2
 	$(PY) experiments/metanet.py --final true --workers 2
 	$(PY) experiments/control.py --final true --workers 2
-	$(PY) experiments/digits_ablation.py
+	$(PY) experiments/digits_ablation.py --workers 2
 	$(PY) benchmarks/bench.py
 
 # Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about a minute).
