@@ -17,7 +17,9 @@ meta-training or tuning run has seen, and their held-out loss and accuracy use t
 3. Everything is evaluated on the same evaluation tasks; each comparison is paired per task (learned seeds x
    tasks against the baseline on the same tasks): ratio with a bootstrap interval, Wilcoxon p, win rate.
 
-Writes ``{out_dir}/{summary.json, table.md, loss_curves.png, speedup.png}``.
+Writes ``{out_dir}/{summary.json, table.md, loss_curves.png, speedup.png}``. Each seed meta-trains in
+``{out_dir}/run_seed{N}``; a run that was interrupted continues from its checkpoint there (exactly), and a checkpoint
+written with other settings is refused: delete ``run_seed*/checkpoint.pt*`` to meta-train afresh.
 
     python experiments/digits.py --final true --workers 2   # the reported run (make reproduce)
     python experiments/digits.py                            # development: validation tasks only
