@@ -27,7 +27,7 @@ from .distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV, init_from_env, shutdown
 from .evaluate import evaluate, lr_grid, tune_lr
 from .flags import (add_dataclass_flags, at_most, coerce, coerce_kwargs, finite_float, parse_int, type_hints)
 from .log import WANDB_MODES, Logger, provenance, read_records
-from .meta import (CHECKPOINT, CONTROLS, MAX_HORIZON, META_LOSSES, RESUMABLE, VAL_METRICS, Interrupted,
+from .meta import (CHECKPOINT, CONTROLS, ESTIMATORS, MAX_HORIZON, META_LOSSES, RESUMABLE, VAL_METRICS, Interrupted,
                    MetaConfig, MetaTrainer, RunLock, has_checkpoint, load_checkpoint, load_lopt, save_lopt)
 from .optim import OPTIMIZERS, get_optimizer
 from .optim.learned import LEARNED, build_learned, kind_of
@@ -691,6 +691,10 @@ META_HELP = {
     "keep_best": "end with the best validated meta-weights instead of the last",
     "checkpoint_every": "meta-iterations between checkpoints (0: off)",
     "checkpoint_seconds": "seconds of training between checkpoints (0: off)",
+    "estimator": "meta-gradient estimator: tbptt (backprop through each truncation), es (antithetic evolution "
+                 "strategies per truncation) or pes (persistent ES, unbiased across truncations)",
+    "particles": "es / pes: perturbations per task and truncation (even: antithetic pairs)",
+    "sigma": "es / pes: standard deviation of the perturbations of the meta-weights",
 }
 STEPS = at_most(MAX_HORIZON, "learned_opt.meta.MAX_HORIZON inner steps")
 TASKS_HELP = f"task family: {', '.join(sorted(FAMILIES))}"
@@ -755,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"under torchrun: how long a rank waits for a stalled peer before failing (default: "
                         f"${TIMEOUT_ENV}, else {DEFAULT_TIMEOUT_S:g})")
     add_dataclass_flags(t, MetaConfig, skip={"seed"}, dashes=True,
-                        choices={"meta_loss": META_LOSSES, "control": CONTROLS, "val_metric": VAL_METRICS},
+                        choices={"meta_loss": META_LOSSES, "control": CONTROLS, "val_metric": VAL_METRICS,
+                                 "estimator": ESTIMATORS},
                         help=META_HELP)
 
     e = parser("evaluate", cmd_evaluate)

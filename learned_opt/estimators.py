@@ -64,6 +64,17 @@ def _finite_pairs(losses: Tensor) -> Tensor:
     return torch.cat([ok, ok])
 
 
+def antithetic_sum(losses: Tensor, weights: Tensor, sigma: float) -> Tuple[Tensor, Tensor]:
+    """The ES / PES sum over antithetic pairs (rows ``i`` and ``i + P/2``) with finite losses:
+    ``sum_pairs (L_i - L_i') w_i / (2 sigma^2)``, ``w`` the perturbation (ES) or its running sum (PES; pairs stay
+    mirrored, so this is ``sum_i L_i w_i / sigma^2``). Returns the sum and the ``(P,)`` mask of the copies that
+    counted; dividing by the number of counted pairs gives the estimate."""
+    half = losses.shape[0] // 2
+    ok = _finite_pairs(losses)
+    diff = torch.where(ok[:half], losses[:half] - losses[half:], torch.zeros_like(losses[:half]))
+    return (diff[:, None] * weights[:half]).sum(0) / (2 * sigma ** 2), ok
+
+
 def tbptt_estimate(theta: Tensor, unroll_fn: UnrollFn, inner: Tensor, K: int) -> Tuple[Estimate, Tensor]:
     """Truncated backprop: the gradient of the truncation loss from ``inner`` (one state, no batch dimension),
     which enters as a constant. Returns the estimate and the state after the truncation."""
@@ -111,11 +122,8 @@ class ES(_Population):
         with torch.no_grad():
             states = inner.detach().expand(self.local, *inner.shape)
             losses, _ = unroll_fn(theta[None] + eps, states, K)
-            ok = _finite_pairs(losses)
-            half = self.local // 2
-            pairs = int(ok[:half].sum())
-            diff = torch.where(ok[:half], losses[:half] - losses[half:], torch.zeros_like(losses[:half]))
-            total = (diff[:, None] * eps[:half]).sum(0) / (2 * self.sigma ** 2)
+            total, ok = antithetic_sum(losses, eps, self.sigma)
+            pairs = int(ok.sum()) // 2
             _, new = unroll_fn(theta[None], inner.detach()[None], K)
         grad = total / max(pairs, 1)
         loss = float(losses[ok].mean()) if pairs else float("nan")
@@ -163,12 +171,9 @@ class PES(_Population):
         with torch.no_grad():
             losses, new_inner = unroll_fn(theta[None] + eps, state.inner, K)
             acc = state.accumulated + eps
-            ok = _finite_pairs(losses)
-            half = self.local // 2
-            pairs = int(ok[:half].sum())
-            diff = torch.where(ok[:half], losses[:half] - losses[half:], torch.zeros_like(losses[:half]))
-            total = (diff[:, None] * acc[:half]).sum(0) / (2 * self.sigma ** 2)
-            if pairs < half:  # restart the dropped pairs
+            total, ok = antithetic_sum(losses, acc, self.sigma)
+            pairs = int(ok.sum()) // 2
+            if not ok.all():  # restart the dropped pairs
                 bad = ~ok
                 restart = state.inner if reset_state is None else reset_state.expand_as(state.inner)
                 new_inner = torch.where(bad.view(-1, *[1] * (new_inner.dim() - 1)), restart, new_inner)

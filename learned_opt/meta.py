@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .distributed import DistContext, rank_seed
+from .estimators import antithetic_sum
 from .evaluate import evaluate, robust_mean, task_seed
 from .log import Logger
 from .optim.baselines import Adam, AdamState
@@ -40,6 +41,7 @@ from .tasks.base import check_positive_int, generator
 from .unroll import UnrollResult, unroll
 
 META_LOSSES = ("sum", "mean_log", "val", "halting")
+ESTIMATORS = ("tbptt", "es", "pes")  # see learned_opt/estimators.py
 CONTROLS = ("none", "learned")
 VAL_METRICS = ("mean_final", "mean_log_final", "mean_log_curve", "val_at_stop")
 # Inner steps per task at most (horizons, evaluation steps). The per-step records of an unroll and an
@@ -77,6 +79,14 @@ class MetaConfig:
     # whichever comes first (0 turns either off; with both 0, only at the end): a killed run loses little.
     checkpoint_every: int = 10
     checkpoint_seconds: float = 60.0
+    # The meta-gradient estimator: "tbptt" (backprop through each truncation, through higher / torch.func),
+    # "es" (antithetic evolution strategies on each truncation, from the unperturbed state) or "pes" (persistent
+    # ES: each particle keeps its own inner state across the truncations of a task and the sum of its
+    # perturbations; unbiased across truncations). ES / PES use ``particles`` perturbations of scale ``sigma``
+    # per task and truncation and run the inner loop without a graph.
+    estimator: str = "tbptt"
+    particles: int = 8
+    sigma: float = 0.01
     seed: int = 0
 
     def validate(self) -> None:
@@ -120,6 +130,16 @@ class MetaConfig:
             raise ValueError(f"checkpoint_seconds must be a finite number >= 0, got {self.checkpoint_seconds!r}")
         if not (self.halting_lambda >= 0 and math.isfinite(self.halting_lambda)):
             raise ValueError(f"halting_lambda must be a finite number >= 0, got {self.halting_lambda!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}")
+        if isinstance(self.particles, bool) or not isinstance(self.particles, int) or self.particles < 2 \
+                or self.particles % 2:
+            raise ValueError(f"particles must be an even integer >= 2 (antithetic pairs), got {self.particles!r}")
+        if not (isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool) and 0 < self.sigma < math.inf):
+            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        if self.estimator != "tbptt" and self.meta_loss == "halting":
+            raise ValueError("the halting meta-loss needs estimator='tbptt' (its survival state is not carried per "
+                             "ES / PES particle)")
 
 
 def _plain(x: Any) -> Any:
@@ -174,6 +194,30 @@ class InnerRun:
     ceiling: Tensor  # per-problem loss ceiling
     survival: float = 1.0  # halting: probability of not having stopped before ``step``
     best_val: float = math.inf  # halting with restore_best: lowest validation loss seen before ``step``
+
+
+def _copy_run(run: InnerRun) -> InnerRun:
+    """An independent copy of an inner run's state (its own data generator at the same position)."""
+    gen = torch.Generator(device=run.gen.device)
+    gen.set_state(run.gen.get_state())
+    return InnerRun(run.task, gen, [p.detach().clone() for p in run.params], tree_detach(run.opt_state),
+                    tree_detach(run.ctrl_state), run.step, run.horizon, run.ceiling, run.survival, run.best_val)
+
+
+def _set_flat(params: Sequence[Tensor], flat: Tensor) -> None:
+    """Copy a flat vector into the parameters in place (no grad; the parameters keep their own storage)."""
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _advance(run: InnerRun, res: UnrollResult) -> None:
+    """Carry a run's state past the truncation ``res`` (without a graph)."""
+    run.params = [p.detach() for p in res.params]
+    run.opt_state = tree_detach(res.opt_state)
+    run.ctrl_state = tree_detach(res.ctrl_state)
+    run.step = res.step
 
 
 def _clip(per_problem: Tensor, ceiling: Tensor) -> Tensor:
@@ -482,6 +526,8 @@ class MetaTrainer:
         self.run_config = run_config
         self.signal: Optional[int] = None  # SIGINT / SIGTERM received during run()
         self._stop = False  # every rank agrees to stop at this meta-step
+        self._particles: Optional[List[List[InnerRun]]] = None  # PES: per task, its particles' inner runs
+        self._accumulated: List[Tensor] = []  # PES: per task, each particle's summed perturbations
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -658,29 +704,105 @@ class MetaTrainer:
             left -= n
         return lengths
 
+    def _unroll_run(self, run: InnerRun, length: int, ctrl, differentiable: bool) -> UnrollResult:
+        """One truncation of ``run`` under the current meta-weights (the run itself is not changed)."""
+        cfg = self.cfg
+        return unroll(run.task, self._inner_optimizer(), ctrl, steps=length, generator=run.gen, params=run.params,
+                      opt_state=run.opt_state, ctrl_state=run.ctrl_state, start_step=run.step,
+                      horizon=run.horizon, differentiable=differentiable, second_order=cfg.second_order,
+                      val_every=1 if cfg.meta_loss in ("val", "halting") else 0)
+
+    def _population_gradient(self, runs: List[InnerRun], length: int, ctrl):
+        """ES / PES meta-gradient of one truncation (see :mod:`learned_opt.estimators` for the estimators).
+
+        For every task, ``particles`` antithetic perturbations ``e`` of the flattened meta-weights each run the
+        truncation without a graph: ES from the task's current state, PES from the particle's own state (kept
+        across the task's truncations, with the sum of its perturbations). The data order is the task's for every
+        particle (common random numbers). The estimate is ``sum_pairs (L+ - L-) w / (2 sigma^2)`` over finite
+        pairs, ``w`` the perturbation (ES) or its running sum (PES), averaged over pairs and tasks. The task
+        then advances under the unperturbed weights. The noise of meta-step ``k`` is drawn from a generator
+        seeded by (seed, k, rank), so resuming at an iteration boundary (where every checkpoint is written, and
+        where PES particles start afresh with the new tasks) is exact. Returns (gradient as a list shaped like
+        the meta-parameters or None, the advanced runs' unroll results, log entries).
+        """
+        cfg = self.cfg
+        pes = cfg.estimator == "pes"
+        theta = torch.nn.utils.parameters_to_vector([p.detach() for p in self.meta_params]).clone()
+        rank = self.dist.rank if self.dist is not None else 0
+        noise = generator(task_seed("train", self.meta_step, cfg.seed, stream=f"es-noise-{rank}"))
+        half = cfg.particles // 2
+        restore_best = getattr(ctrl, "restore_best", False)
+        if pes and self._particles is None:
+            self._particles = [[_copy_run(run) for _ in range(cfg.particles)] for run in runs]
+            self._accumulated = [theta.new_zeros(cfg.particles, theta.numel()) for _ in runs]
+        total, pairs, dropped, losses_seen = torch.zeros_like(theta), 0, 0, []
+        try:
+            for r, run in enumerate(runs):
+                z = torch.randn(half, theta.numel(), generator=noise, dtype=theta.dtype) * cfg.sigma
+                eps = torch.cat([z, -z])
+                losses = theta.new_full((cfg.particles,), math.nan)
+                for i in range(cfg.particles):
+                    particle = self._particles[r][i] if pes else _copy_run(run)
+                    with torch.no_grad():
+                        _set_flat(self.meta_params, theta + eps[i])
+                        res = self._unroll_run(particle, length, ctrl, differentiable=False)
+                        loss = truncation_loss(cfg.meta_loss, res, particle, cfg.halting_lambda, restore_best)
+                    losses[i] = float(loss)
+                    if pes:
+                        _advance(particle, res)
+                weights = eps
+                if pes:
+                    self._accumulated[r] = self._accumulated[r] + eps
+                    weights = self._accumulated[r]
+                part, ok = antithetic_sum(losses, weights, cfg.sigma)
+                total = total + part
+                pairs += int(ok.sum()) // 2
+                dropped += int((~ok).sum())
+                losses_seen.append(losses[ok])
+                if pes and not ok.all():  # a pair that blew up restarts from the task's state, its sum cleared
+                    for i in torch.nonzero(~ok).flatten().tolist():
+                        self._particles[r][i] = _copy_run(run)
+                        self._accumulated[r][i] = 0
+        finally:
+            with torch.no_grad():
+                _set_flat(self.meta_params, theta)
+        with torch.no_grad():
+            results = [self._unroll_run(run, length, ctrl, differentiable=False) for run in runs]
+        seen = torch.cat(losses_seen)
+        extra = {"meta_loss": float(seen.mean()) if seen.numel() else math.nan, "particles_dropped": dropped}
+        if pairs == 0:
+            return None, results, extra
+        flat = total / pairs
+        grads, offset = [], 0
+        for p in self.meta_params:
+            grads.append(flat[offset:offset + p.numel()].view_as(p).to(p.dtype))
+            offset += p.numel()
+        return grads, results, extra
+
     def meta_step_on(self, runs: List[InnerRun], length: int) -> Dict[str, Any]:
         """One truncation on every run, one guarded meta-update; returns the step's log record."""
         cfg = self.cfg
         ctrl = self._controller()
-        needs_val = cfg.meta_loss in ("val", "halting")
-        losses, results = [], []
-        for run in runs:
-            res = unroll(run.task, self._inner_optimizer(), ctrl, steps=length, generator=run.gen, params=run.params,
-                         opt_state=run.opt_state, ctrl_state=run.ctrl_state, start_step=run.step,
-                         horizon=run.horizon, differentiable=True, second_order=cfg.second_order,
-                         val_every=1 if needs_val else 0)
-            losses.append(truncation_loss(cfg.meta_loss, res, run, cfg.halting_lambda,
-                                          getattr(ctrl, "restore_best", False)))
-            results.append(res)
-        meta_loss = torch.stack(losses).mean()
-        record: Dict[str, Any] = {"meta_step": self.meta_step, "iteration": self.iteration,
-                                  "meta_loss": float(meta_loss.detach()), "skipped": 0}
-        inner_finite = all(torch.isfinite(torch.stack([r.sum() for r in res.problem_losses])).all()
-                           for res in results)
-        grads = None
-        if torch.isfinite(meta_loss) and inner_finite:
-            grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.meta_params)]
+        record: Dict[str, Any] = {"meta_step": self.meta_step, "iteration": self.iteration, "skipped": 0}
+        if cfg.estimator == "tbptt":
+            losses, results = [], []
+            for run in runs:
+                res = self._unroll_run(run, length, ctrl, differentiable=True)
+                losses.append(truncation_loss(cfg.meta_loss, res, run, cfg.halting_lambda,
+                                              getattr(ctrl, "restore_best", False)))
+                results.append(res)
+            meta_loss = torch.stack(losses).mean()
+            record["meta_loss"] = float(meta_loss.detach())
+            inner_finite = all(torch.isfinite(torch.stack([r.sum() for r in res.problem_losses])).all()
+                               for res in results)
+            grads = None
+            if torch.isfinite(meta_loss) and inner_finite:
+                grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.meta_params)]
+        else:
+            grads, results, extra = self._population_gradient(runs, length, ctrl)
+            record.update(extra)
+        if grads is not None:
             gnorm = _grad_norm(grads)
             record["meta_grad_norm"] = float(gnorm)
             if not torch.isfinite(gnorm):
@@ -730,10 +852,7 @@ class MetaTrainer:
                 record.update(skipped=1, skipped_total=self.skipped)
                 self._warn_skipped("non-finite meta-update")
         for run, res in zip(runs, results):
-            run.params = [p.detach() for p in res.params]
-            run.opt_state = tree_detach(res.opt_state)
-            run.ctrl_state = tree_detach(res.ctrl_state)
-            run.step = res.step
+            _advance(run, res)
         self.meta_step += 1
         return record
 
@@ -787,6 +906,7 @@ class MetaTrainer:
             start = time.perf_counter()
             horizon = self.horizon_at(self.iteration)
             runs = [self._new_run(horizon) for _ in range(cfg.tasks_per_step)]
+            self._particles = None  # PES particles belong to one batch of tasks
             for length in self._truncation_lengths(horizon):
                 record = self.meta_step_on(runs, length)
                 self.logger.log(record)
