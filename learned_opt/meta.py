@@ -513,7 +513,14 @@ class MetaTrainer:
         self.meta_state = self.meta_opt.init([p.detach() for p in self.meta_params])
         # Each rank draws its own tasks (rank 0 those of a single-process run); the truncation schedule is
         # rank 0's, broadcast, so every rank makes the same number of meta-steps.
-        self.gen = generator(rank_seed(config.seed, dist.rank if dist is not None else 0))
+        # TBPTT: every rank draws its own tasks. ES / PES: every rank draws the same tasks (rank 0's, those of a
+        # single process) and holds its share of the particles, so the population, not the number of ranks,
+        # decides the result.
+        population = config.estimator != "tbptt"
+        self.gen = generator(rank_seed(config.seed, dist.rank if dist is not None and not population else 0))
+        if population and dist is not None and config.particles // 2 < dist.world_size:
+            raise ValueError(f"particles={config.particles} gives {config.particles // 2} antithetic pairs, fewer "
+                             f"than the {dist.world_size} ranks that share them")
         self.iteration = 0
         self.meta_step = 0
         self.skipped = 0
@@ -721,27 +728,29 @@ class MetaTrainer:
         particle (common random numbers). The estimate is ``sum_pairs (L+ - L-) w / (2 sigma^2)`` over finite
         pairs, ``w`` the perturbation (ES) or its running sum (PES), averaged over pairs and tasks. The task
         then advances under the unperturbed weights. The noise of meta-step ``k`` is drawn from a generator
-        seeded by (seed, k, rank), so resuming at an iteration boundary (where every checkpoint is written, and
+        seeded by (seed, k), the same on every rank, so resuming at an iteration boundary (where every checkpoint is written, and
         where PES particles start afresh with the new tasks) is exact. Returns (gradient as a list shaped like
-        the meta-parameters or None, the advanced runs' unroll results, log entries).
+        the meta-parameters, *summed* over this rank's finite pairs; their number; the advanced runs' unroll
+        results; log entries). With ranks, pair ``j`` of the population lives on rank ``j % world_size``.
         """
         cfg = self.cfg
         pes = cfg.estimator == "pes"
         theta = torch.nn.utils.parameters_to_vector([p.detach() for p in self.meta_params]).clone()
-        rank = self.dist.rank if self.dist is not None else 0
-        noise = generator(task_seed("train", self.meta_step, cfg.seed, stream=f"es-noise-{rank}"))
-        half = cfg.particles // 2
+        rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
+        noise = generator(task_seed("train", self.meta_step, cfg.seed, stream="es-noise"))
+        all_pairs = cfg.particles // 2
+        half = len(range(rank, all_pairs, world))  # this rank's pairs: rank, rank + world, ...
         restore_best = getattr(ctrl, "restore_best", False)
         if pes and self._particles is None:
-            self._particles = [[_copy_run(run) for _ in range(cfg.particles)] for run in runs]
-            self._accumulated = [theta.new_zeros(cfg.particles, theta.numel()) for _ in runs]
+            self._particles = [[_copy_run(run) for _ in range(2 * half)] for run in runs]
+            self._accumulated = [theta.new_zeros(2 * half, theta.numel()) for _ in runs]
         total, pairs, dropped, losses_seen = torch.zeros_like(theta), 0, 0, []
         try:
             for r, run in enumerate(runs):
-                z = torch.randn(half, theta.numel(), generator=noise, dtype=theta.dtype) * cfg.sigma
+                z = torch.randn(all_pairs, theta.numel(), generator=noise, dtype=theta.dtype)[rank::world] * cfg.sigma
                 eps = torch.cat([z, -z])
-                losses = theta.new_full((cfg.particles,), math.nan)
-                for i in range(cfg.particles):
+                losses = theta.new_full((2 * half,), math.nan)
+                for i in range(2 * half):
                     particle = self._particles[r][i] if pes else _copy_run(run)
                     with torch.no_grad():
                         _set_flat(self.meta_params, theta + eps[i])
@@ -770,14 +779,11 @@ class MetaTrainer:
             results = [self._unroll_run(run, length, ctrl, differentiable=False) for run in runs]
         seen = torch.cat(losses_seen)
         extra = {"meta_loss": float(seen.mean()) if seen.numel() else math.nan, "particles_dropped": dropped}
-        if pairs == 0:
-            return None, results, extra
-        flat = total / pairs
         grads, offset = [], 0
         for p in self.meta_params:
-            grads.append(flat[offset:offset + p.numel()].view_as(p).to(p.dtype))
+            grads.append(total[offset:offset + p.numel()].view_as(p).to(p.dtype))
             offset += p.numel()
-        return grads, results, extra
+        return grads, pairs, results, extra
 
     def meta_step_on(self, runs: List[InnerRun], length: int) -> Dict[str, Any]:
         """One truncation on every run, one guarded meta-update; returns the step's log record."""
@@ -800,8 +806,10 @@ class MetaTrainer:
                 grads = torch.autograd.grad(meta_loss, self.meta_params, allow_unused=True)
                 grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.meta_params)]
         else:
-            grads, results, extra = self._population_gradient(runs, length, ctrl)
+            grads, pairs, results, extra = self._population_gradient(runs, length, ctrl)
             record.update(extra)
+            if self.dist is None:  # with ranks, the sums are divided after the all-reduce
+                grads = [g / pairs for g in grads] if pairs else None
         if grads is not None:
             gnorm = _grad_norm(grads)
             record["meta_grad_norm"] = float(gnorm)
@@ -824,12 +832,20 @@ class MetaTrainer:
                     warnings.warn(f"meta-step {self.meta_step}, rank {self.dist.rank}: non-finite inner loss or "
                                   f"meta-gradient; this rank's contribution is dropped ({self._dropped} times "
                                   f"so far)")
+            population = cfg.estimator != "tbptt"
             grads, mean_loss, finite, means = self.dist.reduce_meta_gradient(
                 grads, record["meta_loss"], self.meta_params,
-                extras=[*diagnostics.values(), float(self.signal is not None)])
-            self._stop = means[-1] > 0
+                extras=[*diagnostics.values(), float(self.signal is not None), *([float(pairs)] if population else [])])
+            k = len(diagnostics)
+            self._stop = means[k] > 0
+            if population and grads is not None:
+                # the mean over ranks of the summed estimates over the mean number of pairs: the estimate of the
+                # whole population when every rank's sums are finite (a rank with a non-finite sum is left out)
+                mean_pairs = means[k + 1] * self.dist.world_size / max(finite, 1)
+                grads = [g / mean_pairs for g in grads] if mean_pairs > 0 and finite == self.dist.world_size \
+                    else None
             record.update(meta_loss=mean_loss, finite_ranks=finite, inner_loss_rank=diagnostics["inner_loss"])
-            record.update(zip(diagnostics, means[:-1]))  # the diagnostics too are means over the ranks
+            record.update(zip(diagnostics, means[:k]))  # the diagnostics too are means over the ranks
             if grads is not None:
                 gnorm = _grad_norm(grads)
                 record["meta_grad_norm"] = float(gnorm)

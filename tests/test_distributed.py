@@ -72,6 +72,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _population_config(estimator):
+    return MetaConfig(horizon=6, truncation=3, iterations=2, tasks_per_step=2, meta_lr=0.01, estimator=estimator,
+                      particles=8, sigma=0.01, seed=5)
+
+
 def _worker(rank, world, port, scenario, out_dir):
     os.environ.update(ENV)
     torch.set_num_threads(1)
@@ -85,6 +90,10 @@ def _worker(rank, world, port, scenario, out_dir):
             family = QuadraticFamily(dim=3, num_problems=4)
             cfg = MetaConfig(horizon=6, truncation=3, iterations=3, tasks_per_step=2, meta_lr=0.01,
                              random_offset=True, seed=5)
+        elif scenario in ("es", "pes"):  # the population split across the ranks
+            net = CoordLSTM(hidden=6, init_zero=False)
+            family = QuadraticFamily(dim=3, num_problems=4)
+            cfg = _population_config(scenario)
         else:  # "nan": iteration 0 is NaN on rank 1 only, iteration 1 on both ranks, iteration 2 on none
             net = CoordLSTM(hidden=6)
             family = SquareFamily(n=8, nan_calls={0, 1} if rank == 1 else {1})
@@ -213,3 +222,21 @@ def test_rank_timeout_defaults_to_5_minutes_and_follows_the_flag_and_the_variabl
         distributed.init_from_env()
     with pytest.raises(ValueError, match="--dist-timeout"):
         distributed.init_from_env(timeout_s=0)
+
+
+@pytest.mark.parametrize("estimator", ["es", "pes"])
+def test_population_split_over_two_ranks_equals_one_process_with_every_particle(tmp_path, estimator):
+    # 8 particles: 4 on each of 2 ranks (pairs 0, 2 on rank 0 and 1, 3 on rank 1), against one process with all 8;
+    # the population, not the number of ranks, decides the meta-update
+    r0, r1 = _spawn(estimator, tmp_path)
+    torch.manual_seed(0)  # rank 0's initial weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = SnapshotTrainer(CoordLSTM(hidden=6, init_zero=False), QuadraticFamily(dim=3, num_problems=4),
+                              _population_config(estimator)).run()
+    assert len(r0["snapshots"]) == len(ref.snapshots) == ref.meta_step == 4
+    for step, (a, b, c) in enumerate(zip(r0["snapshots"], r1["snapshots"], ref.snapshots)):
+        assert _max_diff(a, b) == 0.0, step
+        assert _max_diff(a, c) < 1e-6, (step, _max_diff(a, c))
+    assert not all(torch.equal(x, y) for x, y in zip(ref.snapshots[0], ref.snapshots[-1]))
+    assert r0["history"][0]["particles_dropped"] == 0
