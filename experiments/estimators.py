@@ -200,7 +200,8 @@ def main(argv=None) -> dict:
                  f"particles/s, 2 ranks {r['2']['particles_per_second']:.1f} particles/s: "
                  f"{summary['particles_per_second_2_ranks_over_1']:.2f}x (target >= {cfg.target_speedup}: "
                  f"{summary['targets']['particles_per_second_2_ranks_over_1']['verdict']}); largest difference of "
-                 f"the meta-weights, 2 ranks against 1: {summary['throughput']['max_weight_difference_2_ranks_vs_1']:.2g}\n")
+                 f"the meta-weights, 2 ranks against 1: "
+                 f"{summary['throughput']['max_weight_difference_2_ranks_vs_1']:.2g}\n")
     print(text)
     with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
         f.write(text)

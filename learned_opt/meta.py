@@ -135,7 +135,7 @@ class MetaConfig:
         if isinstance(self.particles, bool) or not isinstance(self.particles, int) or self.particles < 2 \
                 or self.particles % 2:
             raise ValueError(f"particles must be an even integer >= 2 (antithetic pairs), got {self.particles!r}")
-        if not (isinstance(self.sigma, (int, float)) and not isinstance(self.sigma, bool) and 0 < self.sigma < math.inf):
+        if isinstance(self.sigma, bool) or not (isinstance(self.sigma, (int, float)) and 0 < self.sigma < math.inf):
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
         if self.estimator != "tbptt" and self.meta_loss == "halting":
             raise ValueError("the halting meta-loss needs estimator='tbptt' (its survival state is not carried per "
@@ -728,10 +728,11 @@ class MetaTrainer:
         particle (common random numbers). The estimate is ``sum_pairs (L+ - L-) w / (2 sigma^2)`` over finite
         pairs, ``w`` the perturbation (ES) or its running sum (PES), averaged over pairs and tasks. The task
         then advances under the unperturbed weights. The noise of meta-step ``k`` is drawn from a generator
-        seeded by (seed, k), the same on every rank, so resuming at an iteration boundary (where every checkpoint is written, and
-        where PES particles start afresh with the new tasks) is exact. Returns (gradient as a list shaped like
-        the meta-parameters, *summed* over this rank's finite pairs; their number; the advanced runs' unroll
-        results; log entries). With ranks, pair ``j`` of the population lives on rank ``j % world_size``.
+        seeded by (seed, k), the same on every rank, so resuming at an iteration boundary (where every checkpoint
+        is written, and where PES particles start afresh with the new tasks) is exact. Returns (the gradient as
+        a list shaped like the meta-parameters, *summed* over this rank's finite pairs; their number; the
+        advanced runs' unroll results; log entries). With ranks, pair ``j`` of the population lives on rank
+        ``j % world_size``.
         """
         cfg = self.cfg
         pes = cfg.estimator == "pes"
@@ -747,7 +748,8 @@ class MetaTrainer:
         total, pairs, dropped, losses_seen = torch.zeros_like(theta), 0, 0, []
         try:
             for r, run in enumerate(runs):
-                z = torch.randn(all_pairs, theta.numel(), generator=noise, dtype=theta.dtype)[rank::world] * cfg.sigma
+                z = torch.randn(all_pairs, theta.numel(), generator=noise, dtype=theta.dtype)[rank::world]
+                z = z * cfg.sigma
                 eps = torch.cat([z, -z])
                 losses = theta.new_full((2 * half,), math.nan)
                 for i in range(2 * half):
@@ -835,7 +837,8 @@ class MetaTrainer:
             population = cfg.estimator != "tbptt"
             grads, mean_loss, finite, means = self.dist.reduce_meta_gradient(
                 grads, record["meta_loss"], self.meta_params,
-                extras=[*diagnostics.values(), float(self.signal is not None), *([float(pairs)] if population else [])])
+                extras=[*diagnostics.values(), float(self.signal is not None),
+                        *([float(pairs)] if population else [])])
             k = len(diagnostics)
             self._stop = means[k] > 0
             if population and grads is not None:
