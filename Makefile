@@ -37,6 +37,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/metanet.py --final true --workers 2
 	$(PY) experiments/control.py --final true --workers 2
 	$(PY) experiments/digits_ablation.py --workers 2
+	$(PY) experiments/estimators.py
 	$(PY) benchmarks/bench.py
 
 # Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about a minute).
