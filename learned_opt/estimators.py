@@ -115,7 +115,6 @@ class ES(_Population):
     unperturbed ``theta``. The estimate is ``sum_pairs (L(theta + e) - L(theta - e)) e / (2 * pairs * sigma^2)``.
     """
 
-
     def estimate(self, theta: Tensor, unroll_fn: UnrollFn, inner: Tensor, K: int) -> Tuple[Estimate, Tensor]:
         theta = theta.detach()
         eps = self._noise(theta)
@@ -153,11 +152,11 @@ class PES(_Population):
     each other: ``e_{i+P/2} = -e_i``), adds ``e_i`` to its accumulated perturbation ``xi_i`` and contributes
     ``L_i * xi_i``; the estimate is ``sum_i L_i xi_i / (P sigma^2)``. Because pairs start together and receive
     mirrored perturbations, ``xi`` stays antithetic and the estimate equals ``sum_pairs (L_i - L_i') xi_i /
-    (P sigma^2)``. ``baseline=True`` subtracts the pair mean of ``L`` (the same estimate, stated as the
-    variance-reduced form). A particle pair with a non-finite loss is dropped from the estimate, counted, and
-    restarted from ``reset_state`` with its accumulator cleared, so one blow-up does not poison later truncations.
+    (P sigma^2)``: the antithetic pair difference is itself a baseline (subtracting the pair's mean loss from both
+    members changes nothing). A particle pair with a non-finite loss is dropped from the estimate, counted, and
+    restarted from ``reset_state`` (without one: from the state it started the truncation in) with its
+    accumulator cleared, so one blow-up does not poison later truncations.
     """
-
 
     def init(self, inner: Tensor, d: int) -> PESState:
         """Every particle at ``inner`` (one state, no batch dimension), nothing accumulated."""
