@@ -43,25 +43,27 @@ class Estimate:
     dropped: int = 0
 
 
-def _antithetic(num_particles: int, d: int, sigma: float, generator: torch.Generator, dtype,
-                rank: int = 0, world_size: int = 1) -> Tensor:
-    """This rank's perturbations, ``(2 * local pairs, d)``: the whole population's ``P/2`` Gaussian draws times
-    ``sigma`` are drawn on every rank (so the population, not the number of ranks, decides the result), rank ``r``
-    keeps pairs ``r, r + world_size, ...``, and its rows are those draws followed by their negatives."""
-    if num_particles < 2 or num_particles % 2:
+def local_pairs(num_particles: int, rank: int = 0, world_size: int = 1) -> range:
+    """The antithetic pairs of a population of ``num_particles`` that rank ``rank`` of ``world_size`` holds:
+    ``rank, rank + world_size, ...`` (``ValueError`` for an odd population or a rank without a pair)."""
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2 \
+            or num_particles % 2:
         raise ValueError(f"num_particles must be even and at least 2 (antithetic pairs), got {num_particles}")
     if not 0 <= rank < world_size or world_size > num_particles // 2:
         raise ValueError(f"rank {rank} of {world_size}: every rank needs at least one of the "
                          f"{num_particles // 2} antithetic pairs")
-    half = torch.randn(num_particles // 2, d, generator=generator, dtype=dtype)[rank::world_size] * sigma
+    return range(rank, num_particles // 2, world_size)
+
+
+def antithetic_noise(num_particles: int, d: int, sigma: float, generator: torch.Generator, dtype=torch.float32,
+                     rank: int = 0, world_size: int = 1) -> Tensor:
+    """This rank's perturbations, ``(2 * local pairs, d)``: the whole population's ``P/2`` Gaussian draws times
+    ``sigma`` are drawn on every rank (so the population, not the number of ranks, decides the result), the rank
+    keeps its :func:`local_pairs`, and its rows are those draws followed by their negatives (pair ``i`` is rows
+    ``i`` and ``i + pairs``)."""
+    mine = local_pairs(num_particles, rank, world_size)
+    half = torch.randn(num_particles // 2, d, generator=generator, dtype=dtype)[mine.start::mine.step] * sigma
     return torch.cat([half, -half])
-
-
-def _finite_pairs(losses: Tensor) -> Tensor:
-    """A mask over the ``P`` copies: both members of a pair finite."""
-    half = losses.shape[0] // 2
-    ok = torch.isfinite(losses[:half]) & torch.isfinite(losses[half:])
-    return torch.cat([ok, ok])
 
 
 def antithetic_sum(losses: Tensor, weights: Tensor, sigma: float) -> Tuple[Tensor, Tensor]:
@@ -70,9 +72,9 @@ def antithetic_sum(losses: Tensor, weights: Tensor, sigma: float) -> Tuple[Tenso
     mirrored, so this is ``sum_i L_i w_i / sigma^2``). Returns the sum and the ``(P,)`` mask of the copies that
     counted; dividing by the number of counted pairs gives the estimate."""
     half = losses.shape[0] // 2
-    ok = _finite_pairs(losses)
-    diff = torch.where(ok[:half], losses[:half] - losses[half:], torch.zeros_like(losses[:half]))
-    return (diff[:, None] * weights[:half]).sum(0) / (2 * sigma ** 2), ok
+    ok = torch.isfinite(losses[:half]) & torch.isfinite(losses[half:])
+    diff = torch.where(ok, losses[:half] - losses[half:], torch.zeros_like(losses[:half]))
+    return (diff[:, None] * weights[:half]).sum(0) / (2 * sigma ** 2), torch.cat([ok, ok])
 
 
 def tbptt_estimate(theta: Tensor, unroll_fn: UnrollFn, inner: Tensor, K: int) -> Tuple[Estimate, Tensor]:
@@ -98,14 +100,13 @@ class _Population:
                  world_size: int = 1):
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
-        local = _antithetic(num_particles, 1, sigma, torch.Generator().manual_seed(0), torch.float64, rank,
-                            world_size)  # validates the population and the split
+        self.local = 2 * len(local_pairs(num_particles, rank, world_size))  # validates the population and split
         self.num_particles, self.sigma, self.generator = num_particles, float(sigma), generator
-        self.rank, self.world_size, self.local = rank, world_size, local.shape[0]
+        self.rank, self.world_size = rank, world_size
 
     def _noise(self, theta: Tensor) -> Tensor:
-        return _antithetic(self.num_particles, theta.numel(), self.sigma, self.generator, theta.dtype, self.rank,
-                           self.world_size)
+        return antithetic_noise(self.num_particles, theta.numel(), self.sigma, self.generator, theta.dtype,
+                                self.rank, self.world_size)
 
 
 class ES(_Population):

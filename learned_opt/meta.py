@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .distributed import DistContext, rank_seed
-from .estimators import antithetic_sum
+from .estimators import antithetic_noise, antithetic_sum, local_pairs
 from .evaluate import evaluate, robust_mean, task_seed
 from .log import Logger
 from .optim.baselines import Adam, AdamState
@@ -132,8 +132,8 @@ class MetaConfig:
             raise ValueError(f"halting_lambda must be a finite number >= 0, got {self.halting_lambda!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}")
-        if isinstance(self.particles, bool) or not isinstance(self.particles, int) or self.particles < 2 \
-                or self.particles % 2:
+        check_positive_int("particles", self.particles)
+        if self.particles % 2:
             raise ValueError(f"particles must be an even integer >= 2 (antithetic pairs), got {self.particles!r}")
         if isinstance(self.sigma, bool) or not (isinstance(self.sigma, (int, float)) and 0 < self.sigma < math.inf):
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
@@ -518,9 +518,8 @@ class MetaTrainer:
         # decides the result.
         population = config.estimator != "tbptt"
         self.gen = generator(rank_seed(config.seed, dist.rank if dist is not None and not population else 0))
-        if population and dist is not None and config.particles // 2 < dist.world_size:
-            raise ValueError(f"particles={config.particles} gives {config.particles // 2} antithetic pairs, fewer "
-                             f"than the {dist.world_size} ranks that share them")
+        if population and dist is not None:
+            local_pairs(config.particles, dist.rank, dist.world_size)  # every rank holds a pair, or ValueError
         self.iteration = 0
         self.meta_step = 0
         self.skipped = 0
@@ -739,8 +738,7 @@ class MetaTrainer:
         theta = torch.nn.utils.parameters_to_vector([p.detach() for p in self.meta_params]).clone()
         rank, world = (self.dist.rank, self.dist.world_size) if self.dist is not None else (0, 1)
         noise = generator(task_seed("train", self.meta_step, cfg.seed, stream="es-noise"))
-        all_pairs = cfg.particles // 2
-        half = len(range(rank, all_pairs, world))  # this rank's pairs: rank, rank + world, ...
+        half = len(local_pairs(cfg.particles, rank, world))  # this rank's pairs: rank, rank + world, ...
         restore_best = getattr(ctrl, "restore_best", False)
         if pes and self._particles is None:
             self._particles = [[_copy_run(run) for _ in range(2 * half)] for run in runs]
@@ -748,9 +746,7 @@ class MetaTrainer:
         total, pairs, dropped, losses_seen = torch.zeros_like(theta), 0, 0, []
         try:
             for r, run in enumerate(runs):
-                z = torch.randn(all_pairs, theta.numel(), generator=noise, dtype=theta.dtype)[rank::world]
-                z = z * cfg.sigma
-                eps = torch.cat([z, -z])
+                eps = antithetic_noise(cfg.particles, theta.numel(), cfg.sigma, noise, theta.dtype, rank, world)
                 losses = theta.new_full((2 * half,), math.nan)
                 for i in range(2 * half):
                     particle = self._particles[r][i] if pes else _copy_run(run)
