@@ -59,6 +59,7 @@ class RunSettings:
 
 
 META_DEFAULTS = {f.name: f.default for f in fields(MetaConfig)}
+INT_LIST_FLAGS = ("curriculum", "sample_horizons")  # comma-separated integers on the command line
 TRAIN_DEFAULTS = {**asdict(RunSettings()), **META_DEFAULTS}
 TRAIN_TYPES = {**type_hints(RunSettings), **type_hints(MetaConfig)}
 # Settings that a resumed run may change besides RESUMABLE: where it logs and computes, not what it learns.
@@ -128,11 +129,12 @@ def _given_flags(args) -> Dict[str, Any]:
         pairs = getattr(args, key.replace("_args", "_arg"), None)
         if pairs:
             given[key] = _kv(pairs, flag)
-    if "curriculum" in given:
-        try:
-            given["curriculum"] = [parse_int(x) for x in given["curriculum"].split(",") if x]
-        except argparse.ArgumentTypeError:
-            raise CLIError(f"--curriculum expects comma-separated integers, got {given['curriculum']!r}")
+    for key in INT_LIST_FLAGS:
+        if key in given:
+            try:
+                given[key] = [parse_int(x) for x in given[key].split(",") if x]
+            except argparse.ArgumentTypeError:
+                raise CLIError(f"--{key.replace('_', '-')} expects comma-separated integers, got {given[key]!r}")
     return given
 
 
@@ -376,7 +378,7 @@ def cmd_meta_train(args) -> int:
         raise CLIError(f"unknown --wandb mode {cfg['wandb']!r}; known: {', '.join(WANDB_MODES)}")
     if cfg["net"] not in LEARNED:
         raise CLIError(f"unknown meta-network {cfg['net']!r}; known: {', '.join(LEARNED)}")
-    meta = MetaConfig(**{k: tuple(cfg[k] or ()) if k == "curriculum" else cfg[k] for k in META_DEFAULTS})
+    meta = MetaConfig(**{k: tuple(cfg[k] or ()) if k in INT_LIST_FLAGS else cfg[k] for k in META_DEFAULTS})
     meta.validate()
     optimizer = _check_net_and_optimizer(cfg)
     family = make_family(cfg["task"], cfg["task_args"], cfg["device"], cfg["augment"])
@@ -683,6 +685,8 @@ META_HELP = {
     "control": "learned: the meta-network's LR and stop heads drive the inner loop",
     "loss_ceiling": "inner losses are clipped at this multiple of the task's initial loss",
     "curriculum": "horizons, comma-separated, each for an equal share of the iterations",
+    "sample_horizons": "horizons, comma-separated: each meta-iteration draws one at random (overrides --horizon "
+                       "and --curriculum)",
     "random_offset": "a random length for each task's first truncation",
     "val_every": "meta-iterations between validations on held-out tasks (0: never)",
     "val_tasks": "tasks per validation",

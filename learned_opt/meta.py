@@ -69,6 +69,9 @@ class MetaConfig:
     control: str = "none"  # "none": update only; "learned": the LR and stop heads drive the unroll
     loss_ceiling: float = 10.0  # inner losses clipped at this multiple of the task's initial loss
     curriculum: Tuple[int, ...] = ()  # horizons, each used for an equal share of the iterations
+    # horizons to draw from, uniformly and independently per meta-iteration (overrides horizon and curriculum):
+    # a task mixture meta-trained at one horizon learns one schedule; drawn horizons make it read the time features
+    sample_horizons: Tuple[int, ...] = ()
     random_offset: bool = False
     val_every: int = 0  # meta-iterations between validations on held-out tasks (0: never)
     val_tasks: int = 8
@@ -101,6 +104,9 @@ class MetaConfig:
         for h in self.curriculum:
             check_positive_int("curriculum horizon", h)
             check_at_most("curriculum horizon", h, MAX_HORIZON)
+        for h in self.sample_horizons:
+            check_positive_int("sampled horizon", h)
+            check_at_most("sampled horizon", h, MAX_HORIZON)
         if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
             raise ValueError(f"meta_lr must be a finite number > 0, got {self.meta_lr!r}")
         if not self.clip_norm > 0:
@@ -667,6 +673,17 @@ class MetaTrainer:
                           f"at {2 * n})")
 
     # ------------------------------------------------------------------ training
+    def _draw_horizon(self) -> int:
+        """This meta-iteration's horizon: drawn from ``sample_horizons`` (rank 0's draw under ``dist``, so that
+        every rank makes the same meta-steps), else :meth:`horizon_at`."""
+        choices = self.cfg.sample_horizons
+        if not choices:
+            return self.horizon_at(self.iteration)
+        pick = int(torch.randint(0, len(choices), (1,), generator=self.gen).item())
+        if self.dist is not None:
+            pick = self.dist.broadcast_int(pick)
+        return int(choices[pick])
+
     def horizon_at(self, iteration: int) -> int:
         """The inner horizon of meta-iteration ``iteration`` (curriculum stage or the fixed horizon)."""
         stages = self.cfg.curriculum
@@ -919,7 +936,7 @@ class MetaTrainer:
             # a stop mid-iteration saves the state of the iteration's start: resuming from it is exact
             resume_point = self._resume_point() if handling else None
             start = time.perf_counter()
-            horizon = self.horizon_at(self.iteration)
+            horizon = self._draw_horizon()
             runs = [self._new_run(horizon) for _ in range(cfg.tasks_per_step)]
             self._particles = None  # PES particles belong to one batch of tasks
             for length in self._truncation_lengths(horizon):

@@ -348,7 +348,7 @@ def test_plot_tolerates_a_half_written_last_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command, shown", [
-    ("meta-train", ["(default: 100)", "{sum,mean_log,val,halting}", "{lstm,mlp,controller}", "--dist-timeout",
+    ("meta-train", ["(default: 100)", "{sum,mean_log,val,halting}", "{lstm,mlp,norm_mlp,controller}", "--dist-timeout",
                     "LEARNED_OPT_DIST_TIMEOUT", "(default: 10)"]),
     ("evaluate", ["{digits,metanet,quadratic}", "(default: 100)", "(default: 8)"]),
     ("compare", ["(default: sgd,momentum,nesterov,adam,rmsprop)", "--learned-control", "(default: 0.0001)"]),
@@ -387,3 +387,13 @@ def test_config_file_with_a_wrong_type_writes_nothing(tmp_path, capsys):
     assert run(capsys, "meta-train", "--config", str(cfg), "--run-dir", str(tmp_path / "run"))[0] == 0
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ck["config"]["random_offset"] is True and tuple(ck["config"]["curriculum"]) == (2, 4)
+
+
+def test_sample_horizons_flag_reaches_the_run_and_bad_values_are_refused(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert run(capsys, "meta-train", "--run-dir", str(d), *TINY, "--net", "norm_mlp", "--sample-horizons", "3,6",
+               "--iterations", "2")[0] == 0
+    ck = torch.load(d / "checkpoint.pt", weights_only=True)
+    assert tuple(ck["config"]["sample_horizons"]) == (3, 6)
+    rc, out, err = run(capsys, "meta-train", "--run-dir", str(tmp_path / "bad"), *TINY, "--sample-horizons", "3,x")
+    assert rc == 2 and "--sample-horizons expects comma-separated integers" in err

@@ -698,3 +698,21 @@ def test_checkpoint_errors_are_one_short_line(tmp_path):
         load_checkpoint(str(path))
     text = str(info.value)
     assert "not a torch file" in text and "weights_only" not in text and len(text) < 300 and "\n" not in text
+
+
+def test_sampled_horizons_are_drawn_per_iteration_reproducibly_and_validated():
+    """``sample_horizons``: every meta-iteration draws one of the horizons (its meta-steps follow), the draws come
+    from the run's seed (two runs agree), and a bad horizon is refused by name."""
+    def steps_per_iteration(seed):
+        cfg = MetaConfig(horizon=8, truncation=4, iterations=12, sample_horizons=(4, 8, 12), seed=seed)
+        trainer = MetaTrainer(CoordMLP(hidden=4), QuadraticFamily(dim=3), cfg).run()
+        counts = {}
+        for r in trainer.history:
+            counts[r["iteration"]] = counts.get(r["iteration"], 0) + 1
+        return [counts[i] for i in range(12)]
+
+    a = steps_per_iteration(0)
+    assert set(a) == {1, 2, 3} and a == steps_per_iteration(0)
+    assert a != steps_per_iteration(1)
+    with pytest.raises(ValueError, match="sampled horizon"):
+        MetaConfig(sample_horizons=(10, 0)).validate()

@@ -602,11 +602,13 @@ class LearnedController(nn.Module):
         return decision, ControllerState(stats, h)
 
 
-LEARNED = {"lstm": CoordLSTM, "mlp": CoordMLP, "controller": LearnedController}
+from .normmlp import NormMLP  # noqa: E402  (it builds on the classes above)
+
+LEARNED = {"lstm": CoordLSTM, "mlp": CoordMLP, "norm_mlp": NormMLP, "controller": LearnedController}
 
 
 def build_learned(kind: str, **config: Any) -> _MetaNetwork:
-    """A meta-network by kind (``lstm`` or ``mlp``) and constructor keyword arguments."""
+    """A meta-network by kind (``lstm``, ``mlp``, ``norm_mlp`` or ``controller``) and constructor keyword arguments."""
     return from_registry(LEARNED, kind, "meta-network", **config)
 
 

@@ -1,0 +1,181 @@
+"""A per-parameter MLP update rule with a normalised output and a learned step-size scheduler.
+
+After the recipe of Celo / Celo2 (Moudgil et al. 2025, 2026) and small_fc_lopt (Metz et al. 2022): a tiny MLP
+shared by every coordinate reads scale-free features of the gradient history and proposes a direction; the
+direction is normalised to unit root mean square per tensor, so the MLP decides *where* to step and the
+**scheduler** (the learning-rate head) decides *how far*, from global training-progress features: the loss and
+gradient-norm ratios to their first values, time embeddings and, when the horizon is known, the fraction of the
+run done. The step of tensor ``i`` is ``lr_scale * exp(log_lr) * u_i / rms(u_i)``: ``log_lr`` is the scheduler's
+learned bias and ``lr_scale`` its multiplier.
+
+Scale-free inputs: every per-coordinate feature is divided by its root mean square over the tensor it belongs to
+(gradient, momenta, parameter) or is a ratio of moments (Adam-like ``m / sqrt(v)``), and the scheduler reads only
+ratios; multiplying a tensor's gradients (or the parameter tensor itself) by a constant leaves the proposed
+direction and the decisions unchanged.
+
+Optimizer state: three momenta and one second moment per coordinate (4 floats per parameter). Features that are
+the same for every coordinate of a tensor (time, whether the tensor is a vector) enter the first layer as a
+per-tensor bias, so the per-coordinate work is one ``(n, f) @ (f, h)`` product per layer. The MLP's residual
+starts at zero: fresh, the update is Adam's bias-corrected direction normalised per tensor, at rate
+``exp(log_lr)``.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..control import Observation
+from .learned import (DecisionHeads, DecisionState, Layout, _MetaNetwork, flatten, make_layout, segment_mean,
+                      step_embedding, unflatten)
+
+TIME_SCALES = (10.0, 100.0, 1000.0, 10000.0)
+
+
+class NormMLPState(NamedTuple):
+    """Per-coordinate momenta ``(k, n)`` and second moment ``(n,)``, pooled hidden, count, layout."""
+    momenta: Tensor
+    v: Tensor
+    pooled: Optional[Tensor]
+    count: int
+    layout: Layout
+
+
+def horizon_visible(obs: Observation, state: DecisionState, dropout: float) -> bool:
+    """Whether the scheduler is told the horizon: always outside meta-training when one is given; inside it, for a
+    fraction ``1 - dropout`` of the tasks, chosen by the bits of the task's first loss (deterministic per task, no
+    random generator involved), so that one network learns to schedule with and without a known horizon."""
+    if obs.horizon <= 0:
+        return False
+    if not obs.training or dropout <= 0 or not math.isfinite(state.loss0):
+        return True
+    bits = struct.unpack("<Q", struct.pack("<d", float(state.loss0)))[0]
+    # mix the bits (float32 losses leave the low bits of the double at zero) into a number in [0, 1)
+    u = ((bits * 0x9E3779B97F4A7C15) >> 11 & ((1 << 53) - 1)) / float(1 << 53)
+    return u >= dropout
+
+
+class SchedulerHeads(DecisionHeads):
+    """:class:`DecisionHeads` whose features add the fraction of the run done and a flag saying whether it is
+    known (``Observation.horizon > 0``, see :func:`horizon_visible`)."""
+    EXTRA = 2
+
+    def __init__(self, pooled_dim: int, horizon_dropout: float = 0.5, **kwargs: Any):
+        super().__init__(pooled_dim + self.EXTRA, **kwargs)
+        self.horizon_dropout = horizon_dropout
+
+    def _compute_features(self, obs: Observation, state: DecisionState, like: Tensor) -> Tensor:  # type: ignore[override]
+        base = DecisionHeads._compute_features(obs, state, like)
+        if horizon_visible(obs, state, self.horizon_dropout):
+            extra = [min(1.0, obs.step / obs.horizon), 1.0]
+        else:
+            extra = [0.0, 0.0]
+        return torch.cat([base, torch.tensor(extra, dtype=like.dtype, device=like.device)])
+
+
+class NormMLP(_MetaNetwork):
+    """Per-parameter MLP update rule, normalised per tensor, with a learned scheduler (and an optional stop head).
+
+    Per-coordinate features: ``g``, the momenta ``m_k`` (decays ``momentum_decays``) and the parameter, each
+    divided by its RMS over the tensor; ``g / sqrt(v_hat)`` and ``m_k_hat / sqrt(v_hat)``. Per-tensor features
+    (first-layer bias): time embeddings ``tanh(t / tau)`` and whether the tensor is a vector (a bias or a gain).
+    Output per coordinate: ``u = -adam_direction + mlp(features)``, then ``u / rms_tensor(u)``; the update is
+    ``exp(log_lr) * that`` times the scheduler's multiplier (``DecisionHeads``' LR head, bounds ``[1/lr_bound,
+    lr_max]``). ``init_lr`` is the rate of a fresh network.
+    """
+
+    def __init__(self, hidden: int = 8, layers: int = 2, momentum_decays: Sequence[float] = (0.5, 0.9, 0.99),
+                 rms_decay: float = 0.999, init_lr: float = 1e-3, lr_bound: float = 30.0,
+                 lr_max: Optional[float] = None, stop_bias: float = -6.0, stop_threshold: float = 0.5,
+                 horizon_dropout: float = 0.5, eps: float = 1e-8):
+        super().__init__()
+        if isinstance(hidden, bool) or int(hidden) != hidden or hidden < 1 or int(layers) != layers or layers < 1:
+            raise ValueError(f"hidden and layers must be integers >= 1, got hidden={hidden!r}, layers={layers!r}")
+        if not momentum_decays:
+            raise ValueError("momentum_decays must list at least one decay")
+        for b in (*momentum_decays, rms_decay):
+            if not 0 <= b < 1:
+                raise ValueError(f"decays must be in [0, 1), got {b!r}")
+        if not (math.isfinite(init_lr) and init_lr > 0):
+            raise ValueError(f"init_lr must be a finite number > 0, got {init_lr!r}")
+        if not 0 <= horizon_dropout <= 1:
+            raise ValueError(f"horizon_dropout must be in [0, 1], got {horizon_dropout!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        self.config = dict(hidden=hidden, layers=layers, momentum_decays=list(momentum_decays),
+                           rms_decay=rms_decay, init_lr=init_lr, lr_bound=lr_bound, lr_max=lr_max,
+                           stop_bias=stop_bias, stop_threshold=stop_threshold, horizon_dropout=horizon_dropout,
+                           eps=eps)
+        self.lr_mode = "global"
+        self.momentum_decays, self.rms_decay, self.eps = tuple(momentum_decays), rms_decay, eps
+        k = len(self.momentum_decays)
+        self.coord_dim = 2 * (1 + k) + 1  # normalised g, m_k; g / sqrt(v), m_k / sqrt(v); parameter
+        self.tensor_dim = len(TIME_SCALES) + 1
+        self.first = nn.Linear(self.coord_dim, hidden)
+        self.first_tensor = nn.Linear(self.tensor_dim, hidden, bias=False)
+        rest: List[nn.Module] = []
+        for _ in range(layers - 1):
+            rest += [nn.Linear(hidden, hidden), nn.ReLU()]
+        self.rest = nn.Sequential(*rest)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.log_lr = nn.Parameter(torch.tensor(math.log(init_lr)))
+        self.heads = SchedulerHeads(hidden, horizon_dropout=horizon_dropout, lr_bound=lr_bound,
+                                    stop_bias=stop_bias, stop_threshold=stop_threshold, lr_max=lr_max)
+
+    def init(self, params: Sequence[Tensor]) -> NormMLPState:
+        """Zero moments for every coordinate of ``params``."""
+        layout = make_layout(params)
+        n = sum(layout.sizes)
+        like = params[0]
+        return NormMLPState(like.new_zeros((len(self.momentum_decays), n)), like.new_zeros(n), None, 0, layout)
+
+    def _decays(self, like: Tensor) -> Tensor:
+        return torch.tensor(self.momentum_decays, dtype=like.dtype, device=like.device).unsqueeze(-1)
+
+    def tensor_features(self, count: int, layout: Layout, like: Tensor) -> Tensor:
+        """Per-tensor features ``(num_tensors, tensor_dim)``: time embeddings and a vector flag."""
+        emb = step_embedding(count, like, TIME_SCALES)
+        vec = torch.tensor([float(len(s) <= 1) for s in layout.shapes], dtype=like.dtype, device=like.device)
+        return torch.cat([emb.expand(len(layout.shapes), -1), vec.unsqueeze(-1)], dim=-1)
+
+    def direction(self, g: Tensor, p: Tensor, momenta: Tensor, v: Tensor, count: int,
+                  layout: Layout) -> Tuple[Tensor, Tensor]:
+        """The normalised direction ``(n,)`` (unit RMS per tensor, before the rate) and the hidden ``(n, h)``."""
+        b = self._decays(g)
+        vhat = v / (1 - self.rms_decay ** count)
+        inv = torch.rsqrt(vhat + self.eps ** 2)
+        mhat = momenta / (1 - b ** count)
+        raw = torch.cat([g.unsqueeze(0), momenta, p.unsqueeze(0)])  # (k + 2, n): normalised per tensor
+        scale = torch.rsqrt(segment_mean(raw.T * raw.T, layout).clamp_min(1e-30))  # (tensors, k + 2)
+        feats = torch.cat([raw.T * scale[layout.segment], (g * inv).unsqueeze(-1), (mhat * inv).T], dim=-1)
+        bias = self.first_tensor(self.tensor_features(count, layout, g))  # (tensors, h)
+        h = torch.relu(self.first(feats) + bias[layout.segment])
+        h = self.rest(h)
+        adam = mhat[min(1, len(self.momentum_decays) - 1)] * inv  # the 0.9 momentum by default
+        u = self.out(h).squeeze(-1) - adam
+        norm = torch.rsqrt(segment_mean(u * u, layout).clamp_min(1e-30))
+        return u * norm[layout.segment], h
+
+    def update(self, grads, state: NormMLPState, params, *, loss: Optional[Tensor] = None):
+        """One step for all coordinates at once: ``exp(log_lr) * normalised direction``."""
+        layout = state.layout
+        if len(grads) != len(layout.sizes) or any(g.shape != s for g, s in zip(grads, layout.shapes)):
+            raise ValueError(f"gradient shapes {[tuple(g.shape) for g in grads]} do not match the state's "
+                             f"{[tuple(s) for s in layout.shapes]}")
+        g, p = flatten(grads), flatten(params)
+        count = state.count + 1
+        b = self._decays(g)
+        momenta = b * state.momenta + (1 - b) * g
+        v = self.rms_decay * state.v + (1 - self.rms_decay) * g * g
+        u, h = self.direction(g, p, momenta, v, count, layout)
+        step = torch.exp(self.log_lr) * u
+        return unflatten(step, layout), NormMLPState(momenta, v, segment_mean(h, layout), count, layout)
+
+    def state_floats_per_param(self) -> int:
+        """Floats of per-coordinate optimizer state per parameter."""
+        return len(self.momentum_decays) + 1

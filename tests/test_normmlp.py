@@ -1,0 +1,210 @@
+"""Tests for :class:`learned_opt.optim.normmlp.NormMLP`: a fresh network is per-tensor-normalised Adam, inputs and
+decisions are invariant to the scale of a tensor and of its gradients, the scheduler reads the fraction of the run
+only when the horizon is known, the state is at most 8 floats per parameter, any shape works, and the
+meta-gradient through an unroll matches central finite differences."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from learned_opt.control import Observation
+from learned_opt.meta import load_lopt, save_lopt
+from learned_opt.optim.learned import build_learned, flatten
+from learned_opt.optim.normmlp import NormMLP, horizon_visible
+from learned_opt.tasks import Digits
+from learned_opt.tasks.base import generator
+from learned_opt.unroll import unroll
+
+SHAPES = [(), (3,), (2, 3), (4, 2, 3, 3), (1,), (7, 5)]
+
+
+def randomize_(net, scale=0.5, seed=0):
+    """Perturb every meta-weight (the zero-initialised output and heads too) so every path matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net
+
+
+def grad_stream(shapes, steps, seed=0, dtype=torch.float64):
+    """``steps`` lists of random gradients of ``shapes`` (a fixed stream)."""
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=g, dtype=dtype) for s in shapes] for _ in range(steps)]
+
+
+def run_updates(net, params, grads_seq, scales=None, loss=1.0, horizon=0):
+    """The updates and LR decisions of ``net`` over a gradient stream; ``scales[i]`` multiplies gradient ``i``."""
+    state = net.init(params)
+    ctrl = net.init_control()
+    out = []
+    for t, grads in enumerate(grads_seq):
+        if scales is not None:
+            grads = [c * g for c, g in zip(scales, grads)]
+        ups, state = net.update(grads, state, params)
+        gnorm = torch.linalg.vector_norm(flatten(grads))
+        obs = Observation(t, horizon, torch.tensor(loss * (0.9 ** t), dtype=params[0].dtype), None, gnorm, state)
+        decision, ctrl = net.decide(obs, ctrl)
+        out.append((ups, float(decision.lr_scale.detach())))
+    return out
+
+
+def test_fresh_network_is_per_tensor_normalised_adam():
+    net = NormMLP(init_lr=0.01).double()
+    params = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    grads_seq = grad_stream(SHAPES, 6)
+    # Adam's direction, by hand (beta1 0.9, beta2 0.999, bias-corrected), normalised to unit RMS per tensor
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t, (grads, (ups, scale)) in enumerate(zip(grads_seq, run_updates(net, params, grads_seq)), start=1):
+        assert scale == pytest.approx(1.0)  # a fresh scheduler: multiplier 1
+        for i, g in enumerate(grads):
+            m[i] = 0.9 * m[i] + 0.1 * g
+            v[i] = 0.999 * v[i] + 0.001 * g * g
+            d = -(m[i] / (1 - 0.9 ** t)) / torch.sqrt(v[i] / (1 - 0.999 ** t))
+            d = d / torch.sqrt((d * d).mean())
+            torch.testing.assert_close(ups[i], 0.01 * d, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("factor", [1e-4, 1e3])
+def test_rescaling_each_tensors_gradient_changes_no_update(factor):
+    net = randomize_(NormMLP(hidden=8).double())
+    params = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    grads_seq = grad_stream(SHAPES, 8)
+    ref = run_updates(net, params, grads_seq)
+    # a different scale per tensor: the direction of every tensor is unchanged
+    scales = [factor ** ((i % 3) - 1) for i in range(len(SHAPES))]
+    got = run_updates(net, params, grads_seq, scales=scales)
+    for (u_ref, _), (u_got, _) in zip(ref, got):
+        for a, b in zip(u_ref, u_got):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+    # one scale for all gradients: the scheduler's decisions are unchanged too (it reads only ratios)
+    same = run_updates(net, params, grads_seq, scales=[factor] * len(SHAPES))
+    assert [s for _, s in same] == pytest.approx([s for _, s in ref], rel=1e-6)  # eps: ~1e-8
+    assert len({round(s, 6) for _, s in ref}) > 1  # the randomised scheduler does move
+
+
+def test_rescaling_a_parameter_tensor_changes_no_update():
+    net = randomize_(NormMLP(hidden=8).double(), seed=1)
+    params = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    grads_seq = grad_stream(SHAPES, 5, seed=2)
+    ref = run_updates(net, params, grads_seq)
+    scaled = [p * (100.0 if i % 2 else 0.01) for i, p in enumerate(params)]
+    got = run_updates(net, scaled, grads_seq)
+    for (u_ref, _), (u_got, _) in zip(ref, got):
+        for a, b in zip(u_ref, u_got):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+    # the parameter is an input that matters: shifting it (not rescaling it) changes the updates
+    shifted = run_updates(net, [p + 1.0 for p in params], grads_seq)
+    assert any(not torch.allclose(a, b) for a, b in zip(ref[-1][0], shifted[-1][0]))
+
+
+def test_every_tensor_takes_a_unit_rms_step_times_the_rate():
+    net = randomize_(NormMLP(hidden=8, init_lr=0.003).double(), seed=3)
+    params = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
+    for ups, _ in run_updates(net, params, grad_stream(SHAPES, 4)):
+        for u in ups:
+            rate = float(torch.exp(net.log_lr.detach()))
+            assert float(torch.sqrt((u * u).mean())) == pytest.approx(rate, rel=1e-9)
+
+
+def test_state_is_at_most_eight_floats_per_parameter_and_handles_every_shape():
+    net = NormMLP()
+    params = [torch.randn(s) for s in SHAPES]
+    state = net.init(params)
+    n = sum(p.numel() for p in params)
+    per_coordinate = sum(t.numel() for t in (state.momenta, state.v)) / n
+    assert per_coordinate == net.state_floats_per_param() == 4 <= 8
+    ups, state = net.update([torch.randn(s) for s in SHAPES], state, params)
+    assert [u.shape for u in ups] == [p.shape for p in params]
+    assert all(torch.isfinite(u).all() for u in ups)
+    # zero gradients (a dead unit): finite, zero-size steps in that tensor are not required, NaNs are forbidden
+    ups, _ = net.update([torch.zeros(s) for s in SHAPES], state, params)
+    assert all(torch.isfinite(u).all() for u in ups)
+
+
+def test_scheduler_reads_the_fraction_done_only_when_the_horizon_is_known():
+    net = NormMLP()
+    state = net.heads.init()
+    like = torch.zeros(())
+    loss = torch.tensor(2.0)
+    known = Observation(25, 100, loss, None, torch.tensor(1.0), None, False)
+    unknown = Observation(25, 0, loss, None, torch.tensor(1.0), None, False)
+    s = net.heads.observe(known, state)
+    assert net.heads.features(known, s, like)[-2:].tolist() == [0.25, 1.0]
+    assert net.heads.features(unknown, s, like)[-2:].tolist() == [0.0, 0.0]
+    # in meta-training, about half of the tasks (chosen by their first loss, deterministically) hide it
+    shown = []
+    for i in range(400):
+        st = state._replace(loss0=2.0 + i * 1e-3)
+        obs = Observation(3, 100, loss, None, None, None, True)
+        shown.append(horizon_visible(obs, st, 0.5))
+        assert horizon_visible(obs, st, 0.5) == shown[-1]
+        assert horizon_visible(Observation(3, 100, loss, None, None, None, False), st, 0.5)  # evaluation: shown
+    assert 0.4 < sum(shown) / len(shown) < 0.6
+    assert all(horizon_visible(Observation(3, 100, loss, None, None, None, True), state._replace(loss0=2.0 + i),
+                               0.0) for i in range(10))
+
+
+def test_meta_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    net = randomize_(NormMLP(hidden=6, init_lr=0.05).double(), scale=0.3)
+    task = Digits(dtype=torch.float64, hidden=(6,))
+
+    def objective():
+        res = unroll(task, net, net.as_controller(), steps=4, generator=generator(1), differentiable=True,
+                     second_order=True, horizon=10)
+        return torch.log(torch.stack(res.train_losses[1:])).mean()
+
+    with net.heads.record_features() as tape:
+        loss = objective()
+    named = dict(net.named_parameters())
+    names = ["first.weight", "first_tensor.weight", "rest.0.weight", "out.weight", "out.bias", "log_lr",
+             "heads.lr.0.weight", "heads.lr.2.bias"]
+    grads = torch.autograd.grad(loss, [named[n] for n in names])
+    eps = 1e-6
+    for name, grad in zip(names, grads):
+        idx = tuple(int(i) for i in torch.unravel_index(grad.abs().argmax(), grad.shape))
+        analytic = grad[idx].item()
+        assert abs(analytic) > 1e-6, (name, analytic)
+        w = named[name]
+        values = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                orig = w[idx].item()
+                w[idx] = orig + sign * eps
+            with net.heads.replay_features(tape):
+                values.append(objective().item())
+            with torch.no_grad():
+                w[idx] = orig
+        numeric = (values[0] - values[1]) / (2 * eps)
+        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9), (name, analytic, numeric)
+
+
+def test_learns_digits_like_adam_and_saves_and_loads(tmp_path):
+    net = build_learned("norm_mlp", init_lr=0.01)
+    task = Digits()
+    res = unroll(task, net, net.as_controller(), steps=100, generator=generator(0))
+    assert res.records["train_loss"][-1] < 0.3 * res.records["train_loss"][0]
+    randomize_(net, scale=0.1)
+    save_lopt(str(tmp_path / "n.pt"), net)
+    back = load_lopt(str(tmp_path / "n.pt"))
+    assert isinstance(back, NormMLP) and back.config == net.config
+    params = [torch.randn(s) for s in SHAPES]
+    grads = grad_stream(SHAPES, 3, dtype=torch.float32)
+    for (a, sa), (b, sb) in zip(run_updates(net, params, grads), run_updates(back, params, grads)):
+        assert sa == sb
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(hidden=0), "hidden"), (dict(momentum_decays=()), "momentum_decays"),
+                                       (dict(rms_decay=1.0), "decays"), (dict(init_lr=0.0), "init_lr"),
+                                       (dict(init_lr=math.inf), "init_lr"), (dict(horizon_dropout=1.5),
+                                                                            "horizon_dropout"),
+                                       (dict(eps=0.0), "eps")])
+def test_bad_settings_are_refused_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        NormMLP(**kw)
