@@ -20,3 +20,7 @@ def get_family(name: str, **kwargs):
 
 __all__ = ["Task", "SPLITS", "generator", "Quadratic", "QuadraticFamily", "MetaNet", "MetaNetRegression",
            "MetaNetFamily", "Digits", "DigitsFamily", "MLP", "SupervisedTask", "FAMILIES", "get_family"]
+
+from .suite import SUITE, MixtureFamily, SuiteEntry, heldout_families, meta_families, suite_family  # noqa: E402
+
+__all__ += ["SUITE", "SuiteEntry", "MixtureFamily", "suite_family", "meta_families", "heldout_families"]
