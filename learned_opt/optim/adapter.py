@@ -10,6 +10,7 @@ weights_only=True)``.
 from __future__ import annotations
 
 import importlib
+import numbers
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional
 
@@ -120,14 +121,23 @@ class ProtocolOptimizer(torch.optim.Optimizer):
     ``stop_prob`` is the stop probability (``1 - prod(1 - p)`` over groups) and ``decisions`` the last
     :class:`~learned_opt.control.Decision` of every group (``None`` for a group that did not step).
 
+    **Run length.** ``total_steps`` (``None`` or an integer >= 1) is the number of steps the caller means to
+    run; it reaches the controller as the observation's ``horizon``, so that a learned scheduler can read the
+    fraction of the run done (``step / horizon``). Without it the horizon is 0, "unknown". It is a constructor
+    setting, not state: give it again when resuming from a ``state_dict``.
+
     ``state_dict`` stores the protocol and controller states as plain containers (dicts, lists, tensors,
     numbers), so a checkpoint loads with ``torch.load(..., weights_only=True)``.
     """
 
-    def __init__(self, params: Iterable[Any], opt: Optimizer, lr: float = 1.0, controller: Any = "auto"):
+    def __init__(self, params: Iterable[Any], opt: Optimizer, lr: float = 1.0, controller: Any = "auto",
+                 total_steps: Optional[int] = None):
         if not (hasattr(opt, "init") and hasattr(opt, "update")):
             raise TypeError(f"expected an optimizer with init() and update(), got {type(opt).__name__}")
         check_positive("lr", lr)  # the reference of every group's multiplier group['lr'] / lr: never 0
+        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral)
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be None or an integer >= 1, got {total_steps!r}")
         if isinstance(controller, str):
             if controller != "auto":
                 raise ValueError(f"controller must be 'auto', None or a controller object, got {controller!r}")
@@ -137,6 +147,7 @@ class ProtocolOptimizer(torch.optim.Optimizer):
         self.opt = opt
         self.controller = controller
         self.per_tensor = bool(getattr(opt, "per_tensor", False))
+        self.total_steps = None if total_steps is None else int(total_steps)
         # Per group: step count, the tensors of the last step (shared state only), protocol and controller state.
         self.group_states: List[Dict[str, Any]] = []
         self.should_stop = False
@@ -159,8 +170,8 @@ class ProtocolOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         # torch.optim pickles only defaults, state and param_groups; the protocol states must travel too
         state = super().__getstate__()
-        state.update({k: self.__dict__[k] for k in ("opt", "controller", "per_tensor", "group_states",
-                                                    "should_stop", "stop_prob", "decisions")})
+        state.update({k: self.__dict__[k] for k in ("opt", "controller", "per_tensor", "total_steps",
+                                                    "group_states", "should_stop", "stop_prob", "decisions")})
         return state
 
     @torch.no_grad()
@@ -248,10 +259,11 @@ class ProtocolOptimizer(torch.optim.Optimizer):
         controller = self.controller if self.controller is not None else Constant()
         ctrl_state = controller.init() if gs["step"] == 0 else gs["ctrl"]
         gnorm = global_norm(grads) if self.controller is not None else None
-        # No controller reads the horizon, which a drop-in optimizer does not know: 0.
+        # The horizon is the run's length when the caller gave total_steps, else 0 ("unknown")
+        horizon = 0 if self.total_steps is None else self.total_steps
         updates, state, decision, ctrl_state = propose(optimizer, controller, grads, params, state, ctrl_state,
-                                                       step=gs["step"], horizon=0, loss=loss, val_loss=val_loss,
-                                                       grad_norm=gnorm, training=False)
+                                                       step=gs["step"], horizon=horizon, loss=loss,
+                                                       val_loss=val_loss, grad_norm=gnorm, training=False)
         if self.per_tensor:
             states = list(states)
             for i, s in zip(idx, state):
