@@ -183,9 +183,14 @@ def evaluate(family, optimizer, controller_fn: Optional[Callable[[], object]] = 
             end = _inf_like(end)
         for mark in marks:  # checkpoints after a stop (or a divergence) take the end-of-run values
             at[mark].append(seen.get(mark, end))
-    return EvalResult(np.concatenate(curves, 0),
-                      {mark: {k: np.concatenate([v[k] for v in vals]) for k in vals[0]} for mark, vals in at.items()},
-                      stops, split, seeds)
+    def gather(vals):
+        # a family mixing classification and regression tasks: accuracy is NaN for the tasks without one
+        keys = list(dict.fromkeys(k for v in vals for k in v))
+        return {k: np.concatenate([v[k] if k in v else np.full(len(v["train_loss"]), np.nan) for v in vals])
+                for k in keys}
+
+    return EvalResult(np.concatenate(curves, 0), {mark: gather(vals) for mark, vals in at.items()}, stops, split,
+                      seeds)
 
 
 def lr_grid(low: float, high: float, num: int) -> List[float]:

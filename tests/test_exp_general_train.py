@@ -1,0 +1,50 @@
+"""The general optimizer's meta-training script at smoke size: every seed trains and saves, the seed to ship is
+chosen on validation tasks of the meta-training families (never a held-out family), and shipping registers it
+in a catalogue that loads."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+
+
+def test_smoke_trains_every_seed_chooses_on_validation_and_ships(tmp_path, monkeypatch):
+    import general_train
+    from learned_opt import evaluate as ev
+    from learned_opt import pretrained
+    from learned_opt.tasks.suite import heldout_families
+
+    calls = []
+    real = ev.evaluate
+
+    def spy(family, *a, **kw):
+        calls.append((kw.get("split"), kw.get("stream"), getattr(family, "names", None)))
+        return real(family, *a, **kw)
+
+    monkeypatch.setattr(general_train, "evaluate", spy)
+    monkeypatch.setattr("learned_opt.meta.evaluate", spy)
+    out, ship = tmp_path / "train", tmp_path / "catalogue"
+    summary = general_train.main(["--preset", "smoke", "--workers", "1", "--out_dir", str(out), "--ship", "true",
+                                  "--ship_dir", str(ship)])
+    assert [r["seed"] for r in summary["seeds"]] == [0, 1]
+    assert all((out / f"seed{s}" / "lopt.pt").exists() for s in (0, 1))
+    assert summary["chosen_seed"] == min(summary["seeds"], key=lambda r: r["ship_score_mean_log_ratio"])["seed"]
+    assert json.loads((out / "summary.json").read_text())["estimator"] == "tbptt"
+    # every evaluation touched validation tasks of the meta-training mixture only
+    assert calls and all(split == "val" and stream in ("select", "ship") for split, stream, _ in calls)
+    assert all(not set(names or ()) & set(heldout_families()) for _, _, names in calls)
+    assert pretrained.list_pretrained(ship) == ["general"]
+    net = pretrained.load_file(os.path.join(ship, "general.pt"))
+    assert type(net).__name__ == "NormMLP"
+
+
+def test_bad_flag_is_refused(capsys):
+    import general_train
+
+    with pytest.raises(SystemExit):
+        general_train.main(["--seeds", "x"])
+    assert "--seeds" in capsys.readouterr().err
