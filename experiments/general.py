@@ -212,11 +212,25 @@ def _interval(boot: np.ndarray, level: float = 0.95) -> tuple:
     return float(s[int(math.floor((1 - level) / 2 * (n - 1)))]), float(s[int(math.ceil((1 + level) / 2 * (n - 1)))])
 
 
-def log_ratios(learned: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+LOSS_FLOOR = 1e-6  # values below it count as it in ratios (see log_ratios)
+
+
+def floored(x, floor: float = LOSS_FLOOR) -> np.ndarray:
+    """Finite values below ``floor`` raised to it (see :func:`log_ratios`)."""
+    x = np.asarray(x, float)
+    return np.where(np.isfinite(x), np.maximum(x, floor), x)
+
+
+def log_ratios(learned: np.ndarray, baseline: np.ndarray, floor: float = LOSS_FLOOR) -> np.ndarray:
     """Per-task log(learned / baseline), ``(seeds, tasks)``: a non-finite learned value is an infinite ratio, 0 / 0
-    a tie (the convention of :func:`paired`)."""
+    a tie (the convention of :func:`paired`). Finite values below ``floor`` count as ``floor``: tuned Adam drives the
+    train loss of the small tabular sets to exactly 0.0 in float32, where a ratio would measure rounding (and be
+    infinite), not optimisation."""
     L = np.atleast_2d(np.asarray(learned, float))
     B = np.broadcast_to(np.asarray(baseline, float), L.shape)
+    if floor > 0:
+        L = np.where(np.isfinite(L), np.maximum(L, floor), L)
+        B = np.where(np.isfinite(B), np.maximum(B, floor), B)
     with np.errstate(all="ignore"):
         R = np.where(np.isfinite(L), L, np.inf) / B
         R = np.where(np.isnan(R), np.where(L <= B, 1.0, np.inf), R)
@@ -374,7 +388,7 @@ def main(argv=None) -> dict:
                     v = values(f, m, h, metric)
                     row["mean"][m], row["median"][m] = float(v.mean()), float(np.median(v))
                     if m != "learned":
-                        row["paired"][m] = paired(L, lower(f, m, h, metric), n_boot=cfg.n_boot)
+                        row["paired"][m] = paired(floored(L), floored(lower(f, m, h, metric)), n_boot=cfg.n_boot)
                 hr[metric] = row
             for m in methods:
                 rec["divergences"].setdefault(m, {})[str(h)] = int(sum(diverged(r["at"], h).sum()
