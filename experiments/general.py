@@ -64,13 +64,13 @@ class Config(ProtocolConfig):
     """General learned optimizer vs per-family tuned baselines; every field is a command-line flag."""
     seeds: int = 3  # the least number of seeds train_dir must hold (every seed found there is evaluated)
     val_tasks: int = 0  # unused here: the baselines are tuned on --tune_tasks validation tasks per family
-    tune_tasks: int = 6  # validation tasks per family the baselines are tuned on (below the protocol's 20: cost)
+    tune_tasks: int = 4  # validation tasks per family the baselines are tuned on (below the protocol's 20: cost)
     test_tasks: int = 5
     horizon: int = 200  # h1; h10 = 10 x horizon
     families: tuple = ()  # suite family names (default: every family of the suite)
     baselines: tuple = ("adam", "adamw", "momentum")
-    grid_low: float = 1e-5
-    grid_high: float = 10.0
+    grid_low: float = 1e-4  # the starting grid; the search widens it until the best rate is interior
+    grid_high: float = 1.0
     per_decade: int = 2
     resolution: float = 0.25  # decades the learning rate is refined to
     default_lr: float = 1e-3  # the untuned Adam

@@ -602,9 +602,8 @@ class LearnedController(nn.Module):
         return decision, ControllerState(stats, h)
 
 
-from .normmlp import NormMLP  # noqa: E402  (it builds on the classes above)
-
-LEARNED = {"lstm": CoordLSTM, "mlp": CoordMLP, "norm_mlp": NormMLP, "controller": LearnedController}
+LEARNED = {"lstm": CoordLSTM, "mlp": CoordMLP, "controller": LearnedController}
+from . import normmlp  # noqa: E402,F401  (builds on the classes above and registers "norm_mlp" here)
 
 
 def build_learned(kind: str, **config: Any) -> _MetaNetwork:
