@@ -191,12 +191,13 @@ class NormMLP(_MetaNetwork):
         sizes = layout.sizes
         b = self._decays(g)
         inv = torch.rsqrt(v / (1 - self.rms_decay ** count) + self.eps ** 2)
-        mhat = momenta / (1 - b ** count)
         k = len(self.momentum_decays)
         x = torch.empty((2 * k + 3, g.shape[0]), dtype=g.dtype, device=g.device)
         x[0], x[1:k + 1], x[k + 1] = g, momenta, p
         torch.mul(g, inv, out=x[k + 2])
-        torch.mul(mhat, inv, out=x[k + 3:])
+        torch.mul(momenta, inv, out=x[k + 3:])
+        x[k + 3:].div_(1 - b ** count)  # bias-corrected momenta over sqrt(v_hat)
+        adam = x[k + 3 + min(1, k - 1)]
         raw = x[:k + 2]
         # per-tensor RMS of the raw features, then each chunk scaled in place (views: no copy of the features)
         chunks = raw.split(sizes, dim=1)
@@ -215,7 +216,7 @@ class NormMLP(_MetaNetwork):
             else:
                 h.relu_()
         u = torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, h).squeeze(0)
-        u.sub_(mhat[min(1, k - 1)] * inv)
+        u.sub_(adam)
         pooled = torch.stack([c.mean(1) for c in h.split(sizes, dim=1)])
         for c in u.split(sizes):
             c.mul_(torch.rsqrt((c * c).mean().clamp_min(1e-30)))
@@ -230,13 +231,15 @@ class NormMLP(_MetaNetwork):
         g, p = flatten(grads), flatten(params)
         count = state.count + 1
         b = self._decays(g)
-        momenta = b * state.momenta + (1 - b) * g
-        v = self.rms_decay * state.v + (1 - self.rms_decay) * g * g
-        if self._fast_ok(g, p, momenta):
-            u, pooled = self._direction_fast(g, p, momenta, v, count, layout)
-            with torch.no_grad():
+        if self._fast_ok(g, p, state.momenta):
+            with torch.no_grad():  # the same moments, one pass each (lerp: m + (1 - b) (g - m))
+                momenta = torch.lerp(state.momenta, g.unsqueeze(0), 1 - b)
+                v = torch.lerp(state.v, g * g, 1 - self.rms_decay)
+                u, pooled = self._direction_fast(g, p, momenta, v, count, layout)
                 step = u.mul_(torch.exp(self.log_lr))
             return unflatten(step, layout), NormMLPState(momenta, v, pooled, count, layout)
+        momenta = b * state.momenta + (1 - b) * g
+        v = self.rms_decay * state.v + (1 - self.rms_decay) * g * g
         u, h = self.direction(g, p, momenta, v, count, layout)
         step = torch.exp(self.log_lr) * u
         return unflatten(step, layout), NormMLPState(momenta, v, segment_mean_acc(h, layout), count, layout)
