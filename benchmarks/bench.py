@@ -47,13 +47,26 @@ from learned_opt.log import provenance  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer  # noqa: E402
 from learned_opt.optim import Adam  # noqa: E402
 from learned_opt.optim.learned import CoordLSTM, CoordMLP  # noqa: E402
+from learned_opt.optim.normmlp import NormMLP  # noqa: E402
 from learned_opt.tasks import DigitsFamily, QuadraticFamily  # noqa: E402
 from learned_opt.tasks.base import generator  # noqa: E402
 from learned_opt.tasks.supervised import MLP, SupervisedTask  # noqa: E402
 from learned_opt.unroll import unroll  # noqa: E402
 
-TARGETS = {"higher_over_func_meta_step": 1.1, "lopt_over_adam_eval_step_digits": 5.0}
+TARGETS = {"higher_over_func_meta_step": 1.1, "lopt_over_adam_eval_step_digits": 5.0,
+           # issue 14 (full inner step on the 784-256-10 MLP over Adam's, one thread)
+           "general_step_over_adam_mlp200k": 2.0, "lstm_step_over_adam_mlp200k": 10.0,
+           "mlp_step_over_adam_mlp200k": 3.0, "general_state_floats_per_param": 8}
 NETS = {"lstm": CoordLSTM, "mlp": CoordMLP}
+
+
+def GENERAL():  # noqa: N802 - a factory named like the class it configures
+    """The shipped general optimizer (a NormMLP with its scheduler); a fresh NormMLP when it has not shipped yet."""
+    from learned_opt import pretrained
+
+    if "general" in pretrained.list_pretrained():
+        return pretrained.load("general")
+    return NormMLP()
 
 
 def DIGITS_LSTM():  # noqa: N802 - a factory named like the class it configures
@@ -61,7 +74,7 @@ def DIGITS_LSTM():  # noqa: N802 - a factory named like the class it configures
     return CoordLSTM(base="adam", base_lr=0.1, lr_max=1.0, base_lr_range=1.0)
 
 
-EVAL_NETS = ("lstm", "mlp", "lstm_digits")  # timed against Adam in the evaluation-step benchmark
+EVAL_NETS = ("lstm", "mlp", "lstm_digits", "general")  # timed against Adam in the evaluation-step benchmark
 
 
 # ----------------------------------------------------------------------------------------------- tools
@@ -170,12 +183,13 @@ def bench_eval_step(cfg, task_name: str) -> dict:
     else:
         task, steps, repeats = random_mlp_task(g), cfg.big_steps, cfg.big_repeats
     torch.manual_seed(0)
-    opts = {"adam": Adam(lr=1e-3), "lstm": CoordLSTM(), "mlp": CoordMLP(), "lstm_digits": DIGITS_LSTM()}
+    opts = {"adam": Adam(lr=1e-3), "lstm": CoordLSTM(), "mlp": CoordMLP(), "lstm_digits": DIGITS_LSTM(),
+            "general": GENERAL()}
     params = task.init(generator(1))
 
     def full(k, opt):
         # the digits experiment's optimizer runs with its own LR head as the controller
-        ctrl = opt.as_controller if k == "lstm_digits" else None
+        ctrl = opt.as_controller if k in ("lstm_digits", "general") else None
         return lambda: unroll(task, opt, ctrl() if ctrl else None, steps=steps, generator=generator(2),
                               params=params, final_eval=False)
 
@@ -338,6 +352,11 @@ def main(argv=None) -> int:
                                                 for k in EVAL_NETS},
         "lopt_over_adam_eval_step_mlp784_by_net": {k: details["eval_mlp784"][k]["step_over_adam"]
                                                    for k in EVAL_NETS},
+        # issue 14's targets: full inner step on the 784-256-10 MLP (203,530 coordinates) over Adam's
+        "general_step_over_adam_mlp200k": details["eval_mlp784"]["general"]["step_over_adam"],
+        "lstm_step_over_adam_mlp200k": details["eval_mlp784"]["lstm"]["step_over_adam"],
+        "mlp_step_over_adam_mlp200k": details["eval_mlp784"]["mlp"]["step_over_adam"],
+        "general_state_floats_per_param": NormMLP().state_floats_per_param(),
         "eval_memory_growth": max(ev) / max(min(ev), 1),
         "meta_step_bytes_per_truncation_step": (tr[ks[-1]] - tr[ks[0]]) / (ks[-1] - ks[0]),
         "meta_inner_steps_per_s": {f"digits_{k}": r["inner_steps_per_s"] for k, r in details["meta_step"].items()},
