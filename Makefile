@@ -38,6 +38,8 @@ reproduce: $(STAMP)
 	$(PY) experiments/control.py --final true --workers 2
 	$(PY) experiments/digits_ablation.py --workers 2
 	$(PY) experiments/estimators.py
+	$(PY) experiments/general_train.py --ship true --workers 3
+	$(PY) experiments/general.py --final true --workers 2
 	$(PY) benchmarks/bench.py
 
 # Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about a minute).
