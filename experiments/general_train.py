@@ -34,7 +34,7 @@ from learned_opt.tasks.suite import MixtureFamily, meta_families  # noqa: E402
 class Config:
     """Meta-training of the general optimizer; every field is a command-line flag."""
     seeds: int = 3
-    iterations: int = 300
+    iterations: int = 500
     sample_horizons: tuple = (100, 300, 1000)
     truncation: int = 25
     tasks_per_step: int = 1
