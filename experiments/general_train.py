@@ -139,9 +139,10 @@ def main(argv=None) -> dict:
             meta_trained_on="the task suite's meta-training mixture: " + ", ".join(meta_families())
                             + f" (per-tensor reparametrisation in [1/{cfg.augment:g}, {cfg.augment:g}])",
             horizons=[int(h) for h in cfg.sample_horizons],
+            # the seeds' own training time (it survives a stop and resume; the wall time of this call does not)
             budget=f"{cfg.seeds} seeds x {cfg.iterations} meta-iterations, TBPTT (truncation {cfg.truncation}), "
-                   f"{summary['wall_seconds'] / 60:.0f} min wall on 2 CPU cores; seed {best} shipped (chosen on "
-                   f"validation tasks of the meta-training families)",
+                   f"{sum(r['train_seconds'] for r in records) / 60:.0f} CPU-minutes of meta-training; seed {best} "
+                   f"shipped (chosen on validation tasks of the meta-training families)",
             source_command="python experiments/general_train.py --ship true",
             known_failures=["see the README's model card and results/general/summary.json for the measured "
                             "held-out results (run experiments/general.py)"])
