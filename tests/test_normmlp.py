@@ -70,6 +70,7 @@ def test_fresh_network_is_per_tensor_normalised_adam():
 
 @pytest.mark.parametrize("factor", [1e-4, 1e3])
 def test_rescaling_each_tensors_gradient_changes_no_update(factor):
+    torch.manual_seed(0)
     net = randomize_(NormMLP(hidden=8).double())
     params = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
     grads_seq = grad_stream(SHAPES, 8)
@@ -77,9 +78,10 @@ def test_rescaling_each_tensors_gradient_changes_no_update(factor):
     # a different scale per tensor: the direction of every tensor is unchanged
     scales = [factor ** ((i % 3) - 1) for i in range(len(SHAPES))]
     got = run_updates(net, params, grads_seq, scales=scales)
+    # eps (1e-8) inside sqrt(v_hat + eps^2) is the one scale in the inputs: at gradients ~1e-5 it moves them by ~1e-6
     for (u_ref, _), (u_got, _) in zip(ref, got):
         for a, b in zip(u_ref, u_got):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-10)
     # one scale for all gradients: the scheduler's decisions are unchanged too (it reads only ratios)
     same = run_updates(net, params, grads_seq, scales=[factor] * len(SHAPES))
     assert [s for _, s in same] == pytest.approx([s for _, s in ref], rel=1e-6)  # eps: ~1e-8
@@ -275,3 +277,30 @@ def test_fast_path_is_the_default_of_the_drop_in_and_keeps_scale_invariance():
     for (a, _), (b, _) in zip(ref, got):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)  # float32; the updates have RMS ~1e-3
+
+
+def test_fast_path_scratch_buffers_never_alias_what_it_returns_and_are_not_pickled():
+    """The fast path reuses scratch tensors between steps: the updates and state it returned earlier must stay
+    untouched by later steps (also for another model size), and a pickled optimizer leaves the scratch out."""
+    import pickle
+
+    net = randomize_(NormMLP(hidden=8), seed=7)
+    params = [torch.randn(s) for s in BIG_SHAPES]
+    stream = grad_stream(BIG_SHAPES, 3, dtype=torch.float32)
+    with torch.no_grad():
+        state = net.init(params)
+        first, state1 = net.update(stream[0], state, params)
+        kept = [u.clone() for u in first] + [state1.momenta.clone(), state1.v.clone(), state1.pooled.clone()]
+        net.update(stream[1], state1, params)
+        other = [torch.randn(5, 3), torch.randn(3)]
+        net.update([torch.randn(5, 3), torch.randn(3)], net.init(other), other)  # another size
+        net.update(stream[2], state1, params)
+    for a, b in zip(kept, [*first, state1.momenta, state1.v, state1.pooled]):
+        assert torch.equal(a, b)
+    assert net.__dict__.get("_ws")  # the scratch exists ...
+    back = pickle.loads(pickle.dumps(net))
+    assert "_ws" not in back.__dict__  # ... and does not travel
+    with torch.no_grad():
+        again, _ = back.update(stream[1], state1, params)
+        ref, _ = net.update(stream[1], state1, params)
+    assert all(torch.equal(a, b) for a, b in zip(again, ref))
