@@ -129,6 +129,15 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def save_report(out_dir: str, text: str, summary: Dict[str, Any]) -> None:
+    """Print the report, write it to ``out_dir/table.md`` and the summary to ``out_dir/summary.json``."""
+    print(text)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(text + "\n")
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+
+
 def plot_curves(path: str, curves: Dict[str, np.ndarray], title: str, ylabel: str = "loss") -> None:
     """Mean loss per step (log y-axis) with the 25-75% band over problems, one line per optimizer."""
     import matplotlib

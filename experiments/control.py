@@ -63,7 +63,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, test_split_name, verdict, write_json)
+                    parse_config, provenance, run_main, test_split_name, verdict, save_report)
 
 from learned_opt.control import Cosine, EarlyStopping, ExponentialDecay, FixedBudget, StepDecay  # noqa: E402
 from learned_opt.evaluate import (Axis, default_lr_axis, evaluate, make_baseline, protocol_record,  # noqa: E402
@@ -629,10 +629,7 @@ def main(argv=None) -> dict:
               f"- whole script {summary['total_seconds']:.0f} s (" + ", ".join(f"{k} {v:.0f} s"
                                                                             for k, v in seconds.items()) + ")"]
     text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
-        f.write(text + "\n")
-    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    save_report(cfg.out_dir, text, summary)
 
     sel_points = {n: (float(o["steps"].mean()), float(o[H]["val_loss"].mean())) for n, o in sel_hand.items()}
     sel_points.update({f"learned {k}": (v["mean_steps"], v["mean_val_loss"]) for k, v in selection.items()})

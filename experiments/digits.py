@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, plot_curves, provenance, run_main, test_split_name, verdict, write_json)
+                    parse_config, plot_curves, provenance, run_main, test_split_name, verdict, save_report)
 
 from learned_opt.control import Cosine  # noqa: E402
 from learned_opt.evaluate import (baseline_kwargs, default_lr_axis, envelope_speedup, evaluate,  # noqa: E402
@@ -394,10 +394,7 @@ def main(argv=None) -> dict:
         f"diverged runs at {max_h} steps: {summary['diverged_runs']}; meta-training "
         f"{np.mean(summary['meta_train_seconds']):.0f} s per seed; whole script {summary['total_seconds']:.0f} s"]
     text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
-        f.write(text + "\n")
-    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    save_report(cfg.out_dir, text, summary)
     curves = {f"learned ({cfg.net}, seed {s['seed']})": s["curves"] for s in per_seed[:3]}
     for n in cfg.baselines:
         tb = tuned[(n, "base")][(max_h, "train_loss")]

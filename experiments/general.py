@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, test_split_name, verdict, write_json)
+                    parse_config, provenance, run_main, test_split_name, verdict, save_report)
 
 from learned_opt.evaluate import default_lr_axis, evaluate, protocol_record, tune_baseline  # noqa: E402
 from learned_opt.optim import get_optimizer  # noqa: E402
@@ -514,10 +514,7 @@ def main(argv=None) -> dict:
               f"- whole script {summary['seconds']['total']:.0f} s (tuning jobs {sum(tune_seconds.values()):.0f} "
               f"s CPU, evaluation jobs {summary['seconds']['eval_jobs_cpu']:.0f} s CPU, workers {cfg.workers})"]
     text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(cfg.out_dir, "table.md"), "w") as fh:
-        fh.write(text + "\n")
-    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    save_report(cfg.out_dir, text, summary)
     plot_families(os.path.join(cfg.out_dir, "curves.png"), curves, h10,
                   f"mean minibatch train loss over {cfg.test_tasks} tasks ({test_split_name(cfg)}); baselines tuned "
                   f"for {h10} steps on the train loss")

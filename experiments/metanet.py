@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, test_split_name, write_json)
+                    parse_config, provenance, run_main, test_split_name, save_report)
 
 from learned_opt.control import EarlyStopping  # noqa: E402
 from learned_opt.evaluate import (BASELINE_AXES, TEST_DRAW, default_lr_axis, evaluate,  # noqa: E402
@@ -237,10 +237,7 @@ def main(argv=None) -> dict:
         "column is paired per task, bootstrap over seeds and tasks",
         f"- meta-training: {summary['meta_train_seconds']:.0f} s in all "
         f"({', '.join('%.0f' % r['seconds'] for r in meta_records)} s per seed)"])
-    print(text)
-    with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
-        f.write(text + "\n")
-    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    save_report(cfg.out_dir, text, summary)
     return summary
 
 

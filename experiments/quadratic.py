@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, parallel_map,  # noqa: E402
-                    parse_config, plot_curves, provenance, run_main, test_split_name, verdict, write_json)
+                    parse_config, plot_curves, provenance, run_main, test_split_name, verdict, save_report)
 
 from learned_opt.evaluate import (TEST_DRAW, default_lr_axis, evaluate, make_baseline, mean_ci,  # noqa: E402
                                   paired, protocol_record, tune_baseline)
@@ -277,10 +277,7 @@ def main(argv=None) -> dict:
                  f"({', '.join('%.0f' % r['seconds'] for r in meta_records)} s per seed), "
                  f"{prov['cpus']} CPUs")
     text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
-        f.write(text + "\n")
-    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    save_report(cfg.out_dir, text, summary)
     plot_curves(os.path.join(cfg.out_dir, "loss_curves.png"), curves,
                 f"10-d quadratics, {problems} {'test' if cfg.final else 'validation (dev)'} problems "
                 f"(baselines tuned for {horizons[-1]} steps)")

@@ -35,3 +35,12 @@ class SquareFamily:
         task = Square(self.n, nan=self.calls in self.nan_calls)
         self.calls += 1
         return task
+
+
+def randomize_(net, scale=1.0, seed=0):
+    """Perturb every meta-weight (including the zero-initialised output and head layers) so every path matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return net

@@ -15,6 +15,7 @@ from learned_opt.optim.learned import CoordLSTM, CoordMLP, DecisionHeads, prepro
 from learned_opt.tasks import Digits, QuadraticFamily
 from learned_opt.tasks.base import generator
 from learned_opt.unroll import unroll
+from tests.helpers import randomize_
 
 NETS = [CoordLSTM, CoordMLP]
 
@@ -31,15 +32,6 @@ def obs_for(state, step=0, loss=1.0, val=None, gnorm=1.0, dtype=torch.float32):
     """A controller observation carrying the network's own optimizer state."""
     as_t = lambda v: None if v is None else torch.tensor(v, dtype=dtype)  # noqa: E731
     return Observation(step, 100, as_t(loss), as_t(val), as_t(gnorm), state, False)
-
-
-def randomize_(net, scale=1.0, seed=0):
-    """Perturb every meta-weight (including the zero-initialised output and head layers)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return net
 
 
 class ShapesTask:

@@ -16,17 +16,14 @@ from learned_opt.optim.normmlp import NormMLP, horizon_visible
 from learned_opt.tasks import Digits
 from learned_opt.tasks.base import generator
 from learned_opt.unroll import unroll
+from tests.helpers import randomize_ as _randomize
 
 SHAPES = [(), (3,), (2, 3), (4, 2, 3, 3), (1,), (7, 5)]
 
 
 def randomize_(net, scale=0.5, seed=0):
-    """Perturb every meta-weight (the zero-initialised output and heads too) so every path matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return net
+    """:func:`tests.helpers.randomize_` at this file's default scale."""
+    return _randomize(net, scale, seed)
 
 
 def grad_stream(shapes, steps, seed=0, dtype=torch.float64):

@@ -58,6 +58,13 @@ def unflatten(flat: Tensor, layout: Layout) -> List[Tensor]:
     return [c.reshape(s) for c, s in zip(torch.split(flat, layout.sizes), layout.shapes)]
 
 
+def check_layout(grads: Sequence[Tensor], layout: Layout) -> None:
+    """Raise ``ValueError`` unless ``grads`` have the shapes of the layout a meta-network's state was made for."""
+    if len(grads) != len(layout.sizes) or any(g.shape != s for g, s in zip(grads, layout.shapes)):
+        raise ValueError(f"gradient shapes {[tuple(g.shape) for g in grads]} do not match the state's "
+                         f"{[tuple(s) for s in layout.shapes]}")
+
+
 def segment_mean(x: Tensor, layout: Layout) -> Tensor:
     """Mean over each tensor's coordinates: ``(n, ...) -> (num_tensors, ...)``."""
     out = x.new_zeros((len(layout.sizes),) + x.shape[1:]).index_add(0, layout.segment, x)
@@ -107,6 +114,8 @@ class DecisionHeads(nn.Module):
     probability of ``stop_max * sigmoid(stop_bias)``.
     """
 
+    EXTRA_FEATURES = 0  # features a subclass appends to :meth:`_compute_features`
+
     def __init__(self, pooled_dim: int, hidden: int = 32, lr_bound: float = 10.0, stop_bias: float = -6.0,
                  stop_max: float = 1.0, stop_threshold: float = 0.5, lr_max: Optional[float] = None):
         super().__init__()
@@ -120,7 +129,7 @@ class DecisionHeads(nn.Module):
             raise ValueError(f"stop_max must be in (0, 1], got {stop_max!r}")
         self.lr_bound, self.stop_bias, self.stop_max = lr_bound, stop_bias, stop_max
         self.stop_threshold = stop_threshold
-        dim = pooled_dim + NUM_GLOBAL_FEATURES
+        dim = pooled_dim + NUM_GLOBAL_FEATURES + self.EXTRA_FEATURES
         self.lr = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         self.stop = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
         for head in (self.lr, self.stop):
@@ -411,9 +420,7 @@ class CoordLSTM(_MetaNetwork):
     def update(self, grads, state: LSTMState, params, *, loss: Optional[Tensor] = None):
         """One step for all coordinates at once."""
         layout = state.layout
-        if len(grads) != len(layout.sizes) or any(g.shape != s for g, s in zip(grads, layout.shapes)):
-            raise ValueError(f"gradient shapes {[tuple(g.shape) for g in grads]} do not match the state's "
-                             f"{[tuple(s) for s in layout.shapes]}")
+        check_layout(grads, layout)
         g = flatten(grads)
         inputs = [preprocess_gradient(g, self.p)]
         base = state.base
@@ -529,9 +536,7 @@ class CoordMLP(_MetaNetwork):
     def update(self, grads, state: MLPState, params, *, loss: Optional[Tensor] = None):
         """One step for all coordinates at once."""
         layout = state.layout
-        if len(grads) != len(layout.sizes) or any(g.shape != s for g, s in zip(grads, layout.shapes)):
-            raise ValueError(f"gradient shapes {[tuple(g.shape) for g in grads]} do not match the state's "
-                             f"{[tuple(s) for s in layout.shapes]}")
+        check_layout(grads, layout)
         g, p = flatten(grads), flatten(params)
         count = state.count + 1
         momenta = tuple(b * m + (1 - b) * g for b, m in zip(self.momentum_decays, state.momenta))

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..control import Observation
-from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, flatten, make_layout,
-                      segment_mean, step_embedding, unflatten)
+from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, check_layout, flatten,
+                      make_layout, segment_mean, step_embedding, unflatten)
 
 TIME_SCALES = (10.0, 100.0, 1000.0, 10000.0)
 
@@ -69,13 +69,13 @@ def horizon_visible(obs: Observation, state: DecisionState, dropout: float) -> b
 class SchedulerHeads(DecisionHeads):
     """:class:`DecisionHeads` whose features add the fraction of the run done and a flag saying whether it is
     known (``Observation.horizon > 0``, see :func:`horizon_visible`)."""
-    EXTRA = 2
+    EXTRA_FEATURES = 2
 
     def __init__(self, pooled_dim: int, horizon_dropout: float = 0.5, **kwargs: Any):
-        super().__init__(pooled_dim + self.EXTRA, **kwargs)
+        super().__init__(pooled_dim, **kwargs)
         self.horizon_dropout = horizon_dropout
 
-    def _compute_features(self, obs: Observation, state: DecisionState, like: Tensor) -> Tensor:  # type: ignore[override]
+    def _compute_features(self, obs: Observation, state: DecisionState, like: Tensor) -> Tensor:
         base = DecisionHeads._compute_features(obs, state, like)
         if horizon_visible(obs, state, self.horizon_dropout):
             extra = [min(1.0, obs.step / obs.horizon), 1.0]
@@ -249,9 +249,7 @@ class NormMLP(_MetaNetwork):
     def update(self, grads, state: NormMLPState, params, *, loss: Optional[Tensor] = None):
         """One step for all coordinates at once: ``exp(log_lr) * normalised direction``."""
         layout = state.layout
-        if len(grads) != len(layout.sizes) or any(g.shape != s for g, s in zip(grads, layout.shapes)):
-            raise ValueError(f"gradient shapes {[tuple(g.shape) for g in grads]} do not match the state's "
-                             f"{[tuple(s) for s in layout.shapes]}")
+        check_layout(grads, layout)
         g, p = flatten(grads), flatten(params)
         count = state.count + 1
         b = self._decays(g)
