@@ -50,10 +50,12 @@ def _call(job):
     return fn(*args)
 
 
-def parallel_map(fn: Callable, arg_tuples: Iterable[tuple], workers: int = 1) -> List[Any]:
-    """``[fn(*a) for a in arg_tuples]``, in ``workers`` forked processes when ``workers > 1`` (each one thread).
+def parallel_map(fn: Callable, arg_tuples: Iterable[tuple], workers: int = 1, context: str = "fork") -> List[Any]:
+    """``[fn(*a) for a in arg_tuples]``, in ``workers`` processes when ``workers > 1`` (each one thread).
 
     ``fn`` must be a module-level function; results come back in order. Runs are deterministic either way.
+    ``context``: how workers start; ``"spawn"`` for long jobs (a forked worker once hung at 0% CPU on this
+    machine, a lock copied from the parent held forever).
     """
     jobs = [(fn, tuple(a)) for a in arg_tuples]
     if workers <= 1 or len(jobs) <= 1:
@@ -63,7 +65,7 @@ def parallel_map(fn: Callable, arg_tuples: Iterable[tuple], workers: int = 1) ->
 
     sys.stdout.flush()
     sys.stderr.flush()
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("fork")) as ex:
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context(context)) as ex:
         return list(ex.map(_call, jobs))
 
 

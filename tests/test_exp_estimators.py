@@ -21,3 +21,20 @@ def test_estimators_smoke_writes_summary_table_and_figure(tmp_path):
     # the relative error is measured against the known optimum
     th = s["runs"]["tbptt K=1"]["final_theta"][0]
     assert abs(s["influence_balancing_tbptt_rel_error"] - abs(th + 1 / 6) * 6) < 1e-9
+
+
+def test_a_rerun_keeps_the_horizon_part(tmp_path):
+    import estimators
+    out = tmp_path / "est"
+    estimators.main(["--preset", "smoke", "--out_dir", str(out)])
+    path = out / "summary.json"
+    saved = json.loads(path.read_text())
+    assert any("horizon" in n for n in saved["not_implemented"])
+    saved["pes_over_tbptt_loss_at_10x"] = 0.9
+    saved["targets"]["pes_divergences_at_25x"] = {"value": 0}
+    saved["horizon_generalisation"] = "somewhere/summary.json"
+    path.write_text(json.dumps(saved))
+    estimators.main(["--preset", "smoke", "--out_dir", str(out)])
+    again = json.loads(path.read_text())
+    assert again["pes_over_tbptt_loss_at_10x"] == 0.9 and again["targets"]["pes_divergences_at_25x"] == {"value": 0}
+    assert not any("horizon" in n for n in again["not_implemented"])

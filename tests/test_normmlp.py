@@ -145,6 +145,12 @@ def test_scheduler_reads_the_fraction_done_only_when_the_horizon_is_known():
     assert 0.4 < sum(shown) / len(shown) < 0.6
     assert all(horizon_visible(Observation(3, 100, loss, None, None, None, True), state._replace(loss0=2.0 + i),
                                0.0) for i in range(10))
+    # dropout 1: never told, in meta-training or in evaluation (a network that never saw the feature)
+    hidden = NormMLP(horizon_dropout=1.0)
+    for training in (True, False):
+        obs = Observation(25, 100, loss, None, torch.tensor(1.0), None, training)
+        assert not horizon_visible(obs, state, 1.0)
+        assert hidden.heads.features(obs, hidden.heads.observe(obs, hidden.heads.init()), like)[-2:].tolist() == [0, 0]
 
 
 def test_meta_gradient_matches_finite_differences():

@@ -29,18 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from ..control import Observation
-from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, check_layout, flatten,
-                      make_layout, segment_mean, step_embedding, unflatten)
+from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, block_width, blocks,
+                      check_layout, chunk_means, flatten, make_layout, segment_mean, segment_mean_acc, step_embedding, unflatten)
 
 TIME_SCALES = (10.0, 100.0, 1000.0, 10000.0)
-
-
-def segment_mean_acc(x: Tensor, layout: Layout) -> Tensor:
-    """:func:`segment_mean` accumulated in float64 (then cast back): a float32 ``index_add`` over a 200k-coordinate
-    tensor is off by ~1e-5 relative, which would make the per-tensor normalisation depend on the summation order."""
-    if x.dtype in (torch.float64, torch.complex128):
-        return segment_mean(x, layout)
-    return segment_mean(x.double(), layout).to(x.dtype)
 
 
 class NormMLPState(NamedTuple):
@@ -55,8 +47,10 @@ class NormMLPState(NamedTuple):
 def horizon_visible(obs: Observation, state: DecisionState, dropout: float) -> bool:
     """Whether the scheduler is told the horizon: always outside meta-training when one is given; inside it, for a
     fraction ``1 - dropout`` of the tasks, chosen by the bits of the task's first loss (deterministic per task, no
-    random generator involved), so that one network learns to schedule with and without a known horizon."""
-    if obs.horizon <= 0:
+    random generator involved), so that one network learns to schedule with and without a known horizon.
+    ``dropout == 1`` never tells it, in evaluation either: a network meta-trained without the feature would read
+    inputs it never saw (the horizon-generalisation experiment of ``experiments/estimators_horizon.py``)."""
+    if obs.horizon <= 0 or dropout >= 1:
         return False
     if not obs.training or dropout <= 0 or not math.isfinite(state.loss0):
         return True
@@ -169,38 +163,6 @@ class NormMLP(_MetaNetwork):
         norm = torch.rsqrt(segment_mean_acc(u * u, layout).clamp_min(1e-30))
         return u * norm[layout.segment], h
 
-    # The fast path (:meth:`_direction_fast`) runs whenever nothing needs a graph; False forces the reference.
-    fast_path = True
-
-    def _workspace(self, name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
-        """A scratch tensor kept between steps (fast path only). Allocating its ~20 floats per coordinate afresh
-        every step made glibc map and fault in new pages each time: at 200k coordinates that alone doubled the
-        step (16 ms against 6.4 ms with the allocations reused)."""
-        ws = self.__dict__.setdefault("_ws", {})
-        key = (name, tuple(shape), like.dtype, like.device)
-        buf = ws.get(key)
-        if buf is None:
-            for old in [k for k in ws if k[0] == name]:  # one size per name: a new model replaces the old buffer
-                del ws[old]
-            buf = ws[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return buf
-
-    def __getstate__(self):
-        # scratch buffers are not state: a pickled optimizer (ProtocolOptimizer's state travels) leaves them out
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state.pop("_ws", None)
-        return state
-
-    def _fast_ok(self, g: Tensor, p: Tensor, momenta: Tensor) -> bool:
-        """Whether the fast path may run: no autograd graph is wanted (evaluation, the drop-in optimizer)."""
-        if not self.fast_path:
-            return False
-        if not torch.is_grad_enabled():
-            return True
-        return not (g.requires_grad or p.requires_grad or momenta.requires_grad
-                    or any(w.requires_grad for w in self.parameters()))
-
     @torch.no_grad()
     def _direction_fast(self, g: Tensor, p: Tensor, momenta: Tensor, v: Tensor, count: int,
                         layout: Layout) -> Tuple[Tensor, Tensor]:
@@ -221,27 +183,28 @@ class NormMLP(_MetaNetwork):
         x[k + 3:].div_(1 - b ** count)  # bias-corrected momenta over sqrt(v_hat)
         adam = x[k + 3 + min(1, k - 1)]
         raw = x[:k + 2]
-        # per-tensor RMS of the raw features, then each chunk scaled in place (views: no copy of the features)
-        chunks = raw.split(sizes, dim=1)
-        sq = torch.mul(raw, raw, out=self._workspace("sq", raw.shape, g)).split(sizes, dim=1)
-        ms = torch.stack([c.mean(1) for c in sq])  # (tensors, k + 2)
-        scale = torch.rsqrt(ms.clamp_min(1e-30))
-        for c, sc in zip(chunks, scale):
-            c.mul_(sc.unsqueeze(1))
-        bias = self.first_tensor(self.tensor_features(count, layout, g)) + self.first.bias  # (tensors, h)
-        h = torch.mm(self.first.weight, x, out=self._workspace("h0", (self.first.out_features, n), g))  # (h, n)
-        for c, bi in zip(h.split(sizes, dim=1), bias):
-            c.add_(bi.unsqueeze(1))
-        h.relu_()
-        for i, layer in enumerate(self.rest):
-            if isinstance(layer, nn.Linear):
-                h = torch.addmm(layer.bias.unsqueeze(1), layer.weight, h,
-                                out=self._workspace(f"h{i % 2 + 1}", (layer.out_features, n), g))
-            else:
-                h.relu_()
-        u = torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, h).squeeze(0)
+        # per-tensor RMS of the raw features, folded into the first layer's weights: W (x * s) = (W * s) x
+        sq = torch.mul(raw, raw, out=self._workspace("sq", raw.shape, g))
+        scale = torch.rsqrt(chunk_means(sq, sizes).clamp_min(1e-30))  # (tensors, k + 2)
+        cols = torch.cat([scale, scale.new_ones((len(sizes), k + 1))], dim=1)  # the Adam-like ratios unscaled
+        w_first = self.first.weight.unsqueeze(0) * cols.unsqueeze(1)  # (tensors, h, f)
+        bias = (self.first_tensor(self.tensor_features(count, layout, g)) + self.first.bias).unsqueeze(-1)
+        linears = [m for m in self.rest if isinstance(m, nn.Linear)]
+        width = block_width(n)
+        h0 = self._workspace("h0", (self.first.out_features, width), g)
+        bufs = [self._workspace(f"h{i + 1}", (m.out_features, width), g) for i, m in enumerate(linears)]
+        u = torch.empty(n, dtype=g.dtype, device=g.device)
+        pooled = g.new_zeros((len(sizes), (linears[-1] if linears else self.first).out_features),
+                             dtype=torch.float64)
+        for j, s0, s1 in blocks(sizes):  # a block's hidden activations stay in cache
+            w = s1 - s0
+            h = torch.addmm(bias[j], w_first[j], x[:, s0:s1], out=h0[:, :w]).relu_()
+            for m, buf in zip(linears, bufs):
+                h = torch.addmm(m.bias.unsqueeze(1), m.weight, h, out=buf[:, :w]).relu_()
+            torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, h, out=u[s0:s1].unsqueeze(0))
+            pooled[j] += h.sum(1)  # float32 within a block (pairwise), float64 across blocks
         u.sub_(adam)
-        pooled = torch.stack([c.mean(1) for c in h.split(sizes, dim=1)])
+        pooled = (pooled / torch.tensor(sizes, dtype=torch.float64, device=g.device).unsqueeze(1)).to(g.dtype)
         for c in u.split(sizes):
             c.mul_(torch.rsqrt((c * c).mean().clamp_min(1e-30)))
         return u, pooled

@@ -1,0 +1,348 @@
+"""Horizon generalisation of the meta-gradient estimators (issue 13, part 3): TBPTT against PES.
+
+The same meta-network (:class:`~learned_opt.optim.normmlp.NormMLP`, 1,868 meta-weights, its horizon features
+switched off so that it never knows when a run ends) is meta-trained on digits-MLP tasks with 1000-step inner
+runs cut into truncations of 50 steps, once with truncated backprop (second order, through ``higher``) and once
+with persistent evolution strategies (antithetic particles carried across the truncations of each run), for every
+seed. Both start from the same initial meta-weights per seed, see the same tasks and take one meta-update per
+truncation with the same meta-optimizer; only the meta-gradient differs.
+
+What a task is: the 64-20-10 sigmoid MLP of :class:`~learned_opt.tasks.DigitsFamily` (an initialisation and a
+minibatch order) on a *pool* of digit images. Meta-training, checkpoint selection and Adam's tuning use the
+``meta`` pool; the final test tasks (``--final true``) train on the ``heldout`` pool, whose images no meta-training
+or tuning run saw. A development run (the default) evaluates on validation tasks of the ``meta`` pool (stream
+``dev``) and touches no test task.
+
+Evaluation: every meta-trained network runs each evaluation task for 25x the meta-training horizon (one run: the
+network does not know the horizon, so a shorter horizon is a prefix of it); the whole-training-split loss is
+measured at 1x, 2x, 5x, 10x and 25x. Adam is tuned (learning rate, grid widened until interior, refined to 1/8
+decade) for *each* of those horizons on the train-loss metric, on validation tasks of the meta pool, and run on the
+same evaluation tasks with its per-horizon rate. Reported, per horizon: learned over tuned Adam and PES over TBPTT
+(paired per task: mean ratio with a bootstrap interval, Wilcoxon p, win rate), divergences (final loss non-finite
+or above the initial one), where each run breaks (the first measured multiple at which its loss is more than twice
+its loss at 1x), and the meta-training cost of each estimator (inner steps, meta-steps, wall time).
+
+Writes ``{out_dir}/{summary.json, table.md, curves.png}`` and puts the issue's target keys
+(``pes_over_tbptt_loss_at_10x``, ``pes_divergences_at_25x``) into ``{estimators_summary}``.
+
+    python experiments/estimators_horizon.py --workers 2               # development run (validation tasks)
+    python experiments/estimators_horizon.py --final true --workers 2  # the reported run (reuses the meta-training)
+    python experiments/estimators_horizon.py --preset smoke            # seconds; used by the tests
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
+                    parse_config, provenance, run_main, save_report, test_split_name, write_json)
+
+from learned_opt.evaluate import default_lr_axis, evaluate, tune  # noqa: E402
+from learned_opt.meta import MetaConfig, MetaTrainer, load_lopt, save_lopt  # noqa: E402
+from learned_opt.optim import get_optimizer  # noqa: E402
+from learned_opt.optim.learned import build_learned  # noqa: E402
+from learned_opt.tasks import DigitsFamily  # noqa: E402
+from learned_opt.tasks.augment import ReparamFamily  # noqa: E402
+
+ESTIMATORS = ("tbptt", "pes")
+BREAK_FACTOR = 2.0  # a run "breaks" at the first measured multiple where its loss exceeds this x its loss at 1x
+
+
+@dataclass
+class Config(ProtocolConfig):
+    """Horizon-generalisation settings; every field is a command-line flag."""
+    horizon: int = 1000  # meta-training inner-run length
+    truncation: int = 50
+    iterations: int = 80  # inner runs per seed (each: horizon / truncation meta-updates)
+    meta_lr: float = 1e-3
+    second_order: bool = True  # TBPTT
+    particles: int = 8  # PES: antithetic particles per truncation
+    sigma: float = 0.01  # PES perturbation scale
+    augment: float = 3.0  # per-tensor reparametrisation scales in [1/augment, augment] (both estimators)
+    hidden: int = 8
+    init_lr: float = 3e-3
+    lr_bound: float = 30.0
+    meta_val_every: int = 20  # checkpoint selection every this many inner runs, at 1x the horizon
+    meta_val_tasks: int = 4
+    multiples: tuple = (1, 2, 5, 10, 25)  # evaluation horizons, as multiples of the meta-training horizon
+    tune_tasks: int = 4  # validation tasks Adam is tuned on, per evaluation horizon
+    test_tasks: int = 5
+    grid_low: float = 1e-4
+    grid_high: float = 1.0
+    target_ratio_10x: float = 1.0
+    train_dir: str = ""  # meta-training runs (default: out_dir/train); shared by the development and final runs
+    out_dir: str = "results/estimators/horizon"
+    estimators_summary: str = "results/estimators/summary.json"  # where the issue's target keys go
+    val_tasks: int = 0  # not used: --tune_tasks says how many validation tasks tune Adam
+
+
+PRESETS = {
+    "smoke": dict(horizon=20, truncation=10, iterations=2, particles=2, meta_val_every=1, meta_val_tasks=1,
+                  multiples=(1, 2, 3), tune_tasks=2, test_tasks=2, grid_low=1e-2, grid_high=1.0, seeds=2,
+                  out_dir="runs/estimators_horizon_smoke",
+                  estimators_summary="runs/estimators_horizon_smoke/estimators_summary.json"),
+}
+
+
+def train_dir(cfg: Config) -> str:
+    return cfg.train_dir or os.path.join(cfg.out_dir, "train")
+
+
+def meta_family(cfg: Config):
+    fam = DigitsFamily(pool="meta")
+    return ReparamFamily(fam, cfg.augment) if cfg.augment > 1 else fam
+
+
+def eval_family(cfg: Config):
+    """The evaluation tasks' family: the held-out image pool when final."""
+    return DigitsFamily(pool="heldout" if cfg.final else "meta")
+
+
+def new_net(cfg: Config, seed: int):
+    torch.manual_seed(seed)  # the same initial meta-weights for both estimators of a seed
+    return build_learned("norm_mlp", hidden=cfg.hidden, init_lr=cfg.init_lr, lr_bound=cfg.lr_bound,
+                         horizon_dropout=1.0)  # never told the horizon: 10x and 25x are extrapolation in time
+
+
+def meta_config(cfg: Config, estimator: str, seed: int) -> MetaConfig:
+    return MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations, meta_lr=cfg.meta_lr,
+                      meta_loss="mean_log", second_order=cfg.second_order, control="learned",
+                      val_every=cfg.meta_val_every, val_tasks=cfg.meta_val_tasks, val_horizon=cfg.horizon,
+                      val_metric="mean_log_curve", estimator=estimator, particles=cfg.particles, sigma=cfg.sigma,
+                      seed=seed)
+
+
+def lopt_path(cfg: Config, estimator: str, seed: int) -> str:
+    return os.path.join(train_dir(cfg), f"{estimator}_seed{seed}", "lopt.pt")
+
+
+def train_job(cfg: Config, estimator: str, seed: int) -> dict:
+    """Meta-train one (estimator, seed); an interrupted run continues from its checkpoint (exactly)."""
+    torch.set_num_threads(1)
+    net = new_net(cfg, seed)
+    run_dir = os.path.dirname(lopt_path(cfg, estimator, seed))
+    trainer = MetaTrainer(net, meta_family(cfg), meta_config(cfg, estimator, seed), run_dir=run_dir, progress=False)
+    resumed = trainer.resume()
+    trainer.run()
+    save_lopt(lopt_path(cfg, estimator, seed), net)
+    per_run = 1 + (cfg.particles if estimator == "pes" else 0)  # unrolls of every inner step
+    return {"estimator": estimator, "seed": seed, "train_seconds": trainer.train_seconds, "resumed": resumed,
+            "meta_steps": trainer.meta_step, "skipped": trainer.skipped,
+            "inner_steps": cfg.iterations * cfg.horizon * per_run, "best_select_score": trainer.best_score}
+
+
+def eval_steps(cfg: Config) -> list:
+    return [m * cfg.horizon for m in cfg.multiples]
+
+
+def _adam(hp):
+    return get_optimizer("adam", lr=hp["lr"]), None
+
+
+def tune_job(cfg: Config) -> dict:
+    """Adam's learning rate for every evaluation horizon, on validation tasks of the meta pool (train loss)."""
+    torch.set_num_threads(1)
+    axis = default_lr_axis(cfg.grid_low, cfg.grid_high)
+    res = tune("adam", _adam, DigitsFamily(pool="meta"), [axis],
+               horizons=eval_steps(cfg), metrics=["train_loss"], num_tasks=cfg.tune_tasks,
+               cache_dir=os.path.join(cfg.out_dir, "tuning_cache"))
+    return {h: {"lr": r.hparams["lr"], "edge": r.edges["lr"], "table": r.table} for (h, _), r in res.items()}
+
+
+def learned_eval_job(cfg: Config, estimator: str, seed: int) -> dict:
+    torch.set_num_threads(1)
+    net = load_lopt(lopt_path(cfg, estimator, seed))
+    steps = eval_steps(cfg)
+    res = evaluate(eval_family(cfg), net, net.as_controller, num_tasks=cfg.test_tasks, steps=max(steps),
+                   checkpoints=[0, *steps], **eval_split(cfg))
+    return {"at": {h: res.at[h]["train_loss"] for h in [0, *steps]}, "curve": _log_curve(res.curves)}
+
+
+def adam_eval_job(cfg: Config, steps: int, lr: float) -> dict:
+    torch.set_num_threads(1)
+    res = evaluate(eval_family(cfg), get_optimizer("adam", lr=lr), None, num_tasks=cfg.test_tasks, steps=steps,
+                   checkpoints=[0], **eval_split(cfg))
+    return {"at": {0: res.at[0]["train_loss"], steps: res.at[steps]["train_loss"]}, "curve": _log_curve(res.curves)}
+
+
+def run_job(kind: str, *args):
+    """One job of the process pool (meta-training, tuning and evaluation share the pool)."""
+    return {"train": train_job, "tune": tune_job, "learned": learned_eval_job, "adam": adam_eval_job}[kind](*args)
+
+
+def _log_curve(curves: np.ndarray, points: int = 400) -> dict:
+    """Mean over tasks of the log minibatch loss at ``points`` log-spaced steps (for the figure)."""
+    n = curves.shape[1]
+    idx = np.unique(np.geomspace(1, n, points).astype(int) - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.log(np.where(np.isfinite(curves[:, idx]), curves[:, idx], np.inf)).mean(0)
+    return {"step": idx.tolist(), "mean_log_loss": [float(v) for v in y]}
+
+
+def break_multiple(cfg: Config, at: dict, task: int) -> float:
+    """The first measured multiple at which the task's loss is non-finite or above BREAK_FACTOR x its loss at 1x
+    (``inf``: never, within the measured horizons)."""
+    base = at[cfg.horizon][task]
+    for m, h in zip(cfg.multiples, eval_steps(cfg)):
+        v = at[h][task]
+        if not np.isfinite(v) or v > BREAK_FACTOR * base:
+            return float(m)
+    return math.inf
+
+
+def merge_estimators_summary(path: str, keys: dict, targets: dict, pointer: str) -> None:
+    """Put this part's target keys into the issue's summary (written by ``experiments/estimators.py``)."""
+    summary = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+    summary.update(keys)
+    summary.setdefault("targets", {}).update(targets)
+    summary["horizon_generalisation"] = pointer
+    summary["not_implemented"] = [n for n in summary.get("not_implemented", []) if "horizon" not in n]
+    write_json(path, summary)
+
+
+def main(argv=None) -> dict:
+    cfg = parse_config(Config, PRESETS, argv)
+    torch.set_num_threads(1)
+    if cfg.val_tasks:
+        sys.exit("error: --val_tasks is not used; --tune_tasks says how many validation tasks tune Adam")
+    if min(cfg.seeds, cfg.tune_tasks, cfg.test_tasks, cfg.iterations) < 1:
+        sys.exit("error: --seeds, --tune_tasks, --test_tasks and --iterations must be >= 1")
+    if not cfg.multiples or cfg.multiples[0] != 1 or list(cfg.multiples) != sorted(set(cfg.multiples)):
+        sys.exit("error: --multiples must be increasing integers starting at 1")
+    prov = provenance()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    t0 = time.time()
+    seeds = list(range(cfg.seeds))
+    steps = eval_steps(cfg)
+    ten = 10 if 10 in cfg.multiples else cfg.multiples[len(cfg.multiples) // 2]
+    last = cfg.multiples[-1]
+
+    # 1. meta-training (the expensive PES runs first, so that the workers finish together), then Adam's tuning
+    jobs = [("pes", s) for s in seeds] + [("tbptt", s) for s in seeds]
+    out = parallel_map(run_job, [("train", cfg, e, s) for e, s in jobs] + [("tune", cfg)], cfg.workers,
+                       context="spawn")
+    train, tuned = out[:-1], out[-1]
+    # 2. evaluation on the same tasks
+    out = parallel_map(run_job, [("learned", cfg, e, s) for e, s in jobs]
+                       + [("adam", cfg, h, tuned[h]["lr"]) for h in steps], cfg.workers, context="spawn")
+    learned, adam = out[:len(jobs)], out[len(jobs):]
+    L = {e: {h: np.stack([np.asarray(r["at"][h], float) for (ee, _), r in zip(jobs, learned) if ee == e])
+             for h in [0, *steps]} for e in ESTIMATORS}  # (seeds, tasks)
+    A = {h: np.asarray(r["at"][h], float) for h, r in zip(steps, adam)}
+    A0 = np.asarray(adam[0]["at"][0], float)
+
+    per_h, rows = {}, []
+    for m, h in zip(cfg.multiples, steps):
+        rec = {"steps": h}
+        for e in ESTIMATORS:
+            rec[f"{e}_vs_tuned_adam"] = paired(L[e][h], A[h])
+            div = ~np.isfinite(L[e][h]) | (L[e][h] > L[e][0])
+            rec[f"{e}_divergences"] = int(div.sum())
+            rec[f"{e}_mean_loss"] = float(np.mean(L[e][h]))
+        rec["pes_over_tbptt"] = paired(L["pes"][h], L["tbptt"][h])
+        rec["tuned_adam"] = {"lr": tuned[h]["lr"], "edge": tuned[h]["edge"], "mean_loss": float(np.mean(A[h]))}
+        per_h[m] = rec
+        rows.append([f"{m}x ({h})", f"{rec['tuned_adam']['mean_loss']:.3g} (lr {tuned[h]['lr']:.3g})",
+                     f"{rec['tbptt_mean_loss']:.3g}", f"{rec['pes_mean_loss']:.3g}",
+                     fmt_paired(rec["tbptt_vs_tuned_adam"]), fmt_paired(rec["pes_vs_tuned_adam"]),
+                     fmt_paired(rec["pes_over_tbptt"]), f"{rec['tbptt_divergences']} / {rec['pes_divergences']}"])
+    breaks = {e: [[break_multiple(cfg, {h: L[e][h][i] for h in steps}, t) for t in range(cfg.test_tasks)]
+                  for i in range(cfg.seeds)] for e in ESTIMATORS}
+    cost = {e: {"train_seconds_per_seed": [r["train_seconds"] for (ee, _), r in zip(jobs, train) if ee == e],
+                "inner_steps_per_seed": train[[ee for ee, _ in jobs].index(e)]["inner_steps"],
+                "meta_steps_per_seed": train[[ee for ee, _ in jobs].index(e)]["meta_steps"],
+                "skipped": sum(r["skipped"] for (ee, _), r in zip(jobs, train) if ee == e)} for e in ESTIMATORS}
+
+    key = per_h[ten]["pes_over_tbptt"]
+    divergences = per_h[last]["pes_divergences"]
+    targets = {
+        f"pes_over_tbptt_loss_at_{ten}x": {**{k: key[k] for k in ("ratio", "ci_low", "ci_high", "wilcoxon_p",
+                                                                   "win_rate")},
+                                            "bound": cfg.target_ratio_10x, "value": key["ratio"],
+                                            "over": f"{cfg.seeds} seeds x {cfg.test_tasks} tasks, paired per task",
+                                            "verdict": "met" if key["ci_high"] <= cfg.target_ratio_10x else (
+                                                "not met" if key["ci_low"] > cfg.target_ratio_10x
+                                                else "not met (interval crosses the bound)")},
+        f"pes_divergences_at_{last}x": {"bound": 0, "value": divergences,
+                                        "over": f"{cfg.seeds * cfg.test_tasks} runs",
+                                        "verdict": "met" if divergences == 0 else "not met"},
+    }
+    summary = {
+        "config": asdict(cfg), "provenance": prov, "evaluated_on": test_split_name(cfg),
+        "task": "64-20-10 sigmoid MLP on 8x8 digits; meta-training and tuning on the meta image pool, "
+                + ("final tasks on the held-out image pool" if cfg.final else "development tasks on the meta pool"),
+        "meta_network": "norm_mlp (horizon features off)", "per_multiple": per_h, "tuned_adam": tuned,
+        "break_multiple": breaks, "break_factor": BREAK_FACTOR, "meta_training": cost, "train_runs": train,
+        f"pes_over_tbptt_loss_at_{ten}x": key["ratio"], f"pes_divergences_at_{last}x": divergences,
+        "targets": targets, "wall_seconds": time.time() - t0,
+    }
+    table = markdown_table(["horizon", "tuned Adam loss", "TBPTT loss", "PES loss", "TBPTT / tuned Adam",
+                            "PES / tuned Adam", "PES / TBPTT", "diverged (TBPTT / PES)"], rows)
+
+    def fmt_breaks(b):
+        flat = [x for row in b for x in row]
+        never = sum(math.isinf(x) for x in flat)
+        return f"never within {last}x on {never} of {len(flat)} runs" + (
+            f"; the others at {', '.join(f'{x:g}x' for x in sorted(x for x in flat if math.isfinite(x)))}"
+            if never < len(flat) else "")
+
+    cost_rows = [[e, f"{cost[e]['inner_steps_per_seed']:,}", cost[e]["meta_steps_per_seed"],
+                  f"{np.mean(cost[e]['train_seconds_per_seed']) / 60:.1f}", cost[e]["skipped"]] for e in ESTIMATORS]
+    text = (f"Horizon generalisation ({summary['evaluated_on']}): NormMLP meta-trained on digits-MLP runs of "
+            f"{cfg.horizon} steps (truncation {cfg.truncation}, {cfg.iterations} runs per seed, {cfg.seeds} seeds; "
+            f"PES {cfg.particles} particles, sigma {cfg.sigma}), {cfg.test_tasks} tasks per seed; whole-training-"
+            f"split loss; Adam tuned per horizon on {cfg.tune_tasks} validation tasks.\n\n{table}\n\n"
+            f"- target pes_over_tbptt_loss_at_{ten}x <= {cfg.target_ratio_10x}: {key['ratio']:.3g} "
+            f"[{key['ci_low']:.3g}, {key['ci_high']:.3g}]: {targets[f'pes_over_tbptt_loss_at_{ten}x']['verdict']}\n"
+            f"- target pes_divergences_at_{last}x = 0: {divergences}: "
+            f"{targets[f'pes_divergences_at_{last}x']['verdict']}\n"
+            f"- where runs break (loss above {BREAK_FACTOR:g}x its loss at 1x): TBPTT {fmt_breaks(breaks['tbptt'])}; "
+            f"PES {fmt_breaks(breaks['pes'])}\n\nMeta-training cost per seed:\n\n"
+            + markdown_table(["estimator", "inner steps", "meta-updates", "CPU minutes (1 thread)",
+                              "skipped meta-steps"], cost_rows) + "\n")
+    save_report(cfg.out_dir, text, summary)
+    if cfg.final:  # only the reported run's numbers go into the issue's summary
+        merge_estimators_summary(cfg.estimators_summary, {k: summary[k] for k in targets}, targets,
+                                 os.path.join(cfg.out_dir, "summary.json"))
+    plot(os.path.join(cfg.out_dir, "curves.png"), cfg, learned, jobs, adam, steps)
+    return summary
+
+
+def plot(path, cfg, learned, jobs, adam, steps) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"tbptt": "tab:blue", "pes": "tab:red"}
+    for (e, s), r in zip(jobs, learned):
+        c = r["curve"]
+        ax.plot(np.asarray(c["step"]) + 1, np.exp(c["mean_log_loss"]), color=colours[e], alpha=0.7,
+                label=f"{e.upper()} (seeds)" if s == 0 else None)
+    c = adam[-1]["curve"]
+    ax.plot(np.asarray(c["step"]) + 1, np.exp(c["mean_log_loss"]), color="k", ls="--",
+            label=f"Adam tuned for {steps[-1]} steps")
+    ax.axvline(cfg.horizon, color="grey", lw=1, ls=":")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("inner step (dotted: the meta-training horizon)")
+    ax.set_ylabel("minibatch loss (geometric mean over tasks)")
+    ax.set_title("digits MLP: TBPTT- vs PES-meta-trained NormMLP past the horizon")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_main(main)
