@@ -25,3 +25,35 @@ def test_bench_quick_writes_summary_and_table(tmp_path):
     assert all(v > 0 for part in memory.values() for v in part.values())
     table = (tmp_path / "table.md").read_text()
     assert "higher_over_func_meta_step" in table and "| lstm |" in table
+    # issue 14: cost against size with one and all threads, roofline columns, state, peak memory, the fast paths
+    d = summary["details"]
+    for part in ("scale_1_thread", "scale_all_threads"):
+        assert set(d[part]) == {"mlp10k", "mlp200k", "cnn"}  # --quick leaves the 1M MLP out
+        for size, r in d[part].items():
+            for k in ("adam", "lstm", "mlp", "general"):
+                assert r[k]["step_ms"] > 0 and r[k]["flops_per_coord"] > 0 and r[k]["bytes_per_coord"] > 0
+    one = d["scale_1_thread"]["mlp200k"]
+    assert one["adam"]["state_floats_per_param"] == 2.0  # exp_avg and exp_avg_sq
+    assert 4.0 <= one["general"]["state_floats_per_param"] < 4.1  # 4 per coordinate + the pooled summaries
+    assert 80.0 <= one["lstm"]["state_floats_per_param"] < 80.1  # h and c of 2 layers x 20
+    assert all(one[k]["update_peak_bytes"] > 0 for k in ("adam", "lstm", "mlp", "general"))
+    assert summary["fast_path_max_abs_diff"] <= 1e-6  # the fast paths equal the reference (perturbed meta-weights)
+    assert all(r["max_abs_update"] > 1e-4 for r in d["fast_path"].values())  # ... on updates that are not zero
+    assert {k.split("/")[0] for k in d["fast_path"]} == {"mlp200k", "cnn"}
+    assert len(d["meta_throughput"]) == 6 and all(r["pes_fast"]["inner_steps_per_s"] > 0
+                                                  for r in d["meta_throughput"].values())
+    assert "Cost against size (one thread)" in table and "Fast path against the reference" in table
+
+
+def test_bench_refuses_bad_flags_with_one_line(tmp_path):
+    import torch
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = os.path.join(ROOT, "benchmarks", "bench.py")
+    cases = [(["--skip-sizes", "mlp5"], "--skip-sizes"), (["--device", "tpu"], "--device")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available"))
+    for args, needle in cases:
+        proc = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 2 and needle in proc.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())  # nothing written

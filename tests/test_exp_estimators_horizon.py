@@ -28,7 +28,7 @@ def _run(tmp_path_factory, final, train_dir=None):
             return real_seed(split, *a, **k)
 
         def spy_eval(family, optimizer, controller_fn=None, **kwargs):
-            evals.append(kwargs)
+            evals.append({**kwargs, "pool": family.pool})
             return real_eval(family, optimizer, controller_fn, **kwargs)
 
         mp.setattr(E, "task_seed", spy_seed)
@@ -83,13 +83,13 @@ def test_both_estimators_start_from_the_same_weights_and_end_apart(dev):
 def test_development_run_touches_no_test_task(dev):
     *_, splits, evals = dev
     assert splits and "test" not in splits
-    assert all(e["split"] == "val" and e["stream"] == "dev" for e in evals)
+    assert all(e["split"] == "val" and e["stream"] == "dev" and e["pool"] == "meta" for e in evals)
 
 
 def test_final_run_evaluates_on_test_tasks_only_and_tunes_on_validation(tmp_path_factory, dev):
     H, s_dev, out_dev, *_ = dev
     H2, s, out, splits, evals = _run(tmp_path_factory, final=True, train_dir=out_dev / "train")
-    assert evals and all(e["split"] == "test" for e in evals)
+    assert evals and all(e["split"] == "test" and e["pool"] == "heldout" for e in evals)  # images never seen
     assert "test" in splits and "val" in splits  # tuning (val, stream tune) and meta-training never see test
     assert s["config"]["final"] is True and "held-out image pool" in s["task"]
     # the summary (here a copy, never results/) got the target keys, and keeps what was there

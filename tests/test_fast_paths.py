@@ -43,18 +43,22 @@ def _state_tensors(state):
     return out
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the same test on a GPU where there is one
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", list(NETS))
-def test_fast_path_equals_the_reference(name, dtype, monkeypatch):
+def test_fast_path_equals_the_reference(name, dtype, device, monkeypatch):
     """Updates to 1e-6 absolute in float32 (and float64), the whole state and the decisions, over several steps;
     the two paths also take turns on one state (the fast path's transposed-view state feeds the reference and
     back). A small block size makes the blocked loop cross many blocks inside one tensor."""
     import learned_opt.optim.learned as L
     monkeypatch.setattr(L, "FAST_BLOCK", 5000)
     torch.manual_seed(0)
-    net = randomize_(NETS[name]().to(dtype), scale=0.5, seed=4)
+    net = randomize_(NETS[name]().to(dtype), scale=0.5, seed=4).to(device)
     g = torch.Generator().manual_seed(5)
-    params = [torch.randn(s, generator=g, dtype=dtype) for s in SHAPES]
+    params = [torch.randn(s, generator=g, dtype=dtype).to(device) for s in SHAPES]
     used = []
     real = type(net)._update_fast
 
@@ -67,14 +71,14 @@ def test_fast_path_equals_the_reference(name, dtype, monkeypatch):
     ctrls = {k: net.init_control() for k in states}
     worst = 0.0
     for t in range(6):
-        grads = _grads(g, dtype, t)
+        grads = [x.to(device) for x in _grads(g, dtype, t)]
+        loss = torch.tensor(0.5 / (t + 1), dtype=dtype, device=device)
         out = {}
         for key in states:
             net.fast_path = key == "fast" or (key == "mixed" and t % 2 == 0)
             with torch.no_grad():
-                ups, states[key] = net.update(grads, states[key], params, loss=torch.tensor(0.5 / (t + 1)))
-                obs = Observation(t, 50, torch.tensor(0.5 / (t + 1), dtype=dtype), None, torch.tensor(2.0),
-                                  states[key])
+                ups, states[key] = net.update(grads, states[key], params, loss=loss)
+                obs = Observation(t, 50, loss, None, torch.tensor(2.0, device=device), states[key])
                 dec, ctrls[key] = net.decide(obs, ctrls[key])
             out[key] = (ups, float(dec.lr_scale), float(dec.stop_prob))
         for key in ("fast", "mixed"):
