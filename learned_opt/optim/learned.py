@@ -119,6 +119,13 @@ def ema(m: Tensor, g: Tensor, b: float, scratch: Tensor, out: Optional[Tensor] =
     return out.add_(t)
 
 
+def tanh_(x: Tensor) -> Tensor:
+    """``tanh`` in place as ``2 sigmoid(2x) - 1``: on this CPU build ``tanh_`` costs 5.6 ns per float32 element and
+    ``sigmoid_`` 0.43 (measured), and the LSTM's cell calls it on 40 floats per coordinate per step. Absolute error
+    about 1e-7 (the cancellation near 0 costs relative, not absolute, accuracy)."""
+    return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+
+
 def preprocess_gradient_into(g: Tensor, out: Tensor, p: float, scratch: Tensor) -> None:
     """:func:`preprocess_gradient` written feature-major into ``out`` ``(2, n)`` (fast paths; ``scratch``: ``(n,)``
     bool-free float workspace). Equal to it up to float rounding at ``|g| = e^-p``."""
@@ -635,18 +642,18 @@ class CoordLSTM(_MetaNetwork):
                 gates = torch.addmm(biases[i], cell.weight_ih, inp, out=gates_buf[:, :s1 - s0])
                 gates.addmm_(cell.weight_hh, h_old[i, :, s0:s1])
                 gates[:2 * hd].sigmoid_()
-                gates[2 * hd:3 * hd].tanh_()
+                tanh_(gates[2 * hd:3 * hd])
                 gates[3 * hd:].sigmoid_()
                 c, h = c_new[i, :, s0:s1], h_new[i, :, s0:s1]
                 torch.mul(gates[hd:2 * hd], c_old[i, :, s0:s1], out=c).addcmul_(gates[:hd], gates[2 * hd:3 * hd])
-                torch.tanh(c, out=h).mul_(gates[3 * hd:])
+                tanh_(h.copy_(c)).mul_(gates[3 * hd:])
                 inp = h
             torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, inp, out=out[:, s0:s1])
             pooled[j] += inp.sum(1)  # float32 within a block (pairwise), float64 across blocks
         pooled = (pooled / torch.tensor(sizes, dtype=torch.float64, device=g.device).unsqueeze(1)).to(g.dtype)
         step = torch.mul(out[0], self.output_scale)
         if self.base != "none":
-            rate = torch.tanh(out[1], out=scratch).mul_(self.base_lr_range).add_(self.log_base_lr).exp_()
+            rate = tanh_(scratch.copy_(out[1])).mul_(self.base_lr_range).add_(self.log_base_lr).exp_()
             if self.base == "adam":
                 step.sub_(adam_dir).mul_(rate)  # -rate * (adam_dir - output_scale * a)
             else:
