@@ -63,6 +63,12 @@ def test_summary_has_every_promised_number(dev):
     assert cost["pes"]["meta_steps_per_seed"] == cost["tbptt"]["meta_steps_per_seed"] == \
         cfg.iterations * cfg.horizon // cfg.truncation
     assert len(s["break_multiple"]["pes"]) == cfg.seeds
+    # the raw per-task losses are kept, and the ratios are recomputable from them
+    raw = s["losses"]
+    assert np.asarray(raw["pes"][cfg.horizon * 2]).shape == (cfg.seeds, cfg.test_tasks)
+    from learned_opt.evaluate import paired
+    again = paired(H.floored(raw["pes"][cfg.horizon * 2]), H.floored(raw["tbptt"][cfg.horizon * 2]))
+    assert again["ratio"] == pytest.approx(s["per_multiple"][2]["pes_over_tbptt"]["ratio"])
     for name in ("summary.json", "table.md", "curves.png"):
         assert os.path.exists(out / name)
     assert not os.path.exists(out / "est.json")  # a development run leaves the summary alone
@@ -117,3 +123,11 @@ def test_break_multiple_and_verdicts():
     cfg = H.Config(horizon=10, multiples=(1, 2, 5))
     at = {10: np.array([1.0, 1.0, 1.0]), 20: np.array([1.5, 2.5, np.nan]), 50: np.array([1.9, 0.5, 1.0])}
     assert [H.break_multiple(cfg, at, t) for t in range(3)] == [math.inf, 2.0, 2.0]
+
+
+def test_ratios_floor_tiny_losses_and_keep_infinite_ones():
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import estimators_horizon as H
+    x = H.floored([1e-9, 0.5, np.inf, np.nan])
+    assert x[0] == H.LOSS_FLOOR and x[1] == 0.5 and np.isinf(x[2]) and np.isnan(x[3])
