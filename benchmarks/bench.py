@@ -514,7 +514,8 @@ def table(summary: dict) -> str:
              "| ratio | measured | target |", "|---|---|---|"]
     for key, target in TARGETS.items():
         v = summary[key]
-        lines.append(f"| `{key}` | {v:.2f} | <= {target} {'(met)' if v <= target else '(MISSED)'} |")
+        shown = f"{v:.2f}" if v >= 0.01 else f"{v:.2g}"
+        lines.append(f"| `{key}` | {shown} | <= {target} {'(met)' if v <= target else '(MISSED)'} |")
     lines += ["", "## Meta-training step (digits MLP 64->20->10, truncation "
               f"{summary['env']['truncation']}): `higher` against `torch.func.functional_call`", "",
               "| meta-network | higher (ms) | functional_call (ms) | ratio | inner steps/s |", "|---|---|---|---|---|"]
