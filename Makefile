@@ -42,7 +42,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/general.py --final true --workers 2
 	$(PY) benchmarks/bench.py
 
-# Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about a minute).
+# Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about 5 minutes).
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
 
