@@ -582,8 +582,9 @@ def scale_tables(d: dict) -> List[str]:
             for k in SCALE_OPTS:
                 x = r[k]
                 peak = "n/a" if x["update_peak_bytes"] is None else _fmt_bytes(x["update_peak_bytes"])
-                lines.append(f"| {size} | {r['coordinates']:,} | {k} | {x['step_ms']:.2f} | {x['step_over_adam']:.2f} | "
-                             f"{x['update_ms']:.2f} | {x['update_over_adam']:.1f} | {x['state_floats_per_param']:.2f} | "
+                lines.append(f"| {size} | {r['coordinates']:,} | {k} | {x['step_ms']:.2f} | "
+                             f"{x['step_over_adam']:.2f} | {x['update_ms']:.2f} | {x['update_over_adam']:.1f} | "
+                             f"{x['state_floats_per_param']:.2f} | "
                              f"{peak} | {x['flops_per_coord']:.0f} | {x['bytes_per_coord']:.0f} | "
                              f"{x['achieved_gflops']:.2f} | {x['achieved_gbytes_per_s']:.2f} |")
     if "fast_path" in d:

@@ -1,7 +1,6 @@
 """Fast paths of CoordLSTM and CoordMLP (issue 14): the same numbers as the reference path, used only where no
 graph is wanted, falling back where a configuration has none, never aliasing what they return, and giving ES / PES
 meta-training the same meta-gradients. (NormMLP's fast path: tests/test_normmlp.py.)"""
-import copy
 import pickle
 
 import pytest

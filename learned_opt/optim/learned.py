@@ -10,6 +10,8 @@ Both implement the optimizer protocol (``init`` / ``update``) *and* the controll
 ``decide`` turns pooled hidden state plus global features into a learning-rate multiplier and a stop
 probability through :class:`DecisionHeads`). Their meta-weights are ``.parameters()``. All coordinates of all
 tensors are processed in one batched call; per-tensor statistics use a segment index over that flat layout.
+Without a graph (evaluation, the drop-in optimizer, ES / PES particles) ``update`` takes a fast path: feature-major,
+blocked, in place on reused buffers, equal to the reference to float rounding (``tests/test_fast_paths.py``).
 The update head starts at zero updates, the LR head at multiplier 1 and the stop head near probability 0.
 """
 from __future__ import annotations
@@ -127,8 +129,8 @@ def tanh_(x: Tensor) -> Tensor:
 
 
 def preprocess_gradient_into(g: Tensor, out: Tensor, p: float, scratch: Tensor) -> None:
-    """:func:`preprocess_gradient` written feature-major into ``out`` ``(2, n)`` (fast paths; ``scratch``: ``(n,)``
-    bool-free float workspace). Equal to it up to float rounding at ``|g| = e^-p``."""
+    """:func:`preprocess_gradient` written feature-major into ``out`` ``(2, n)`` (fast paths; ``scratch``: an ``(n,)``
+    float buffer it may overwrite). Equal to it up to float rounding at ``|g| = e^-p``."""
     floor = math.exp(-p)
     a = torch.abs(g, out=scratch)
     small = a < floor
@@ -583,7 +585,6 @@ class CoordLSTM(_MetaNetwork):
                         step if agreement is not None else None)
         return unflatten(step, layout), new
 
-
     def _lstm_fast_config(self) -> bool:
         """The fast path covers every configuration but the inputs that read last step's pooled state or update
         (``pooled``, ``agreement``): those fall back to the reference."""
@@ -591,11 +592,11 @@ class CoordLSTM(_MetaNetwork):
 
     @torch.no_grad()
     def _update_fast(self, g: Tensor, state: LSTMState, params, loss: Optional[Tensor]):
-        """:meth:`update` feature-major: inputs ``(in, n)`` in a reused buffer; per layer the gates ``(4h, n)`` are
-        two wide products (``W_ih @ x + b``, then ``+= W_hh @ h``) and the cell's nonlinearities run in place on
-        them (gate order i, f, g, o, as ``nn.LSTMCell``); the new ``h`` and ``c`` are written straight into
-        ``(layers, hidden, n)`` tensors whose transposed views are the state's ``(layers, n, hidden)``, so the next
-        step reads them without a copy. Equal to the reference to float rounding (tested)."""
+        """:meth:`update` feature-major: inputs ``(in, n)`` in a reused buffer; block by block (:func:`blocks`), per
+        layer the gates ``(4h, block)`` are two products (``W_ih @ x + b``, then ``+= W_hh @ h``) and the cell's
+        nonlinearities run in place on them (gate order i, f, g, o, as ``nn.LSTMCell``); the new ``h`` and ``c`` are
+        written straight into ``(layers, hidden, n)`` tensors whose transposed views are the state's ``(layers, n,
+        hidden)``, so the next step reads them without a copy. Equal to the reference to float rounding (tested)."""
         layout, sizes, n, hd = state.layout, state.layout.sizes, g.shape[0], self.hidden
         t = state.count + 1
 

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from ..control import Observation
 from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, block_width, blocks,
-                      check_layout, chunk_means, flatten, make_layout, segment_mean, segment_mean_acc, step_embedding, unflatten)
+                      check_layout, chunk_means, flatten, make_layout, segment_mean_acc,
+                      step_embedding, unflatten)
 
 TIME_SCALES = (10.0, 100.0, 1000.0, 10000.0)
 
