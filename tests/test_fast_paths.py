@@ -91,13 +91,23 @@ def test_fast_path_equals_the_reference(name, dtype, device, monkeypatch):
     assert len(used) == 6 + 3  # the fast path ran on every "fast" step and every other "mixed" one
 
 
-def test_small_learners_keep_the_coord_mlp_reference(monkeypatch):
-    """CoordMLP's fast path is slower below ~2k coordinates: there the reference runs."""
-    monkeypatch.setattr(CoordMLP, "_update_fast", lambda *a, **k: pytest.fail("fast path used"))
-    net = CoordMLP()
-    params = [torch.randn(20, 64), torch.randn(20), torch.randn(10, 20), torch.randn(10)]  # 1,510 coordinates
+@pytest.mark.parametrize("cls", [CoordMLP, CoordLSTM])
+def test_small_learners_keep_the_reference(cls, monkeypatch):
+    """Up to SMALL_LEARNER coordinates (every learner of the reported CoordLSTM / CoordMLP results) the reference
+    runs, so those results stay bitwise reproducible; ``fast_min_coordinates = 0`` opts in."""
+    from learned_opt.optim.learned import SMALL_LEARNER
+    assert cls.fast_min_coordinates == SMALL_LEARNER >= 4810  # the widest digits MLP of the suite
+    calls = []
+    real = cls._update_fast
+    monkeypatch.setattr(cls, "_update_fast", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    net = cls()
+    params = [torch.randn(40, 64), torch.randn(40), torch.randn(10, 40), torch.randn(10)]  # 3,010 coordinates
     with torch.no_grad():
         net.update([torch.randn_like(p) for p in params], net.init(params), params)
+        assert not calls
+        net.fast_min_coordinates = 0
+        net.update([torch.randn_like(p) for p in params], net.init(params), params)
+        assert calls == [1]
 
 
 @pytest.mark.parametrize("extra", ["pooled", "agreement"])
@@ -181,7 +191,7 @@ def test_pes_meta_gradient_is_the_same_with_the_fast_path(name):
         torch.manual_seed(0)
         net = randomize_(NETS[name](), scale=0.1, seed=3)
         net.fast_path = fast
-        net.fast_min_coordinates = 0  # the digits learner is below CoordMLP's threshold
+        net.fast_min_coordinates = 0  # the digits learner is below the fast paths' default threshold
         cfg = MetaConfig(horizon=10, truncation=5, iterations=1, estimator="pes", particles=4, sigma=0.1,
                          meta_loss="mean_log", checkpoint_every=0, checkpoint_seconds=0, seed=0)
         trainer = MetaTrainer(net, DigitsFamily(pool="meta"), cfg, progress=False)

@@ -29,9 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..control import Observation
-from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, block_width, blocks,
-                      check_layout, chunk_means, flatten, make_layout, segment_mean_acc,
-                      step_embedding, unflatten)
+from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, check_layout, flatten,
+                      make_layout, segment_mean_acc, step_embedding, unflatten)
 
 TIME_SCALES = (10.0, 100.0, 1000.0, 10000.0)
 
@@ -184,28 +183,27 @@ class NormMLP(_MetaNetwork):
         x[k + 3:].div_(1 - b ** count)  # bias-corrected momenta over sqrt(v_hat)
         adam = x[k + 3 + min(1, k - 1)]
         raw = x[:k + 2]
-        # per-tensor RMS of the raw features, folded into the first layer's weights: W (x * s) = (W * s) x
-        sq = torch.mul(raw, raw, out=self._workspace("sq", raw.shape, g))
-        scale = torch.rsqrt(chunk_means(sq, sizes).clamp_min(1e-30))  # (tensors, k + 2)
-        cols = torch.cat([scale, scale.new_ones((len(sizes), k + 1))], dim=1)  # the Adam-like ratios unscaled
-        w_first = self.first.weight.unsqueeze(0) * cols.unsqueeze(1)  # (tensors, h, f)
-        bias = (self.first_tensor(self.tensor_features(count, layout, g)) + self.first.bias).unsqueeze(-1)
-        linears = [m for m in self.rest if isinstance(m, nn.Linear)]
-        width = block_width(n)
-        h0 = self._workspace("h0", (self.first.out_features, width), g)
-        bufs = [self._workspace(f"h{i + 1}", (m.out_features, width), g) for i, m in enumerate(linears)]
-        u = torch.empty(n, dtype=g.dtype, device=g.device)
-        pooled = g.new_zeros((len(sizes), (linears[-1] if linears else self.first).out_features),
-                             dtype=torch.float64)
-        for j, s0, s1 in blocks(sizes):  # a block's hidden activations stay in cache
-            w = s1 - s0
-            h = torch.addmm(bias[j], w_first[j], x[:, s0:s1], out=h0[:, :w]).relu_()
-            for m, buf in zip(linears, bufs):
-                h = torch.addmm(m.bias.unsqueeze(1), m.weight, h, out=buf[:, :w]).relu_()
-            torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, h, out=u[s0:s1].unsqueeze(0))
-            pooled[j] += h.sum(1)  # float32 within a block (pairwise), float64 across blocks
+        # per-tensor RMS of the raw features, then each chunk scaled in place (views: no copy of the features)
+        chunks = raw.split(sizes, dim=1)
+        sq = torch.mul(raw, raw, out=self._workspace("sq", raw.shape, g)).split(sizes, dim=1)
+        ms = torch.stack([c.mean(1) for c in sq])  # (tensors, k + 2)
+        scale = torch.rsqrt(ms.clamp_min(1e-30))
+        for c, sc in zip(chunks, scale):
+            c.mul_(sc.unsqueeze(1))
+        bias = self.first_tensor(self.tensor_features(count, layout, g)) + self.first.bias  # (tensors, h)
+        h = torch.mm(self.first.weight, x, out=self._workspace("h0", (self.first.out_features, n), g))  # (h, n)
+        for c, bi in zip(h.split(sizes, dim=1), bias):
+            c.add_(bi.unsqueeze(1))
+        h.relu_()
+        for i, layer in enumerate(self.rest):
+            if isinstance(layer, nn.Linear):
+                h = torch.addmm(layer.bias.unsqueeze(1), layer.weight, h,
+                                out=self._workspace(f"h{i % 2 + 1}", (layer.out_features, n), g))
+            else:
+                h.relu_()
+        u = torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, h).squeeze(0)
         u.sub_(adam)
-        pooled = (pooled / torch.tensor(sizes, dtype=torch.float64, device=g.device).unsqueeze(1)).to(g.dtype)
+        pooled = torch.stack([c.mean(1) for c in h.split(sizes, dim=1)])
         for c in u.split(sizes):
             c.mul_(torch.rsqrt((c * c).mean().clamp_min(1e-30)))
         return u, pooled
