@@ -153,16 +153,6 @@ def quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def random_mlp_task(gen: torch.Generator, sizes=(784, 256, 10), n: int = 1024, batch: int = 128):
-    """Cross-entropy on random data with an MLP learner (no dataset download)."""
-    x = torch.randn(n, sizes[0], generator=gen)
-    y = torch.randint(0, sizes[-1], (n,), generator=gen)
-    with torch.random.fork_rng(devices=[]):
-        module = MLP(list(sizes), "relu")
-    data = {s: (x, y) for s in ("train", "val", "test")}
-    return SupervisedTask(module, data, "cross_entropy", batch)
-
-
 def make_trainer(kind: str, family, truncation: int, horizon: int = 100, functional_call: bool = False):
     """A trainer and one inner run on a fresh task, ready for ``meta_step_on``."""
     torch.manual_seed(0)
@@ -195,7 +185,7 @@ def bench_eval_step(cfg, task_name: str) -> dict:
     if task_name == "digits":
         task, steps, repeats = DigitsFamily()(g), cfg.eval_steps, cfg.repeats
     else:
-        task, steps, repeats = random_mlp_task(g), cfg.big_steps, cfg.big_repeats
+        task, steps, repeats = random_task("mlp", (784, 256, 10), g), cfg.big_steps, cfg.big_repeats
     torch.manual_seed(0)
     opts = {"adam": Adam(lr=1e-3), "lstm": CoordLSTM(), "mlp": CoordMLP(), "lstm_digits": DIGITS_LSTM(),
             "general": GENERAL()}

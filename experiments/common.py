@@ -69,6 +69,15 @@ def parallel_map(fn: Callable, arg_tuples: Iterable[tuple], workers: int = 1, co
         return list(ex.map(_call, jobs))
 
 
+LOSS_FLOOR = 1e-6  # losses below it count as it in ratios: below it a ratio measures float32 rounding
+
+
+def floored(x, floor: float = LOSS_FLOOR) -> np.ndarray:
+    """Finite values below ``floor`` raised to it (non-finite ones stay: an infinite ratio)."""
+    x = np.asarray(x, float)
+    return np.where(np.isfinite(x), np.maximum(x, floor), x)
+
+
 def fmt_paired(p: Dict[str, Any]) -> str:
     """``0.812 [0.771, 0.856], p=1e-05, wins 87%`` for a :func:`paired` record."""
     return (f"{p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}], p={p['wilcoxon_p']:.2g}, "

@@ -43,7 +43,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, save_report, test_split_name, write_json)
+                    parse_config, provenance, run_main, save_report, test_split_name, write_json, LOSS_FLOOR,
+                    floored)
 
 from learned_opt.evaluate import default_lr_axis, evaluate, tune  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer, load_lopt, save_lopt  # noqa: E402
@@ -53,10 +54,9 @@ from learned_opt.tasks import DigitsFamily  # noqa: E402
 from learned_opt.tasks.augment import ReparamFamily  # noqa: E402
 
 ESTIMATORS = ("tbptt", "pes")
-# Losses below this count as it in ratios (the convention of experiments/general.py, fixed before any test task
-# ran): tuned Adam drives this task's training loss to 1e-8 and below by 25x, where a ratio would measure float32
-# rounding, not optimisation. Divergence and break detection use the raw losses.
-LOSS_FLOOR = 1e-6
+# Losses below LOSS_FLOOR (common.py, the convention of experiments/general.py, fixed before any test task ran)
+# count as it in ratios: tuned Adam drives this task's training loss to 1e-8 and below by 25x, where a ratio would
+# measure float32 rounding, not optimisation. Divergence and break detection use the raw losses.
 BREAK_FACTOR = 2.0  # a run "breaks" at the first measured multiple where its loss exceeds this x its loss at 1x
 
 
@@ -189,12 +189,6 @@ def _log_curve(curves: np.ndarray, points: int = 400) -> dict:
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.log(np.where(np.isfinite(curves[:, idx]), curves[:, idx], np.inf)).mean(0)
     return {"step": idx.tolist(), "mean_log_loss": [float(v) for v in y]}
-
-
-def floored(x) -> np.ndarray:
-    """Finite losses below :data:`LOSS_FLOOR` raised to it (non-finite ones stay: an infinite ratio)."""
-    x = np.asarray(x, float)
-    return np.where(np.isfinite(x), np.maximum(x, LOSS_FLOOR), x)
 
 
 def break_multiple(cfg: Config, at: dict, task: int) -> float:

@@ -46,7 +46,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, test_split_name, verdict, save_report)
+                    parse_config, provenance, run_main, test_split_name, verdict, save_report, LOSS_FLOOR,
+                    floored)
 
 from learned_opt.evaluate import default_lr_axis, evaluate, protocol_record, tune_baseline  # noqa: E402
 from learned_opt.optim import get_optimizer  # noqa: E402
@@ -210,15 +211,6 @@ def _interval(boot: np.ndarray, level: float = 0.95) -> tuple:
     s = np.sort(np.where(np.isnan(boot), np.inf, boot))
     n = len(s)
     return float(s[int(math.floor((1 - level) / 2 * (n - 1)))]), float(s[int(math.ceil((1 + level) / 2 * (n - 1)))])
-
-
-LOSS_FLOOR = 1e-6  # values below it count as it in ratios (see log_ratios)
-
-
-def floored(x, floor: float = LOSS_FLOOR) -> np.ndarray:
-    """Finite values below ``floor`` raised to it (see :func:`log_ratios`)."""
-    x = np.asarray(x, float)
-    return np.where(np.isfinite(x), np.maximum(x, floor), x)
 
 
 def log_ratios(learned: np.ndarray, baseline: np.ndarray, floor: float = LOSS_FLOOR) -> np.ndarray:

@@ -93,6 +93,11 @@ def segment_mean_stable(x: Tensor, layout: Layout) -> Tensor:
     return segment_mean(x, layout) if x.shape[0] <= SMALL_LEARNER else segment_mean_acc(x, layout)
 
 
+def mean_of_block_sums(sums: Tensor, sizes: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Per-tensor means ``(tensors, h)`` from per-tensor sums accumulated block by block in float64."""
+    return (sums / torch.tensor(sizes, dtype=torch.float64, device=sums.device).unsqueeze(1)).to(dtype)
+
+
 def chunk_means(x: Tensor, sizes: Sequence[int]) -> Tensor:
     """Per-tensor means of a feature-major ``(f, n)`` (or ``(n,)``) tensor: ``(num_tensors, f)`` (or
     ``(num_tensors,)``), over views of its contiguous per-tensor column blocks (no index scatter)."""
@@ -371,15 +376,18 @@ class _MetaNetwork(nn.Module):
     # The fast path of ``update`` (feature-major, in-place work on reused scratch buffers, no autograd) runs
     # whenever nothing needs a graph and the configuration has one; False (per instance) forces the reference.
     fast_path = True
+    # ... and only on learners of at least this many coordinates (CoordLSTM / CoordMLP: :data:`SMALL_LEARNER`)
+    fast_min_coordinates = 0
 
-    def _fast_ok(self, *tensors: Tensor) -> bool:
-        """Whether the fast path may run: no autograd graph is wanted (evaluation, the drop-in optimizer, ES / PES
-        particles), neither through ``tensors`` (gradients, parameters, state) nor through the meta-weights."""
-        if not self.fast_path:
+    def _fast_ok(self, g: Tensor, *tensors: Tensor) -> bool:
+        """Whether the fast path may run for the flat gradient ``g``: the learner is large enough and no autograd
+        graph is wanted (evaluation, the drop-in optimizer, ES / PES particles), neither through ``g`` and
+        ``tensors`` (parameters, state) nor through the meta-weights."""
+        if not self.fast_path or g.shape[0] < self.fast_min_coordinates:
             return False
         if not torch.is_grad_enabled():
             return True
-        return not (any(t is not None and t.requires_grad for t in tensors)
+        return not (g.requires_grad or any(t is not None and t.requires_grad for t in tensors)
                     or any(w.requires_grad for w in self.parameters()))
 
     def _workspace(self, name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
@@ -533,8 +541,8 @@ class CoordLSTM(_MetaNetwork):
         layout = state.layout
         check_layout(grads, layout)
         g = flatten(grads)
-        if g.shape[0] >= self.fast_min_coordinates and self._lstm_fast_config() and self._fast_ok(
-                g, state.h, state.c, state.base, *state.momenta, *(params if "param" in self.extra_inputs else ())):
+        if self._lstm_fast_config() and self._fast_ok(g, state.h, state.c, state.base, *state.momenta,
+                                                       *(params if "param" in self.extra_inputs else ())):
             return self._update_fast(g, state, params, loss)
         inputs = [preprocess_gradient(g, self.p)]
         base = state.base
@@ -596,9 +604,7 @@ class CoordLSTM(_MetaNetwork):
                         step if agreement is not None else None)
         return unflatten(step, layout), new
 
-    # the fast path runs from this many coordinates on (0: always): small learners keep the reference, bitwise the
-    # numbers of the reported results (the fast path is about as fast at 1,510 coordinates, 2x at 6,010)
-    fast_min_coordinates = SMALL_LEARNER
+    fast_min_coordinates = SMALL_LEARNER  # see SMALL_LEARNER (fast path ~1x at 1,510 coordinates, 2x at 6,010)
 
     def _lstm_fast_config(self) -> bool:
         """The fast path covers every configuration but the inputs that read last step's pooled state or update
@@ -666,7 +672,7 @@ class CoordLSTM(_MetaNetwork):
                 inp = h
             torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, inp, out=out[:, s0:s1])
             pooled[j] += inp.sum(1)  # float32 within a block (pairwise), float64 across blocks
-        pooled = (pooled / torch.tensor(sizes, dtype=torch.float64, device=g.device).unsqueeze(1)).to(g.dtype)
+        pooled = mean_of_block_sums(pooled, sizes, g.dtype)
         step = torch.mul(out[0], self.output_scale)
         if self.base != "none":
             rate = tanh_(scratch.copy_(out[1])).mul_(self.base_lr_range).add_(self.log_base_lr).exp_()
@@ -724,9 +730,7 @@ class CoordMLP(_MetaNetwork):
         self.body = nn.Sequential(*mods)
         self._add_output_and_heads(hidden, 2, init_zero, lr_bound, stop_bias, stop_threshold, lr_max=lr_max)
 
-    # the fast path runs from this many coordinates on (0: always): small learners keep the reference, bitwise the
-    # numbers of the reported results (the fast path is about as fast at 1,510 coordinates, 2.6x at 6,010)
-    fast_min_coordinates = SMALL_LEARNER
+    fast_min_coordinates = SMALL_LEARNER  # see SMALL_LEARNER (fast path ~1x at 1,510 coordinates, 2.6x at 6,010)
 
     def init(self, params: Sequence[Tensor]) -> MLPState:
         """Zero accumulators."""
@@ -742,7 +746,7 @@ class CoordMLP(_MetaNetwork):
         check_layout(grads, layout)
         g, p = flatten(grads), flatten(params)
         count = state.count + 1
-        if g.shape[0] >= self.fast_min_coordinates and self._fast_ok(g, p, state.rms, *state.momenta):
+        if self._fast_ok(g, p, state.rms, *state.momenta):
             return self._update_fast(g, p, state, count)
         momenta = tuple(b * m + (1 - b) * g for b, m in zip(self.momentum_decays, state.momenta))
         rms_acc = self.rms_decay * state.rms + (1 - self.rms_decay) * g * g
@@ -800,7 +804,7 @@ class CoordMLP(_MetaNetwork):
             o = torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, h, out=out[:, :w])
             torch.mul(o[1], self.exp_mult, out=step[s0:s1]).exp_().mul_(o[0]).mul_(self.step_mult)
             pooled[j] += h.sum(1)  # float32 within a block (pairwise), float64 across blocks
-        pooled = (pooled / torch.tensor(sizes, dtype=torch.float64, device=g.device).unsqueeze(1)).to(g.dtype)
+        pooled = mean_of_block_sums(pooled, sizes, g.dtype)
         new = MLPState(tuple(momenta.unbind(0)), rms_acc, pooled, count, layout)
         return unflatten(step, layout), new
 

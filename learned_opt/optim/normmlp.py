@@ -29,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ..control import Observation
-from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, check_layout, flatten,
-                      make_layout, segment_mean_acc, step_embedding, unflatten)
+from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, check_layout, chunk_means,
+                      flatten, make_layout, segment_mean_acc, step_embedding, unflatten)
 
 TIME_SCALES = (10.0, 100.0, 1000.0, 10000.0)
 
@@ -184,11 +184,9 @@ class NormMLP(_MetaNetwork):
         adam = x[k + 3 + min(1, k - 1)]
         raw = x[:k + 2]
         # per-tensor RMS of the raw features, then each chunk scaled in place (views: no copy of the features)
-        chunks = raw.split(sizes, dim=1)
-        sq = torch.mul(raw, raw, out=self._workspace("sq", raw.shape, g)).split(sizes, dim=1)
-        ms = torch.stack([c.mean(1) for c in sq])  # (tensors, k + 2)
-        scale = torch.rsqrt(ms.clamp_min(1e-30))
-        for c, sc in zip(chunks, scale):
+        sq = torch.mul(raw, raw, out=self._workspace("sq", raw.shape, g))
+        scale = torch.rsqrt(chunk_means(sq, sizes).clamp_min(1e-30))  # (tensors, k + 2)
+        for c, sc in zip(raw.split(sizes, dim=1), scale):
             c.mul_(sc.unsqueeze(1))
         bias = self.first_tensor(self.tensor_features(count, layout, g)) + self.first.bias  # (tensors, h)
         h = torch.mm(self.first.weight, x, out=self._workspace("h0", (self.first.out_features, n), g))  # (h, n)
@@ -203,7 +201,7 @@ class NormMLP(_MetaNetwork):
                 h.relu_()
         u = torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, h).squeeze(0)
         u.sub_(adam)
-        pooled = torch.stack([c.mean(1) for c in h.split(sizes, dim=1)])
+        pooled = chunk_means(h, sizes)
         for c in u.split(sizes):
             c.mul_(torch.rsqrt((c * c).mean().clamp_min(1e-30)))
         return u, pooled
