@@ -219,33 +219,82 @@ def test_bad_settings_are_refused_by_name(kw, match):
 BIG_SHAPES = [(256, 200), (256,), (10, 256), (10,), (8, 3, 3, 3), (), (1,), (16, 8, 3, 3)]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the same test on a GPU where there is one
+# the two no-graph paths: ``_direction_fast`` (learners below WIDE_LEARNER coordinates) and ``_update_wide``
+PATHS = {"fast": 10 ** 12, "wide": 0}  # wide_min_coordinates that selects each
+
+
+def use_path(net, path, monkeypatch=None):
+    """Force ``path`` on ``net``; the wide path with small blocks, so that one tensor spans many of them."""
+    net.wide_min_coordinates = PATHS[path]
+    if monkeypatch is not None and path == "wide":
+        import learned_opt.optim.normmlp as N
+        monkeypatch.setattr(N, "WIDE_BLOCK", 4096)  # the 51,200-coordinate matrix: 12 full blocks and a part
+    return net
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layers", [1, 2, 3])
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fast_path_equals_the_reference_path(dtype):
-    """The fast path (feature-major, in place, no index scatter) gives the reference's updates, pooled hidden and
-    decisions to 1e-6 in float32 over several steps, on matrices, vectors, scalars and 4-d convolution kernels."""
+def test_fast_path_equals_the_reference_path(dtype, path, layers, device, monkeypatch):
+    """Both no-graph paths give the reference's updates to 1e-6 (absolute, float32) and its decisions to 1e-6
+    over several steps, on matrices, vectors, scalars and 4-d convolution kernels, with 1 to 3 layers; the pooled
+    hidden units and the moments agree to float rounding."""
     torch.manual_seed(0)
-    net = randomize_(NormMLP().to(dtype), scale=0.5, seed=4)
+    net = use_path(randomize_(NormMLP(layers=layers).to(dtype), scale=0.5, seed=4).to(device), path, monkeypatch)
     g = torch.Generator().manual_seed(5)
-    params = [torch.randn(s, generator=g, dtype=dtype) for s in BIG_SHAPES]
+    params = [torch.randn(s, generator=g, dtype=dtype).to(device) for s in BIG_SHAPES]
     states = {True: net.init(params), False: net.init(params)}
     ctrls = {True: net.init_control(), False: net.init_control()}
     worst = 0.0
+    calls = []
+    for name in ("_update_wide", "_direction_fast"):
+        real = getattr(net, name)
+        setattr(net, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     for t in range(6):
-        grads = [torch.randn(s, generator=g, dtype=dtype) * 10.0 ** ((i % 3) - 1) for i, s in enumerate(BIG_SHAPES)]
+        grads = [(torch.randn(s, generator=g, dtype=dtype) * 10.0 ** ((i % 3) - 1)).to(device)
+                 for i, s in enumerate(BIG_SHAPES)]
         out = {}
         for fast in (True, False):
             net.fast_path = fast
             with torch.no_grad():
                 ups, states[fast] = net.update(grads, states[fast], params)
-                obs = Observation(t, 50, torch.tensor(1.0 / (t + 1), dtype=dtype), None, torch.tensor(2.0),
-                                  states[fast])
+                obs = Observation(t, 50, torch.tensor(1.0 / (t + 1), dtype=dtype, device=device), None,
+                                  torch.tensor(2.0, device=device), states[fast])
                 dec, ctrls[fast] = net.decide(obs, ctrls[fast])
             out[fast] = (ups, float(dec.lr_scale))
         worst = max([worst] + [float((a - b).abs().max()) for a, b in zip(out[True][0], out[False][0])])
-        worst = max(worst, float((states[True].pooled - states[False].pooled).abs().max()))
+        # the pooled hidden units are O(1): a few float32 ulps apart where the wide path folds the feature scales
+        # into the weights ((W c) x against W (c x))
+        torch.testing.assert_close(states[True].pooled, states[False].pooled, rtol=1e-6, atol=1e-6)
+        for key in ("momenta", "v"):
+            torch.testing.assert_close(getattr(states[True], key), getattr(states[False], key))
         assert out[True][1] == pytest.approx(out[False][1], rel=1e-6, abs=1e-6)
     assert worst <= 1e-6
+    assert calls == ["_update_wide" if path == "wide" else "_direction_fast"] * 6  # the path under test ran
     assert net.__dict__.get("fast_path") is False  # the instance flag switched the path (the class default is True)
+
+
+def test_the_wide_path_is_the_default_only_on_wide_learners():
+    """Learners of at least WIDE_LEARNER coordinates take the wide path, smaller ones ``_direction_fast``: every
+    reported result of this network ran on learners of at most 4,810 coordinates and stays bitwise reproducible."""
+    from learned_opt.optim.normmlp import WIDE_LEARNER
+    assert NormMLP.wide_min_coordinates == WIDE_LEARNER > 4810
+    net = randomize_(NormMLP(), seed=8)
+    calls = []
+    real = net._update_wide
+    net._update_wide = lambda *a: calls.append(1) or real(*a)
+    for shapes, wide in (([(4810,)], False), ([(WIDE_LEARNER - 1,)], False), ([(WIDE_LEARNER,)], True),
+                         ([(400, 250), (250,)], True)):
+        params = [torch.randn(s) for s in shapes]
+        calls.clear()
+        with torch.no_grad():
+            net.update([torch.randn(s) for s in shapes], net.init(params), params)
+        assert bool(calls) == wide, shapes
+        calls.clear()
+        net.update([torch.randn(s) for s in shapes], net.init(params), params)  # a graph wanted: the reference
+        assert not calls
 
 
 def test_fast_path_runs_only_without_a_graph_and_the_meta_gradient_still_flows():
@@ -253,12 +302,12 @@ def test_fast_path_runs_only_without_a_graph_and_the_meta_gradient_still_flows()
     params = [torch.randn(s) for s in SHAPES]
     g, p = flatten(params), flatten(params)
     m = torch.zeros(3, g.shape[0])
-    assert not net._fast_ok(g, p, m)  # meta-weights require grad, grad mode on: meta-training, the reference
+    assert not net._fast_ok(g.shape[0], g, p, m)  # meta-weights require grad, grad mode on: meta-training, the reference
     with torch.no_grad():
-        assert net._fast_ok(g, p, m)
+        assert net._fast_ok(g.shape[0], g, p, m)
     net.fast_path = False
     with torch.no_grad():
-        assert not net._fast_ok(g, p, m)
+        assert not net._fast_ok(g.shape[0], g, p, m)
     net.fast_path = True
     # a differentiable step keeps its graph to the meta-weights
     ups, _ = net.update([torch.randn(s) for s in SHAPES], net.init(params), params)
@@ -266,14 +315,16 @@ def test_fast_path_runs_only_without_a_graph_and_the_meta_gradient_still_flows()
     assert net.log_lr.grad is not None and net.first.weight.grad is not None
 
 
-def test_fast_path_is_the_default_of_the_drop_in_and_keeps_scale_invariance():
-    net = randomize_(NormMLP(hidden=8), seed=6)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_fast_path_is_the_default_of_the_drop_in_and_keeps_scale_invariance(path, monkeypatch):
+    net = use_path(randomize_(NormMLP(hidden=8), seed=6), path, monkeypatch)
     params = [torch.randn(s) for s in BIG_SHAPES]
     stream = grad_stream(BIG_SHAPES, 4, dtype=torch.float32)
     with torch.no_grad():
         calls = []
-        real = net._direction_fast
-        net._direction_fast = lambda *a: calls.append(1) or real(*a)
+        name = "_update_wide" if path == "wide" else "_direction_fast"
+        real = getattr(net, name)
+        setattr(net, name, lambda *a: calls.append(1) or real(*a))
         ref = run_updates(net, params, stream)
         got = run_updates(net, params, stream, scales=[1e3 if i % 2 else 1e-3 for i in range(len(BIG_SHAPES))])
     assert len(calls) == 8
@@ -282,12 +333,13 @@ def test_fast_path_is_the_default_of_the_drop_in_and_keeps_scale_invariance():
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)  # float32; the updates have RMS ~1e-3
 
 
-def test_fast_path_scratch_buffers_never_alias_what_it_returns_and_are_not_pickled():
-    """The fast path reuses scratch tensors between steps: the updates and state it returned earlier must stay
+@pytest.mark.parametrize("path", list(PATHS))
+def test_fast_path_scratch_buffers_never_alias_what_it_returns_and_are_not_pickled(path, monkeypatch):
+    """The fast paths reuse scratch tensors between steps: the updates and state they returned earlier must stay
     untouched by later steps (also for another model size), and a pickled optimizer leaves the scratch out."""
     import pickle
 
-    net = randomize_(NormMLP(hidden=8), seed=7)
+    net = use_path(randomize_(NormMLP(hidden=8), seed=7), path, monkeypatch)
     params = [torch.randn(s) for s in BIG_SHAPES]
     stream = grad_stream(BIG_SHAPES, 3, dtype=torch.float32)
     with torch.no_grad():
