@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import math
 import os
@@ -346,6 +347,8 @@ def _why_unreadable(e: Exception) -> str:
         return text
     if isinstance(e, EOFError) or "truncated" in text or "central directory" in text or "EOF" in text:
         return "truncated or empty file"
+    if isinstance(e, OSError) and e.errno == errno.EINVAL:  # torch 2.13: a zip cut short by a few bytes
+        return "truncated or corrupt file"
     if "Unsupported global" in text:  # a pickle of arbitrary objects, which we never write
         return "holds objects other than tensors, dicts, lists and numbers (not a learned_opt file)"
     if isinstance(e, OSError):

@@ -33,7 +33,6 @@ sha256 included, into ``manifest.json``; commit both files. Setup.cfg ships ever
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -131,10 +130,7 @@ def load_file(path: PathLike, device: Any = "cpu") -> nn.Module:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every unreadable file gets the same one-line error
-        # torch 2.13 reports a truncated zip as OSError(EINVAL, 'Invalid argument'): say what it means
-        truncated = isinstance(e, OSError) and e.errno == errno.EINVAL
-        reason = "truncated or corrupt file" if truncated else _why_unreadable(e)
-        raise RuntimeError(f"learned optimizer file {path} is unreadable: {reason}") from None
+        raise RuntimeError(f"learned optimizer file {path} is unreadable: {_why_unreadable(e)}") from None
     if not (isinstance(payload, dict) and payload.get("format") == LOPT_FORMAT):
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise RuntimeError(f"learned optimizer file {path} is not a saved meta-network (format {found!r}, "
