@@ -17,6 +17,7 @@ from torch import nn
 from learned_opt.control import Constant, EarlyStopping
 from learned_opt.optim import SGD, Adam, Momentum, ProtocolOptimizer
 from learned_opt.optim.learned import CoordLSTM, CoordMLP
+from learned_opt.optim.normmlp import NormMLP
 from learned_opt.tasks.supervised import SupervisedTask
 from learned_opt.unroll import unroll
 from tests.test_optim import CASES
@@ -214,6 +215,29 @@ def test_parameters_without_gradients_stay_exactly_untouched(make):
     assert all(torch.equal(p, q) for p, q in zip((*a[0].parameters(), a.unused), frozen))
     assert all(torch.equal(p, q) for p, q in zip(a[2].parameters(), b[2].parameters()))
     assert not torch.equal(a[2].weight, _frozen_model()[2].weight)  # the trainable layer did move
+
+
+@pytest.mark.parametrize("make", [NormMLP, LEARNED["lstm"], lambda: Adam(lr=1e-2)], ids=["norm_mlp", "lstm", "adam"])
+def test_an_empty_parameter_is_skipped_and_the_rest_trains_as_without_it(make):
+    """A zero-element parameter (a layer of width 0) has nothing to update; a meta-network's per-tensor means over
+    it were 0 / 0, and the NaN reached its learning-rate head and every parameter."""
+    torch.manual_seed(0)
+    proto = make()
+    x, y = _regression()
+    a, b = _frozen_model(), _frozen_model()
+    a.empty = nn.Parameter(torch.zeros(0, 3))
+    opt_a = ProtocolOptimizer(a.parameters(), proto)
+    opt_b = ProtocolOptimizer(b.parameters(), proto)
+    for _ in range(5):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            loss = nn.functional.mse_loss(m(x), y) + (m.empty.sum() if hasattr(m, "empty") else 0.0)
+            loss.backward()
+            o.step(lambda: loss)
+    assert a.empty.grad is not None and a.empty.shape == (0, 3)
+    assert all(torch.isfinite(p).all() for p in a.parameters())
+    same = dict(b.named_parameters())
+    assert all(torch.equal(p, same[name]) for name, p in a.named_parameters() if name != "empty")
 
 
 PER_TENSOR_CASES = [c for c in CASES if c[0] in ("momentum", "nesterov_m_wd", "adam_wd_amsgrad", "adamw",

@@ -207,10 +207,12 @@ class ProtocolOptimizer(torch.optim.Optimizer):
         return result
 
     def _active(self, gi: int, group: Dict[str, Any]) -> List[int]:
-        """Indices of the group's tensors that have a gradient; a sparse one raises ``ValueError``."""
+        """Indices of the group's tensors that have a gradient and at least one element (an empty tensor has
+        nothing to update, and its per-tensor statistics would be 0 / 0 for a meta-network); a sparse gradient
+        raises ``ValueError``."""
         idx = []
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            if p.grad is None or p.numel() == 0:
                 continue
             if p.grad.layout != torch.strided:
                 names = group.get("param_names")
