@@ -258,7 +258,8 @@ def bench_quadratic_throughput(cfg) -> dict:
 
 # ------------------------------------------------------------------------------------- cost against size
 SIZES = {"mlp10k": ("mlp", (64, 128, 10)), "mlp200k": ("mlp", (784, 256, 10)),
-         "mlp1m": ("mlp", (784, 1024, 256, 10)), "cnn": ("cnn", (16, 32))}
+         "mlp1m": ("mlp", (784, 1024, 256, 10)), "cnn": ("cnn", (16, 32)),
+         "deep": ("deep", (50, 64))}  # 50 x (Linear 64-64, LayerNorm, ReLU), Linear 64-10: 202 tensors
 SCALE_OPTS = ("adam", "lstm", "mlp", "general")
 
 
@@ -267,16 +268,27 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def deep_mlp(depth: int, width: int) -> torch.nn.Module:
+    """``depth`` blocks of Linear(width, width), LayerNorm, ReLU, then Linear(width, 10): a learner of many small
+    tensors (per-tensor costs show)."""
+    from torch import nn
+    layers: List[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
 def random_task(kind: str, spec, gen: torch.Generator, device: str = "cpu", n: int = 1024, batch: int = 128):
-    """A learner on random data (no download): an MLP of widths ``spec``, or :class:`ConvNet` (channels ``spec``) on
-    28x28 single-channel images."""
+    """A learner on random data (no download): an MLP of widths ``spec``, :func:`deep_mlp` (``spec``: depth and
+    width), or :class:`ConvNet` (channels ``spec``) on 28x28 single-channel images."""
     from learned_opt.tasks.models import ConvNet
     side = 28
-    d_in = spec[0] if kind == "mlp" else side * side
+    d_in = {"mlp": spec[0], "deep": spec[-1]}.get(kind, side * side)
     x = torch.randn(n, d_in, generator=gen).to(device)
     y = torch.randint(0, 10, (n,), generator=gen).to(device)
     with torch.random.fork_rng(devices=[]):
-        module = MLP(list(spec), "relu") if kind == "mlp" else ConvNet(channels=spec, side=side)
+        module = {"mlp": lambda: MLP(list(spec), "relu"), "deep": lambda: deep_mlp(*spec),
+                  "cnn": lambda: ConvNet(channels=spec, side=side)}[kind]()
     data = {s: (x, y) for s in ("train", "val", "test")}
     return SupervisedTask(module.to(device), data, "cross_entropy", batch)
 

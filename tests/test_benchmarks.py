@@ -28,7 +28,7 @@ def test_bench_quick_writes_summary_and_table(tmp_path):
     # issue 14: cost against size with one and all threads, roofline columns, state, peak memory, the fast paths
     d = summary["details"]
     for part in ("scale_1_thread", "scale_all_threads"):
-        assert set(d[part]) == {"mlp10k", "mlp200k", "cnn"}  # --quick leaves the 1M MLP out
+        assert set(d[part]) == {"mlp10k", "mlp200k", "cnn", "deep"}  # --quick leaves the 1M MLP out
         for size, r in d[part].items():
             for k in ("adam", "lstm", "mlp", "general"):
                 assert r[k]["step_ms"] > 0 and r[k]["flops_per_coord"] > 0 and r[k]["bytes_per_coord"] > 0
@@ -79,6 +79,6 @@ sys.exit(bench.main_device(cfg))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "cuda" / "summary.json").read_text())
     assert summary["gpu"] == "stub (CPU)" and summary["fast_path_max_abs_diff"] <= 1e-6
-    assert set(summary["step_over_adam_by_size"]) == {"mlp10k", "mlp200k", "cnn"}
+    assert set(summary["step_over_adam_by_size"]) == {"mlp10k", "mlp200k", "cnn", "deep"}
     assert all(v > 0 for r in summary["step_over_adam_by_size"].values() for v in r.values())
     assert "Cost against size" in (tmp_path / "cuda" / "table.md").read_text()

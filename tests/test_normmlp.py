@@ -221,12 +221,12 @@ BIG_SHAPES = [(256, 200), (256,), (10, 256), (10,), (8, 3, 3, 3), (), (1,), (16,
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the same test on a GPU where there is one
 # the two no-graph paths: ``_direction_fast`` (learners below WIDE_LEARNER coordinates) and ``_update_wide``
-PATHS = {"fast": 10 ** 12, "wide": 0}  # wide_min_coordinates that selects each
+PATHS = {"fast": 10 ** 12, "wide": 0}  # wide_min_coordinates (and wide_min_mean_block) that selects each
 
 
 def use_path(net, path, monkeypatch=None):
     """Force ``path`` on ``net``; the wide path with small blocks, so that one tensor spans many of them."""
-    net.wide_min_coordinates = PATHS[path]
+    net.wide_min_coordinates = net.wide_min_mean_block = PATHS[path]
     if monkeypatch is not None and path == "wide":
         import learned_opt.optim.normmlp as N
         monkeypatch.setattr(N, "WIDE_BLOCK", 4096)  # the 51,200-coordinate matrix: 12 full blocks and a part
@@ -278,7 +278,8 @@ def test_fast_path_equals_the_reference_path(dtype, path, layers, device, monkey
 
 def test_the_wide_path_is_the_default_only_on_wide_learners():
     """Learners of at least WIDE_LEARNER coordinates take the wide path, smaller ones ``_direction_fast``: every
-    reported result of this network ran on learners of at most 4,810 coordinates and stays bitwise reproducible."""
+    reported result of this network ran on learners of at most 4,810 coordinates and stays bitwise reproducible.
+    So do large learners made of many small tensors (one block per tensor at least: the other path is faster)."""
     from learned_opt.optim.normmlp import WIDE_LEARNER
     assert NormMLP.wide_min_coordinates == WIDE_LEARNER > 4810
     net = randomize_(NormMLP(), seed=8)
@@ -286,7 +287,7 @@ def test_the_wide_path_is_the_default_only_on_wide_learners():
     real = net._update_wide
     net._update_wide = lambda *a: calls.append(1) or real(*a)
     for shapes, wide in (([(4810,)], False), ([(WIDE_LEARNER - 1,)], False), ([(WIDE_LEARNER,)], True),
-                         ([(400, 250), (250,)], True)):
+                         ([(400, 250), (250,)], True), ([(4000,), (16,)] * 30, False)):  # many small tensors
         params = [torch.randn(s) for s in shapes]
         calls.clear()
         with torch.no_grad():
