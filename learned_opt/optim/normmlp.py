@@ -237,8 +237,9 @@ class NormMLP(_MetaNetwork):
     @torch.no_grad()
     def _update_wide(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: NormMLPState,
                      count: int) -> Tuple[List[Tensor], NormMLPState]:
-        """The whole of :meth:`update` on learners of at least ``wide_min_coordinates`` (:data:`WIDE_LEARNER`)
-        coordinates, with every per-tensor and per-step constant folded into the weights of the matrix products.
+        """The whole of :meth:`update` on wide learners (:meth:`_wide_ok`: at least :data:`WIDE_LEARNER`
+        coordinates in blocks of :data:`WIDE_MEAN_BLOCK` on average), with every per-tensor and per-step constant
+        folded into the weights of the matrix products.
 
         The first layer reads the raw ``g, m_k, p`` and ``g r, m_k r`` with ``r = rsqrt(v + eps^2 (1 - beta_v^t))``;
         tensor ``t``'s first layer is ``W diag(c_t)`` plus a bias column, ``c_t`` holding that tensor's RMS
