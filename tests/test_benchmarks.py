@@ -32,6 +32,7 @@ def test_bench_quick_writes_summary_and_table(tmp_path):
         for size, r in d[part].items():
             for k in ("adam", "lstm", "mlp", "general"):
                 assert r[k]["step_ms"] > 0 and r[k]["flops_per_coord"] > 0 and r[k]["bytes_per_coord"] > 0
+            assert r["torch_adam_update_ms"] > 0  # the library's Adam beside the hand-coded one
     one = d["scale_1_thread"]["mlp200k"]
     assert one["adam"]["state_floats_per_param"] == 2.0  # exp_avg and exp_avg_sq
     assert 4.0 <= one["general"]["state_floats_per_param"] < 4.1  # 4 per coordinate + the pooled summaries
@@ -43,6 +44,7 @@ def test_bench_quick_writes_summary_and_table(tmp_path):
     assert len(d["meta_throughput"]) == 6 and all(r["pes_fast"]["inner_steps_per_s"] > 0
                                                   for r in d["meta_throughput"].values())
     assert "Cost against size (one thread)" in table and "Fast path against the reference" in table
+    assert "| torch.optim.Adam |" in table
 
 
 def test_bench_refuses_bad_flags_with_one_line(tmp_path):
