@@ -303,7 +303,8 @@ def test_fast_path_runs_only_without_a_graph_and_the_meta_gradient_still_flows()
     params = [torch.randn(s) for s in SHAPES]
     g, p = flatten(params), flatten(params)
     m = torch.zeros(3, g.shape[0])
-    assert not net._fast_ok(g.shape[0], g, p, m)  # meta-weights require grad, grad mode on: meta-training, the reference
+    # meta-weights require grad, grad mode on: meta-training, the reference
+    assert not net._fast_ok(g.shape[0], g, p, m)
     with torch.no_grad():
         assert net._fast_ok(g.shape[0], g, p, m)
     net.fast_path = False
