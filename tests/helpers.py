@@ -1,7 +1,10 @@
-"""Small tasks shared by several test files."""
+"""Small tasks and settings shared by several test files."""
 import math
 
 import torch
+
+# the device-parametrised tests run on a GPU too where there is one
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 class Square:

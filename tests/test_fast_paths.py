@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from helpers import randomize_
+from helpers import DEVICES, randomize_
 from learned_opt.control import Observation
 from learned_opt.meta import MetaConfig, MetaTrainer
 from learned_opt.optim.learned import FAST_BLOCK, CoordLSTM, CoordMLP, blocks
@@ -42,7 +42,6 @@ def _state_tensors(state):
     return out
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the same test on a GPU where there is one
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -16,6 +16,7 @@ from learned_opt.optim.normmlp import NormMLP, horizon_visible
 from learned_opt.tasks import Digits
 from learned_opt.tasks.base import generator
 from learned_opt.unroll import unroll
+from tests.helpers import DEVICES
 from tests.helpers import randomize_ as _randomize
 
 SHAPES = [(), (3,), (2, 3), (4, 2, 3, 3), (1,), (7, 5)]
@@ -219,7 +220,6 @@ def test_bad_settings_are_refused_by_name(kw, match):
 BIG_SHAPES = [(256, 200), (256,), (10, 256), (10,), (8, 3, 3, 3), (), (1,), (16, 8, 3, 3)]
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the same test on a GPU where there is one
 # the two no-graph paths: ``_direction_fast`` (learners below WIDE_LEARNER coordinates) and ``_update_wide``
 PATHS = {"fast": 10 ** 12, "wide": 0}  # wide_min_coordinates (and wide_min_mean_block) that selects each
 

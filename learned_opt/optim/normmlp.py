@@ -21,6 +21,7 @@ starts at zero: fresh, the update is Adam's bias-corrected direction normalised 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
@@ -144,9 +145,9 @@ class NormMLP(_MetaNetwork):
     # learners at least this large, in blocks at least this large on average, take the wide path (per instance)
     wide_min_coordinates, wide_min_mean_block = WIDE_LEARNER, WIDE_MEAN_BLOCK
 
-    def _wide_ok(self, sizes: Sequence[int], like: Tensor) -> bool:
-        """Whether :meth:`_update_wide` is the faster no-graph path for a learner of these tensor sizes."""
-        n = sum(sizes)
+    def _wide_ok(self, sizes: Sequence[int], n: int, like: Tensor) -> bool:
+        """Whether :meth:`_update_wide` is the faster no-graph path for a learner of these tensor sizes (``n``
+        coordinates in all)."""
         if n < self.wide_min_coordinates:
             return False
         width = max(1, self._wide_width(n, like))
@@ -283,9 +284,7 @@ class NormMLP(_MetaNetwork):
         u = like.new_empty((1, n))
         sums = like.new_zeros((len(sizes), hid), dtype=torch.float64)  # float32 within a block, float64 across
         e2 = self.eps ** 2 * cv
-        offsets = [0]
-        for size in sizes:
-            offsets.append(offsets[-1] + size)
+        offsets = list(itertools.accumulate(sizes, initial=0))  # where each tensor starts in the flat layout
         for j, s, e in blocks(sizes, bw):
             c = e - s
             x = xb[:, :c]
@@ -315,7 +314,7 @@ class NormMLP(_MetaNetwork):
         check_layout(grads, layout)
         count = state.count + 1
         n = sum(layout.sizes)
-        if self._wide_ok(layout.sizes, grads[0]) and self._fast_ok(n, *grads, *params, state.momenta):
+        if self._wide_ok(layout.sizes, n, grads[0]) and self._fast_ok(n, *grads, *params, state.momenta):
             return self._update_wide(grads, params, state, count)
         g, p = flatten(grads), flatten(params)
         b = self._decays(g)
