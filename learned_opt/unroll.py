@@ -48,6 +48,23 @@ class UnrollResult:
         """Per-problem losses stacked to ``(rows, num_problems)``, detached."""
         return torch.stack([p.detach() for p in self.problem_losses])
 
+    def record(self, t: int, per_problem: Tensor, loss: Tensor, val: Optional[Tensor], differentiable: bool,
+               scale=1.0, stop_prob=0.0, stop: bool = False, gnorm=math.nan, unorm=math.nan) -> None:
+        """Append one row: the losses at the parameters after ``t`` updates and that step's decision."""
+        # Without differentiable, keep no graph: a loss's grad_fn would pin that step's parameters.
+        self.train_losses.append(loss if differentiable else loss.detach())
+        self.val_losses.append(val)
+        self.problem_losses.append(per_problem if differentiable else per_problem.detach())
+        rec = self.records
+        rec["step"].append(t)
+        rec["train_loss"].append(float(loss.detach()) / per_problem.numel())
+        rec["val_loss"].append(math.nan if val is None else float(val.detach()))
+        rec["lr_scale"].append(_mean_scale(scale))
+        rec["stop_prob"].append(_float(stop_prob))
+        rec["stop"].append(bool(stop))
+        rec["grad_norm"].append(float(gnorm))
+        rec["update_norm"].append(float(unorm))
+
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """Global L2 norm of a list of tensors, detached (one fused call, not a Python loop)."""
@@ -97,6 +114,35 @@ def propose(optimizer, controller, grads: Sequence[Tensor], params: Sequence[Ten
     return updates, opt_state, decision, ctrl_state
 
 
+def _losses_at(task, params: Sequence[Tensor], t: int, need_grad: bool, generator: torch.Generator,
+               differentiable: bool, val_every: int) -> Tuple[List[Tensor], Tensor, Tensor, Optional[Tensor]]:
+    """``(params, per-problem losses, their sum, validation loss or None)`` on a fresh training batch at step ``t``."""
+    batch = task.sample_batch(generator, "train")
+    params = [p if p.requires_grad else p.detach().requires_grad_(need_grad) for p in params]
+    with torch.set_grad_enabled(need_grad or differentiable):
+        per_problem = task.losses(params, batch)
+        loss = per_problem.sum()
+    val = None
+    if val_every and t % val_every == 0:
+        with torch.set_grad_enabled(differentiable):
+            val = task.loss(params, task.sample_batch(generator, "val"))
+    return params, per_problem, loss, val
+
+
+def _start(task, optimizer, controller, generator: torch.Generator, params, opt_state, ctrl_state,
+           differentiable: bool) -> Tuple[List[Tensor], Any, Any]:
+    """The parameters, optimizer state and controller state an unroll starts from (fresh where not given)."""
+    if params is None:
+        params = task.init(generator)
+    params = [p if differentiable else p.detach() for p in params]
+    if opt_state is None:
+        with torch.no_grad():
+            opt_state = optimizer.init([p.detach() for p in params])
+    if ctrl_state is None:
+        ctrl_state = controller.init()
+    return params, opt_state, ctrl_state
+
+
 def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Generator,
            params: Optional[Sequence[Tensor]] = None, opt_state: Any = None, ctrl_state: Any = None,
            start_step: int = 0, horizon: Optional[int] = None, differentiable: bool = False,
@@ -117,51 +163,16 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
     if val_every < 0:
         raise ValueError(f"val_every must be >= 0, got {val_every!r}")
     controller = Constant() if controller is None else controller
-    if params is None:
-        params = task.init(generator)
-    params = [p if differentiable else p.detach() for p in params]
-    if opt_state is None:
-        with torch.no_grad():
-            opt_state = optimizer.init([p.detach() for p in params])
-    if ctrl_state is None:
-        ctrl_state = controller.init()
+    params, opt_state, ctrl_state = _start(task, optimizer, controller, generator, params, opt_state, ctrl_state,
+                                           differentiable)
     restore_best = getattr(controller, "restore_best", False)
     result = UnrollResult(params, opt_state, ctrl_state, start_step)
     best = None
-    rec = result.records
-
-    def evaluate(ps, t, need_grad):
-        batch = task.sample_batch(generator, "train")
-        ps = [p if p.requires_grad else p.detach().requires_grad_(need_grad) for p in ps]
-        with torch.set_grad_enabled(need_grad or differentiable):
-            per_problem = task.losses(ps, batch)
-            loss = per_problem.sum()
-        val = None
-        if val_every and t % val_every == 0:
-            with torch.set_grad_enabled(differentiable):
-                val = task.loss(ps, task.sample_batch(generator, "val"))
-        return ps, per_problem, loss, val
-
-    def record(t, per_problem, loss, val, scale=1.0, stop_prob=0.0, stop=False, gnorm=math.nan,
-               unorm=math.nan):
-        # Without differentiable, keep no graph: a loss's grad_fn would pin that step's parameters.
-        result.train_losses.append(loss if differentiable else loss.detach())
-        result.val_losses.append(val)
-        result.problem_losses.append(per_problem if differentiable else per_problem.detach())
-        rec["step"].append(t)
-        rec["train_loss"].append(float(loss.detach()) / per_problem.numel())
-        rec["val_loss"].append(math.nan if val is None else float(val.detach()))
-        rec["lr_scale"].append(_mean_scale(scale))
-        rec["stop_prob"].append(_float(stop_prob))
-        rec["stop"].append(bool(stop))
-        rec["grad_norm"].append(float(gnorm))
-        rec["update_norm"].append(float(unorm))
-
     t = start_step
     for t in range(start_step, start_step + steps):
         if observe is not None:
             observe(t, [p.detach() for p in params])
-        params, per_problem, loss, val = evaluate(params, t, True)
+        params, per_problem, loss, val = _losses_at(task, params, t, True, generator, differentiable, val_every)
         grads = torch.autograd.grad(loss, params, create_graph=differentiable and second_order,
                                     retain_graph=differentiable)
         if differentiable and not second_order:
@@ -177,15 +188,16 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
             if decision.is_best:
                 best = ([p.detach().clone() for p in params], t)
             if decision.stop:
-                record(t, per_problem, loss, val, decision.lr_scale, decision.stop_prob, True, gnorm)
+                result.record(t, per_problem, loss, val, differentiable, decision.lr_scale, decision.stop_prob,
+                              True, gnorm)
                 result.stopped, result.stop_step = True, t
                 break
             scaled = apply_scale(updates, decision.lr_scale)
             params = list(torch._foreach_add(params, scaled))  # one fused, differentiable op for all tensors
             if not differentiable:
                 params = [p.detach() for p in params]
-        record(t, per_problem, loss, val, decision.lr_scale, decision.stop_prob, False, gnorm,
-               global_norm(scaled))
+        result.record(t, per_problem, loss, val, differentiable, decision.lr_scale, decision.stop_prob, False,
+                      gnorm, global_norm(scaled))
         if not differentiable and not torch.isfinite(per_problem).any():
             result.diverged = True
             break
@@ -197,9 +209,9 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
             # The closing evaluation only peeks at the data stream: a run continued from here (the next
             # truncation) draws the same batch for step t, so truncated unrolls follow the untruncated trajectory.
             state = generator.get_state()
-            params_eval, per_problem, loss, val = evaluate(params, t, False)
+            _, per_problem, loss, val = _losses_at(task, params, t, False, generator, differentiable, val_every)
             generator.set_state(state)
-            record(t, per_problem, loss, val)
+            result.record(t, per_problem, loss, val, differentiable)
     if restore_best and best is not None:
         params = best[0]
         result.best_step = best[1]
