@@ -14,7 +14,8 @@ from typing import Any, NamedTuple, Optional, Protocol, Sequence, Tuple, Union
 
 from torch import Tensor
 
-from .optim.base import check_nonnegative, check_positive, check_unit_interval, from_registry
+from .registry import from_registry
+from .validate import check_nonnegative, check_positive, check_unit_interval
 
 LRScale = Union[float, Tensor, Sequence[Tensor]]
 

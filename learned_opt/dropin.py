@@ -17,7 +17,7 @@ import torch
 
 from . import pretrained
 from .optim.adapter import ProtocolOptimizer
-from .optim.base import check_positive
+from .validate import check_positive
 
 
 def _materialise(params: Iterable[Any]) -> List[Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import numbers
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -50,10 +50,9 @@ def from_plain(x: Any) -> Any:
         return {k: from_plain(v) for k, v in x.items()}
     return x
 
-from .base import Optimizer, check_nonnegative, check_positive
-
-if TYPE_CHECKING:
-    from ..control import Decision
+from ..control import Constant, Decision
+from ..validate import check_nonnegative, check_positive
+from .base import Optimizer
 
 STATE_FORMAT = "learned_opt.adapter/2"
 
@@ -237,8 +236,7 @@ class ProtocolOptimizer(torch.optim.Optimizer):
 
     def _step_group(self, gi: int, group: Dict[str, Any], idx: List[int], loss, val_loss) -> Decision:
         """Update the group's tensors ``idx`` (those with a gradient) and return the controller's decision."""
-        # Imported here: learned_opt.control imports this package (its argument checks live in optim.base).
-        from ..control import Constant
+        # Imported here: the inner loop sits above the optimizers (it runs them), so this arrow points upwards.
         from ..unroll import apply_scale, global_norm, propose
 
         gs = self.group_states[gi]

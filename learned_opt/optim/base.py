@@ -11,10 +11,14 @@ state per tensor, so that a tensor without a gradient at a step keeps its state 
 """
 from __future__ import annotations
 
-import math
 from typing import Any, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from torch import Tensor
+
+# The argument checks and the registry helper live in neutral modules; re-exported here for older imports.
+from ..registry import from_registry  # noqa: F401
+from ..validate import (_as_float, check_matching, check_nonnegative, check_positive,  # noqa: F401
+                        check_unit_interval)
 
 Params = List[Tensor]
 
@@ -29,46 +33,3 @@ class Optimizer(Protocol):
     def update(self, grads: Sequence[Tensor], state: Any, params: Sequence[Tensor], *,
                loss: Optional[Tensor] = None) -> Tuple[Params, Any]:
         """Return ``(updates, new_state)``; the caller applies ``p + u``."""
-
-
-def _as_float(value: Any) -> float:
-    return float(value.detach()) if hasattr(value, "detach") else float(value)
-
-
-def check_positive(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number > 0."""
-    v = _as_float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number >= 0."""
-    v = _as_float(value)
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def check_unit_interval(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``0 <= value < 1``."""
-    v = _as_float(value)
-    if not (0.0 <= v < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-
-
-def from_registry(registry: dict, name: str, what: str, **kwargs: Any):
-    """Build ``registry[name.lower()](**kwargs)``; an unknown name raises ``ValueError`` listing the known."""
-    key = str(name).lower()
-    if key not in registry:
-        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(sorted(registry))}")
-    return registry[key](**kwargs)
-
-
-def check_matching(grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:
-    """Raise ``ValueError`` when grads and params differ in count or in any shape."""
-    if len(grads) != len(params):
-        raise ValueError(f"got {len(grads)} gradients for {len(params)} parameters")
-    for i, (g, p) in enumerate(zip(grads, params)):
-        if g.shape != p.shape:
-            raise ValueError(f"gradient {i} has shape {tuple(g.shape)} but parameter {i} has "
-                             f"shape {tuple(p.shape)}")

@@ -13,8 +13,8 @@ from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .base import (_as_float, check_matching, check_nonnegative, check_positive, from_registry,
-                   check_unit_interval)
+from ..registry import from_registry
+from ..validate import _as_float, check_matching, check_nonnegative, check_positive, check_unit_interval
 
 Scalar = Union[float, Tensor]
 

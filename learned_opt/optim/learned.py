@@ -25,7 +25,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..control import Decision, Observation
-from .base import from_registry
+from ..registry import from_registry
 
 STEP_TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 

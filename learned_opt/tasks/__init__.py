@@ -1,5 +1,5 @@
 """Tasks (inner problems) and task families: quadratics, the MetaNet regression, digits classification."""
-from ..optim.base import from_registry
+from ..registry import from_registry
 from .base import SPLITS, Task, generator
 from .digits import Digits, DigitsFamily
 from .metanet import MetaNet, MetaNetFamily, MetaNetRegression

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-SPLITS = ("train", "val", "test")
+# SPLITS and the argument checks live in learned_opt.validate; re-exported here for older imports.
+from ..validate import SPLITS, check_positive_int, check_split  # noqa: F401
 
 
 class Task(Protocol):
@@ -34,12 +35,6 @@ class Task(Protocol):
         """Per-problem losses, shape ``(num_problems,)``."""
 
 
-def check_split(split: str) -> None:
-    """Raise ``ValueError`` for a split name other than train / val / test."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
-
-
 def generator(seed: int, device: Optional[torch.device] = None) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with ``seed`` (tasks move sampled tensors to their device)."""
     g = torch.Generator()
@@ -54,12 +49,6 @@ def sample_minibatch(x: Tensor, y: Tensor, batch_size: Optional[int], generator:
         return x, y
     idx = torch.randperm(n, generator=generator)[:batch_size].to(x.device)
     return x[idx], y[idx]
-
-
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def finite_or_inf(x: float) -> float:

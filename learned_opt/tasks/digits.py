@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .base import check_positive_int
+from ..validate import check_positive_int
 from .supervised import MLP, SupervisedTask
 
 POOLS = ("meta", "heldout")

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .base import check_positive_int
+from ..validate import check_positive_int
 from .supervised import MLP, SupervisedTask
 
 

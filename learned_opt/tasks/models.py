@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .base import check_positive_int
+from ..validate import check_positive_int
 
 
 class ConvNet(nn.Module):

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import check_positive_int, check_split
+from ..validate import check_positive_int, check_split
 
 DISTRIBUTIONS = ("gaussian", "uniform")
 

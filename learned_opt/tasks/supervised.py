@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..functional import FunctionalModule
-from .base import check_split, sample_minibatch
+from ..validate import check_split
+from .base import sample_minibatch
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 LOSSES = ("mse", "cross_entropy")

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .base import SPLITS, check_positive_int
+from ..validate import SPLITS, check_positive_int
 from .metanet import MetaNetRegression
 from .models import CELLS, RNNSequenceModel, TinyTransformer, build_module
 from .supervised import SupervisedTask

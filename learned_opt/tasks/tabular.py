@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .base import SPLITS
+from ..validate import SPLITS
 from .models import build_module
 from .supervised import MLP, SupervisedTask
 
