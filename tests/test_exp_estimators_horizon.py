@@ -31,7 +31,7 @@ def _run(tmp_path_factory, final, train_dir=None):
             evals.append({**kwargs, "pool": family.pool})
             return real_eval(family, optimizer, controller_fn, **kwargs)
 
-        mp.setattr(E, "task_seed", spy_seed)
+        mp.setattr(E.run, "task_seed", spy_seed)
         mp.setattr(H, "evaluate", spy_eval)
         argv = ["--preset", "smoke", "--out_dir", str(out), "--estimators_summary", str(out / "est.json"),
                 "--final", str(final), "--workers", "1"]

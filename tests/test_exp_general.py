@@ -53,8 +53,8 @@ def _run(tmp_path_factory, train_dir, final):
                 return real_eval(family, optimizer, controller_fn, **kwargs)
             return f
 
-        mp.setattr(E, "task_seed", spy_seed)
-        mp.setattr(E, "evaluate", spy(tune_evals))  # tune() calls its module's evaluate
+        mp.setattr(E.run, "task_seed", spy_seed)
+        mp.setattr(E.tuning, "evaluate", spy(tune_evals))  # tune() calls its module's evaluate
         mp.setattr(general, "evaluate", spy(script_evals))
         summary = general.main(["--preset", "smoke", "--families", ",".join(FAMILIES), "--train_dir",
                                 str(train_dir), "--out_dir", str(out), "--workers", "1", "--final", str(final)])

@@ -105,9 +105,9 @@ def test_tuning_and_development_runs_touch_no_test_task(tmp_path, monkeypatch, s
         finally:
             phase.pop()
 
-    monkeypatch.setattr(evaluate_mod, "task_seed", seed_spy)
+    monkeypatch.setattr(evaluate_mod.run, "task_seed", seed_spy)
     monkeypatch.setattr(meta_mod, "task_seed", seed_spy)
-    monkeypatch.setattr(evaluate_mod, "tune", tune_spy)  # what tune_baseline calls
+    monkeypatch.setattr(evaluate_mod.tuning, "tune", tune_spy)  # what tune_baseline calls
     if hasattr(mod, "tune"):
         monkeypatch.setattr(mod, "tune", tune_spy)
     mod.main(["--preset", "smoke", "--workers", "1", "--final", str(final).lower(),

@@ -63,7 +63,7 @@ def _spy_task_splits(monkeypatch):
         seen.append((kwargs["split"], "tune" in stack or "scores_at" in stack, kwargs.get("stream", "")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ev, "evaluate", spy)
+    monkeypatch.setattr(ev.tuning, "evaluate", spy)
     return seen
 
 
@@ -74,8 +74,8 @@ def test_digits_development_run_touches_no_test_task_and_tuning_only_validation_
     import learned_opt.meta as meta
 
     seen = _spy_task_splits(monkeypatch)
-    monkeypatch.setattr(digits, "evaluate", __import__("learned_opt.evaluate", fromlist=["x"]).evaluate)
-    monkeypatch.setattr(meta, "evaluate", __import__("learned_opt.evaluate", fromlist=["x"]).evaluate)
+    monkeypatch.setattr(digits, "evaluate", __import__("learned_opt.evaluate.tuning", fromlist=["x"]).evaluate)
+    monkeypatch.setattr(meta, "evaluate", __import__("learned_opt.evaluate.tuning", fromlist=["x"]).evaluate)
     digits.main(["--preset", "smoke", "--seeds", "1", "--out_dir", str(tmp_path / "dev")])
     assert seen and {s for s, _, _ in seen} == {"val"}  # development: no test task at all
     assert {st for _, _, st in seen} == {"tune", "select", "dev"}  # each use of validation tasks has its stream
