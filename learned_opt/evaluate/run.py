@@ -8,8 +8,9 @@ from typing import Callable, Dict, Iterable, List, Optional
 import numpy as np
 import torch
 
-from ..tasks.base import check_positive_int, generator
+from ..tasks.base import generator
 from ..unroll import unroll
+from ..validate import check_positive_int
 from .splits import task_seed
 
 METRICS = ("train_loss", "val_loss", "test_loss", "accuracy")

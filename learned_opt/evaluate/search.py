@@ -10,7 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..tasks.base import check_positive_int
+from ..validate import check_positive_int
 
 def lr_grid(low: float, high: float, num: int) -> List[float]:
     """``num`` log-spaced learning rates from ``low`` to ``high``."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 from typing import Optional
 
-SPLITS = ("train", "val", "test")
+from ..validate import SPLITS
+
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 TEST_DRAW = 2
 """The current draw of the final-test split. Draw 1 was the offset-based split of the first sessions, whose

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..tasks.base import check_positive_int
+from ..validate import check_positive_int
 from .baselines import BASELINE_AXES, TunedBaseline, default_lr_axis, make_baseline
 from .run import METRICS, evaluate
 from .search import Axis, coordinate_search, point_key
