@@ -51,7 +51,7 @@ def test_fast_path_equals_the_reference(name, dtype, device, monkeypatch):
     """Updates to 1e-6 absolute in float32 (and float64), the whole state and the decisions, over several steps;
     the two paths also take turns on one state (the fast path's transposed-view state feeds the reference and
     back). A small block size makes the blocked loop cross many blocks inside one tensor."""
-    import learned_opt.optim.learned as L
+    import learned_opt.optim.features as L
     monkeypatch.setattr(L, "FAST_BLOCK", 5000)
     torch.manual_seed(0)
     net = randomize_(NETS[name]().to(dtype), scale=0.5, seed=4).to(device)

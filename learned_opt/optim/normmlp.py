@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from ..control import Observation
-from .learned import (LEARNED, DecisionHeads, DecisionState, Layout, _MetaNetwork, blocks, check_layout,
-                      chunk_means, flatten, make_layout, mean_of_block_sums, segment_mean_acc, step_embedding,
-                      unflatten)
+from .features import (Layout, blocks, check_layout, chunk_means, flatten, make_layout, mean_of_block_sums,
+                       segment_mean_acc, step_embedding, unflatten)
+from .heads import DecisionHeads, DecisionState
+from .network import _MetaNetwork
 
 TIME_SCALES = (10.0, 100.0, 1000.0, 10000.0)
 # The wide-learner path (:meth:`NormMLP._update_wide`) runs on learners of at least this many coordinates: it is
@@ -334,6 +335,3 @@ class NormMLP(_MetaNetwork):
     def state_floats_per_param(self) -> int:
         """Floats of per-coordinate optimizer state per parameter."""
         return len(self.momentum_decays) + 1
-
-
-LEARNED["norm_mlp"] = NormMLP
