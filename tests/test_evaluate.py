@@ -191,13 +191,13 @@ def test_every_tuning_helper_touches_validation_tasks_only(helper):
 def test_tune_baseline_tunes_each_horizon_and_metric_on_its_own_and_caches(tmp_path):
     fam = MetaNetFamily(n_train=16, n_val=64, n_test=64)
     calls = []
-    real = evaluate.__globals__["evaluate"]
+    real = tune.__globals__["evaluate"]
 
     def counting(*a, **k):
         calls.append(k["steps"])
         return real(*a, **k)
 
-    evaluate.__globals__["evaluate"] = counting
+    tune.__globals__["evaluate"] = counting
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -207,7 +207,7 @@ def test_tune_baseline_tunes_each_horizon_and_metric_on_its_own_and_caches(tmp_p
             again = tune_baseline("adam", fam, horizons=[10, 60], metrics=["train_loss", "val_loss"], num_tasks=3,
                                   cache_dir=str(tmp_path))
     finally:
-        evaluate.__globals__["evaluate"] = real
+        tune.__globals__["evaluate"] = real
     assert set(res) == {(10, "train_loss"), (10, "val_loss"), (60, "train_loss"), (60, "val_loss")}
     assert set(calls) == {60}  # one run to the longest horizon serves every horizon
     assert len(calls) == first  # the second call re-ran nothing
