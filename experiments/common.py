@@ -1,5 +1,5 @@
 """Helpers shared by the experiment scripts: the protocol settings every script has, argument parsing from a
-dataclass, provenance, parallel runs, tables, figures."""
+dataclass, provenance, parallel runs, tables (figures: figures.py)."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,14 @@ def eval_split(cfg: ProtocolConfig) -> Dict[str, Any]:
 def test_split_name(cfg: ProtocolConfig) -> str:
     """How the summary names the evaluation tasks."""
     return f"test (draw {TEST_DRAW})" if cfg.final else "val/dev (development run: no test task touched)"
+
+
+def open_run(out_dir: str) -> Dict[str, Any]:
+    """Record provenance before any output is written (its dirty flag describes the code, not our outputs), then
+    create ``out_dir``; returns the provenance."""
+    prov = provenance()
+    os.makedirs(out_dir, exist_ok=True)
+    return prov
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -147,28 +155,3 @@ def save_report(out_dir: str, text: str, summary: Dict[str, Any]) -> None:
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
     write_json(os.path.join(out_dir, "summary.json"), summary)
-
-
-def plot_curves(path: str, curves: Dict[str, np.ndarray], title: str, ylabel: str = "loss") -> None:
-    """Mean loss per step (log y-axis) with the 25-75% band over problems, one line per optimizer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, c in curves.items():
-        c = np.where(np.isfinite(c), c, np.nan)
-        steps = np.arange(c.shape[1])
-        ax.plot(steps, np.nanmean(c, 0), label=name, lw=2 if name.startswith("learned") else 1.2)
-        lo, hi = np.nanpercentile(c, 25, 0), np.nanpercentile(c, 75, 0)
-        ax.fill_between(steps, lo, hi, alpha=0.15)
-    ax.set_yscale("log")
-    ax.set_xlabel("inner step")
-    ax.set_ylabel(ylabel + " (mean; band: 25-75% over problems)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -55,29 +55,29 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, test_split_name, verdict, save_report)
+from common import (ProtocolConfig, eval_split, open_run, paired, parallel_map, parse_config,  # noqa: E402
+                    run_main, test_split_name)
+from control_report import (BASES, REFERENCE, SCHEDULES, SELECT_STREAM, ablation_statistics,  # noqa: E402, F401
+                            choose_stop_setting, lr_statistics, report, setting, short, stacked, steps_saved,
+                            stop_statistics, summarize)
+from figures import lr_schedule_plot  # noqa: E402
 
 from learned_opt.control import Cosine, EarlyStopping, ExponentialDecay, FixedBudget, StepDecay  # noqa: E402
-from learned_opt.evaluate import (Axis, default_lr_axis, evaluate, make_baseline, protocol_record,  # noqa: E402
-                                  task_seed, tune)
+from learned_opt.evaluate import Axis, default_lr_axis, evaluate, make_baseline, task_seed, tune  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer  # noqa: E402
 from learned_opt.optim.learned import CoordLSTM, LearnedController  # noqa: E402
 from learned_opt.tasks import MetaNetFamily  # noqa: E402
 from learned_opt.tasks.base import generator  # noqa: E402
 from learned_opt.unroll import unroll  # noqa: E402
 
-BASES = ("sgd", "adam")
-SCHEDULES = ("constant", "step", "exponential", "cosine")
-REFERENCE = 10  # the patience of the reference stopping rule (and of C_hand)
-SELECT_STREAM = "stopsel"  # validation stream of the lambda / threshold choice (no other use touches it)
+
 PLOT_STREAM = "plot"
 
 
@@ -289,27 +289,6 @@ def run_jobs(cfg: Config, jobs: List[tuple]) -> List[Any]:
     return parallel_map(_run, [(j,) for j in jobs], cfg.workers)
 
 
-# ------------------------------------------------------------------------------------------------ statistics
-def steps_saved(learned: np.ndarray, reference: np.ndarray) -> Dict[str, float]:
-    """1 - ratio of mean steps (learned over reference), with the bootstrap interval over seeds and tasks."""
-    p = paired(learned, reference)
-    lo, hi = p["ratio_of_means_ci"]
-    return {"value": 1 - p["ratio_of_means"], "ci_low": 1 - hi, "ci_high": 1 - lo,
-            "per_seed": [1 - float(np.mean(r)) / float(np.mean(reference)) for r in np.atleast_2d(learned)]}
-
-
-def choose_stop_setting(table: Dict[str, Dict[str, Any]], bound: float) -> str:
-    """The selection rule of part 1 (fixed a priori): among settings whose validation-loss ratio interval ends at
-    or below ``bound``, the highest lower end of steps saved; if none, the lowest upper end of the loss ratio."""
-    ok = [k for k, v in table.items() if v["loss_ratio"]["ci_high"] <= bound]
-    if ok:
-        return max(ok, key=lambda k: (table[k]["steps_saved"]["ci_low"], -table[k]["loss_ratio"]["ci_high"]))
-    return min(table, key=lambda k: table[k]["loss_ratio"]["ci_high"])
-
-
-def short(p: Dict[str, Any]) -> Dict[str, Any]:
-    """The paired record without its bulky per-seed lists (kept in full elsewhere)."""
-    return {k: v for k, v in p.items() if k not in ("per_seed_ratio",)}
 
 
 def check(cfg: Config) -> None:
@@ -334,25 +313,21 @@ def check(cfg: Config) -> None:
         sys.exit(f"error: {e}")
 
 
-# ------------------------------------------------------------------------------------------------ main
-def main(argv=None) -> dict:
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def configure(argv=None) -> Config:
+    """The config from the command line, checked; the thread count pinned."""
     cfg = parse_config(Config, PRESETS, argv)
     torch.set_num_threads(cfg.threads)
     check(cfg)
-    prov = provenance()  # before any output is written
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    t_start = time.perf_counter()
-    seconds: Dict[str, float] = {}
-    H, H2 = cfg.horizon, 2 * cfg.horizon
-    seeds = [cfg.seed + s for s in range(cfg.seeds)]
-    where_eval = {**eval_split(cfg), "num_tasks": cfg.eval_tasks}
-    where_sel = {"split": "val", "stream": SELECT_STREAM, "num_tasks": cfg.select_tasks}
-    lam_thr = [(lam, thr) for lam in cfg.lambdas for thr in cfg.thresholds]
+    return cfg
 
-    def setting(lam, thr):
-        return f"lambda={lam:g}, threshold={thr:g}"
 
-    # 1. Tuning, on validation tasks only: Adam's rate for the stopping experiments, every schedule x base.
+def tune_stage(cfg: Config, seconds: Dict[str, float]) -> tuple:
+    """Tuning, on validation tasks only: Adam's rate for the stopping experiments, every schedule x base.
+    Returns ``(adam_tuned, tuned, const_lr)``."""
+    H = cfg.horizon
     t = time.perf_counter()
     tune_jobs = [("tune", (cfg, "stop"))] + [("tune", (cfg, "lr", b, n)) for b in BASES for n in SCHEDULES]
     tuned_list = run_jobs(cfg, tune_jobs)
@@ -368,8 +343,13 @@ def main(argv=None) -> dict:
             edge = "" if all(e != "grid" for e in v["edges"].values()) else "  (AT GRID EDGE)"
             print(f"tuned {b}+{n:11s} @{h}: " + ", ".join(f"{k}={x:.4g}" for k, x in v["hparams"].items())
                   + f"  val loss {v['score']:.4f}{edge}")
+    return adam_tuned, tuned, const_lr
 
-    # 2. Meta-training: stop controllers (seeds x lambdas), LR controllers (bases x seeds), CoordLSTM updates.
+
+def meta_train_stage(cfg: Config, seeds: List[int], adam_lr: float, const_lr: Dict[str, float],
+                     seconds: Dict[str, float]) -> tuple:
+    """Meta-training: CoordLSTM updates, LR controllers (bases x seeds), stop controllers (lambdas x seeds).
+    Returns ``(updates, lr_ctrls, stop_ctrls)``."""
     t = time.perf_counter()
     adam_spec = ("adam", {"lr": adam_lr})
     meta_jobs = ([("meta", (cfg, "update", s, adam_lr)) for s in seeds]
@@ -380,23 +360,33 @@ def main(argv=None) -> dict:
     lr_ctrls = {(r["args"][0], r["seed"]): r for r in trained if r["kind"] == "lr"}
     stop_ctrls = {(r["args"][0], r["seed"]): r for r in trained if r["kind"] == "stop"}
     seconds["meta_training"] = time.perf_counter() - t
+    return updates, lr_ctrls, stop_ctrls
 
-    # 3. Choice of lambda and threshold on validation tasks of their own stream ("stopsel").
+
+def hand_rules(cfg: Config) -> List[tuple]:
+    """``(name, controller spec)`` of every hand-coded stopping rule: patiences, then fixed budgets."""
+    return ([(f"patience {p}", ("patience", p)) for p in cfg.patiences]
+            + [(f"budget {b}", ("budget", b)) for b in cfg.budgets])
+
+
+def select_stage(cfg: Config, seeds: List[int], adam_spec: tuple, stop_ctrls, seconds: Dict[str, float]) -> dict:
+    """The choice of lambda and threshold on validation tasks of their own stream (``SELECT_STREAM``).
+    Returns ``{"hand", "selection", "chosen", "lambda", "threshold"}``."""
+    H = cfg.horizon
     t = time.perf_counter()
-    hand_rules = ([(f"patience {p}", ("patience", p)) for p in cfg.patiences]
-                  + [(f"budget {b}", ("budget", b)) for b in cfg.budgets])
-    sel_jobs = [("eval", (cfg, cfg.n_train_stop, adam_spec, spec, H, where_sel, 1)) for _, spec in hand_rules]
+    where_sel = {"split": "val", "stream": SELECT_STREAM, "num_tasks": cfg.select_tasks}
+    lam_thr = [(lam, thr) for lam in cfg.lambdas for thr in cfg.thresholds]
+    rules = hand_rules(cfg)
+    sel_jobs = [("eval", (cfg, cfg.n_train_stop, adam_spec, spec, H, where_sel, 1)) for _, spec in rules]
     sel_jobs += [("eval", (cfg, cfg.n_train_stop, adam_spec,
                            learned_spec(stop_ctrls[(lam, s)], stop_threshold=thr), H, where_sel, 1))
                  for lam, thr in lam_thr for s in seeds]
     sel_out = run_jobs(cfg, sel_jobs)
-    sel_hand = {name: o for (name, _), o in zip(hand_rules, sel_out)}
+    sel_hand = {name: o for (name, _), o in zip(rules, sel_out)}
     sel_learned = {}
     for i, (lam, thr) in enumerate(lam_thr):
-        outs = sel_out[len(hand_rules) + i * len(seeds):len(hand_rules) + (i + 1) * len(seeds)]
-        sel_learned[(lam, thr)] = {"steps": np.stack([o["steps"] for o in outs]),
-                                   "val_loss": np.stack([o[H]["val_loss"] for o in outs]),
-                                   "test_loss": np.stack([o[H]["test_loss"] for o in outs])}
+        outs = sel_out[len(rules) + i * len(seeds):len(rules) + (i + 1) * len(seeds)]
+        sel_learned[(lam, thr)] = stacked(outs, H)
     ref_sel = sel_hand[f"patience {REFERENCE}"]
     selection = {}
     for (lam, thr), v in sel_learned.items():
@@ -405,16 +395,25 @@ def main(argv=None) -> dict:
             "steps_saved": steps_saved(v["steps"], ref_sel["steps"]), "mean_steps": float(v["steps"].mean()),
             "mean_val_loss": float(v["val_loss"].mean())}
     chosen = choose_stop_setting(selection, cfg.loss_bound)
-    lam_star, thr_star = selection[chosen]["lambda"], selection[chosen]["threshold"]
     seconds["stop_selection"] = time.perf_counter() - t
     print(f"chosen on {cfg.select_tasks} validation tasks: {chosen}")
+    return {"hand": sel_hand, "selection": selection, "chosen": chosen, "lambda": selection[chosen]["lambda"],
+            "threshold": selection[chosen]["threshold"]}
 
-    # 4. C_learned on top of U_learned (part 3), meta-trained with the chosen lambda; then every evaluation.
+
+def evaluate_stage(cfg: Config, seeds: List[int], adam_spec: tuple, tuned, const_lr, trained: tuple, sel: dict,
+                   seconds: Dict[str, float]) -> tuple:
+    """C_learned on top of U_learned (part 3), meta-trained with the chosen lambda; then every evaluation.
+    Returns ``(evaluations, lstm_stop)``: the per-task outputs by role, and the stop controllers on CoordLSTMs."""
+    H, H2 = cfg.horizon, 2 * cfg.horizon
+    updates, lr_ctrls, stop_ctrls = trained
+    lam_star, thr_star = sel["lambda"], sel["threshold"]
+    where_eval = {**eval_split(cfg), "num_tasks": cfg.eval_tasks}
+    rules = hand_rules(cfg)
     t = time.perf_counter()
     lstm_spec = {s: ("lstm", updates[s]["config"], updates[s]["state"]) for s in seeds}
     jobs = [("meta", (cfg, "stop", s, lam_star, lstm_spec[s])) for s in seeds]
-    stop_rule_jobs = [("eval", (cfg, cfg.n_train_stop, adam_spec, spec, H, where_eval, 1)) for _, spec in hand_rules]
-    jobs += stop_rule_jobs
+    jobs += [("eval", (cfg, cfg.n_train_stop, adam_spec, spec, H, where_eval, 1)) for _, spec in rules]
     jobs += [("eval", (cfg, cfg.n_train_stop, adam_spec, learned_spec(stop_ctrls[(lam_star, s)],
                                                                       stop_threshold=thr_star), H, where_eval, 1))
              for s in seeds]
@@ -430,216 +429,30 @@ def main(argv=None) -> dict:
                        where_eval, 1, (H,))) for b in BASES for s in seeds]
     jobs += [("eval", (cfg, cfg.n_train_stop, lstm_spec[s], ("patience", REFERENCE), H, where_eval, 1))
              for s in seeds]
-    out = run_jobs(cfg, jobs)
-    k = 0
+    out = iter(run_jobs(cfg, jobs))
 
     def take(n):
-        nonlocal k
-        k += n
-        return out[k - n:k]
+        return [next(out) for _ in range(n)]
 
     lstm_stop = dict(zip(seeds, take(len(seeds))))
-    ev_hand = {name: o for (name, _), o in zip(hand_rules, take(len(hand_rules)))}
-    ev_learned_stop = take(len(seeds))
-    ev_sched = dict(zip(sched_keys, take(len(sched_keys))))
-    ev_lr = {}
-    for b in BASES:
-        ev_lr[b] = take(len(seeds))
-    ev_lstm_p10 = take(len(seeds))
-    ev_lstm_learned = run_jobs(cfg, [("eval", (cfg, cfg.n_train_stop, lstm_spec[s],
-                                               learned_spec(lstm_stop[s], stop_threshold=thr_star), H, where_eval,
-                                               1)) for s in seeds])
+    ev = {"hand": {name: o for (name, _), o in zip(rules, take(len(rules)))}, "learned_stop": take(len(seeds)),
+          "sched": dict(zip(sched_keys, take(len(sched_keys)))), "lr": {b: take(len(seeds)) for b in BASES},
+          "lstm_p10": take(len(seeds))}
+    ev["lstm_learned"] = run_jobs(cfg, [("eval", (cfg, cfg.n_train_stop, lstm_spec[s],
+                                                  learned_spec(lstm_stop[s], stop_threshold=thr_star), H,
+                                                  where_eval, 1)) for s in seeds])
     seconds["evaluation"] = time.perf_counter() - t
+    return ev, lstm_stop
 
-    # ---------------------------------------------------------------- statistics: 1. learned stopping
-    split_name = test_split_name(cfg)
-    ref = ev_hand[f"patience {REFERENCE}"]
-    L = {m: np.stack([o[H][m] for o in ev_learned_stop]) for m in ("test_loss", "val_loss")}
-    L_steps = np.stack([o["steps"] for o in ev_learned_stop])
-    stop_paired = {"test_loss": paired(L["test_loss"], ref[H]["test_loss"]),
-                   "val_loss": paired(L["val_loss"], ref[H]["val_loss"])}
-    saved = steps_saved(L_steps, ref["steps"])
-    loss_p = stop_paired["test_loss"]
-    stop_met = bool(saved["ci_low"] >= cfg.steps_saved_target and loss_p["ci_high"] <= cfg.loss_bound)
-    rules = {}
-    for name, o in ev_hand.items():
-        rules[name] = {"test_loss": float(o[H]["test_loss"].mean()), "val_loss": float(o[H]["val_loss"].mean()),
-                       "steps": float(o["steps"].mean()),
-                       "vs_patience10_test_loss": short(paired(o[H]["test_loss"], ref[H]["test_loss"])),
-                       "steps_saved": steps_saved(o["steps"], ref["steps"])}
-    rules[f"learned ({chosen})"] = {"test_loss": float(L["test_loss"].mean()),
-                                    "val_loss": float(L["val_loss"].mean()), "steps": float(L_steps.mean()),
-                                    "per_seed_test_loss": L["test_loss"].mean(1).tolist(),
-                                    "per_seed_steps": L_steps.mean(1).tolist(),
-                                    "vs_patience10_test_loss": stop_paired["test_loss"], "steps_saved": saved}
-    stop_summary = {
-        "adam_lr": adam_lr, "adam_tuning": {**adam_tuned, "metric": f"val_loss at the patience-{REFERENCE} stop",
-                                            "tasks": cfg.val_tasks},
-        "lambdas": list(cfg.lambdas), "thresholds": list(cfg.thresholds), "chosen": chosen,
-        "chosen_lambda": lam_star, "chosen_threshold": thr_star,
-        "selection_rule": f"on {cfg.select_tasks} validation tasks (stream {SELECT_STREAM!r}), validation loss at "
-                          f"the stop: among settings whose paired loss ratio to patience {REFERENCE} has "
-                          f"ci_high <= {cfg.loss_bound}, the highest ci_low of steps saved",
-        "selection": selection,
-        "selection_hand_rules": {n: {"val_loss": float(o[H]["val_loss"].mean()), "steps": float(o["steps"].mean())}
-                                 for n, o in sel_hand.items()},
-        "steps_saved": saved, "loss_ratio": stop_paired["test_loss"], "val_loss_ratio": stop_paired["val_loss"],
-        "rules": rules, "target_met": stop_met,
-        "meta_train_seconds": {f"lambda={lam:g}": [stop_ctrls[(lam, s)]["seconds"] for s in seeds]
-                               for lam in cfg.lambdas}}
 
-    # ---------------------------------------------------------------- statistics: 2. learned learning rate
-    lr_summary, lr_targets = {}, {}
-    for b in BASES:
-        for h in (H, H2):
-            learned = {m: np.stack([o[h][m] for o in ev_lr[b]]) for m in ("test_loss", "val_loss")}
-            sched = {n: ev_sched[(b, n, h)][h] for n in SCHEDULES}
-            best = min(SCHEDULES, key=lambda n: float(np.mean(sched[n]["test_loss"])))
-            best_val = min(SCHEDULES, key=lambda n: tuned[(b, n)][h]["score"])
-            p = paired(learned["test_loss"], sched[best]["test_loss"])
-            key = f"{b}@{h}"
-            lr_summary[key] = {
-                "best_schedule": best, "best_schedule_on_validation": best_val,
-                "paired": p, "paired_val_loss": paired(learned["val_loss"], sched[best]["val_loss"]),
-                "paired_vs": {n: short(paired(learned["test_loss"], sched[n]["test_loss"])) for n in SCHEDULES},
-                "verdict": verdict(p, 1.0), "base_lr": const_lr[b],
-                "learned": {"test_loss": float(learned["test_loss"].mean()),
-                            "val_loss": float(learned["val_loss"].mean()),
-                            "per_seed_test_loss": learned["test_loss"].mean(1).tolist()},
-                "schedules": {n: {"hparams": tuned[(b, n)][h]["hparams"], "edges": tuned[(b, n)][h]["edges"],
-                                  "tuning_val_loss": tuned[(b, n)][h]["score"],
-                                  "test_loss": float(np.mean(sched[n]["test_loss"])),
-                                  "val_loss": float(np.mean(sched[n]["val_loss"]))} for n in SCHEDULES},
-                "meta_train_seconds": [lr_ctrls[(b, s)]["seconds"] for s in seeds]}
-            lr_targets[key] = {"ratio": p["ratio"], "ci": [p["ci_low"], p["ci_high"]], "verdict": verdict(p, 1.0)}
-
-    # ---------------------------------------------------------------- statistics: 3. the 2x2 ablation
-    cells = {("hand", "hand"): {"test_loss": ref[H]["test_loss"][None], "val_loss": ref[H]["val_loss"][None],
-                                "steps": ref["steps"][None]},
-             ("hand", "learned"): {"test_loss": L["test_loss"], "val_loss": L["val_loss"], "steps": L_steps}}
-    for u_c, outs in ((("learned", "hand"), ev_lstm_p10), (("learned", "learned"), ev_lstm_learned)):
-        cells[u_c] = {"test_loss": np.stack([o[H]["test_loss"] for o in outs]),
-                      "val_loss": np.stack([o[H]["val_loss"] for o in outs]),
-                      "steps": np.stack([o["steps"] for o in outs])}
-    names = {("hand", "hand"): f"U_hand (Adam {adam_lr:.3g}) + C_hand (patience {REFERENCE})",
-             ("hand", "learned"): f"U_hand (Adam {adam_lr:.3g}) + C_learned ({chosen})",
-             ("learned", "hand"): f"U_learned (CoordLSTM on Adam) + C_hand (patience {REFERENCE})",
-             ("learned", "learned"): f"U_learned (CoordLSTM on Adam) + C_learned ({chosen})"}
-    ablation = {"cells": {}, "paired": {}, "one_factor": {},
-                "meta_train_seconds": {"update": [updates[s]["seconds"] for s in seeds],
-                                       "stop_on_update": [lstm_stop[s]["seconds"] for s in seeds]}}
-    hh = cells[("hand", "hand")]
-    for key, c in cells.items():
-        ablation["cells"][names[key]] = {"update": key[0], "control": key[1],
-                                         "test_loss": float(c["test_loss"].mean()),
-                                         "val_loss": float(c["val_loss"].mean()), "steps": float(c["steps"].mean()),
-                                         "per_seed_test_loss": c["test_loss"].mean(1).tolist()}
-        if key != ("hand", "hand"):
-            ablation["paired"][names[key]] = {"test_loss": paired(c["test_loss"], hh["test_loss"][0]),
-                                              "steps_saved": steps_saved(c["steps"], hh["steps"][0])}
-    for a, b_, what in ((("learned", "learned"), ("learned", "hand"), "control, given U_learned"),
-                        (("learned", "learned"), ("hand", "learned"), "update, given C_learned")):
-        ablation["one_factor"][what] = {"test_loss": short(paired(cells[a]["test_loss"], cells[b_]["test_loss"])),
-                                        "steps_saved": steps_saved(cells[a]["steps"], cells[b_]["steps"])}
-
-    # ---------------------------------------------------------------- summary
-    flat_paired = {f"stop: learned ({chosen}) vs patience {REFERENCE}, test loss": stop_paired["test_loss"]}
-    flat_paired.update({f"lr: {k} learned vs best schedule ({v['best_schedule']}), test loss": v["paired"]
-                        for k, v in lr_summary.items()})
-    flat_paired.update({f"ablation: {k} vs (U_hand, C_hand), test loss": v["test_loss"]
-                        for k, v in ablation["paired"].items()})
-    summary = {
-        "config": asdict(cfg), "provenance": prov,
-        "protocol": protocol_record(
-            meta_training_seeds=cfg.seeds, validation_tasks=cfg.val_tasks,
-            tuning_metric={"stop_adam_lr": f"val_loss at the patience-{REFERENCE} stop (validation tasks)",
-                           "stop_lambda_threshold": f"val_loss at the stop and steps, {cfg.select_tasks} "
-                                                    f"validation tasks of stream {SELECT_STREAM!r}",
-                           "lr_schedules": "val_loss at each horizon (validation tasks)"},
-            test_split=split_name, test_tasks=cfg.eval_tasks, selection_tasks=cfg.select_tasks,
-            reported_metric="test_loss (the task's held-out test split) at the stop / at the horizon; val_loss too",
-            lambdas_fixed_a_priori=list(cfg.lambdas), thresholds_fixed_a_priori=list(cfg.thresholds),
-            lr_controller_val_every=1, fixed_budgets_restore_best=True,
-            best_schedule="lowest mean test-split loss on the evaluation tasks, per base and horizon (the least "
-                          "favourable choice for the learned controller)"),
-        "stop": stop_summary, "lr": lr_summary, "ablation": ablation, "paired": flat_paired,
-        "targets": {
-            "learned_stopping": {"steps_saved_bound": cfg.steps_saved_target, "loss_ratio_bound": cfg.loss_bound,
-                                 "steps_saved": [saved["value"], saved["ci_low"], saved["ci_high"]],
-                                 "loss_ratio": [loss_p["ratio"], loss_p["ci_low"], loss_p["ci_high"]],
-                                 "met": stop_met},
-            "learned_lr": {"bound": 1.0, "per": lr_targets,
-                           "met": all(v["verdict"] == "met" for v in lr_targets.values())}},
-        "seconds": seconds,
-    }
-    summary["total_seconds"] = time.perf_counter() - t_start
-
-    # ---------------------------------------------------------------- table, figures
-    lines = [f"Evaluation tasks: {split_name}, {cfg.eval_tasks} tasks; {cfg.seeds} meta-training seeds; tuning on "
-             f"{cfg.val_tasks} validation tasks; lambda and threshold chosen on {cfg.select_tasks} validation tasks "
-             f"of their own stream.", "",
-             f"### Learned stopping (MetaNet regression, n_train={cfg.n_train_stop}, Adam lr {adam_lr:.3g} under "
-             "every rule)", ""]
-    rows = []
-    for name, r in rules.items():
-        s = r["steps_saved"]
-        rows.append([name, r["test_loss"], r["val_loss"], r["steps"],
-                     f"{100 * s['value']:.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]",
-                     fmt_paired(r["vs_patience10_test_loss"])])
-    lines += [markdown_table(["rule", "test loss at stop", "val loss at stop", "steps", f"steps saved vs "
-                              f"patience {REFERENCE} [95% CI]", f"test loss / patience {REFERENCE} (paired)"], rows),
-              "", f"- chosen on validation tasks: {chosen}; steps saved {100 * saved['value']:.1f}% "
-              f"[{100 * saved['ci_low']:.1f}, {100 * saved['ci_high']:.1f}], test-loss ratio {fmt_paired(loss_p)}; "
-              f"target (>= {100 * cfg.steps_saved_target:.0f}% and <= {cfg.loss_bound}x, whole intervals): "
-              f"{'met' if stop_met else 'not met'}",
-              "- per seed: steps saved " + ", ".join(f"{100 * x:.1f}%" for x in saved["per_seed"])
-              + "; test-loss ratio " + ", ".join(f"{x:.4f}" for x in loss_p["per_seed_ratio"]), "",
-              "### Learned learning rate (MetaNet regression, n_train="
-              f"{cfg.n_train_lr}; test-split loss at the horizon)", ""]
-    rows = []
-    for key, v in lr_summary.items():
-        for n in SCHEDULES:
-            sv = v["schedules"][n]
-            rows.append([key, n + (" (best)" if n == v["best_schedule"] else ""),
-                         ", ".join(f"{a}={x:.3g}" for a, x in sv["hparams"].items()), sv["tuning_val_loss"],
-                         sv["test_loss"], sv["val_loss"], "-"])
-        rows.append([key, f"learned ({cfg.seeds} seeds)", f"lr={v['base_lr']:.3g} x learned", "-",
-                     v["learned"]["test_loss"], v["learned"]["val_loss"],
-                     fmt_paired(v["paired"]) + f"; {v['verdict']}"])
-    lines += [markdown_table(["base@steps", "schedule", "tuned", "val loss (tuning tasks)", "test loss",
-                              "val loss", "learned / best (paired)"], rows), "",
-              "- per seed, learned / best schedule: " + "; ".join(
-                  f"{k} " + ", ".join(f"{x:.4f}" for x in v["paired"]["per_seed_ratio"])
-                  for k, v in lr_summary.items()), "",
-              "### 2x2 ablation (MetaNet regression, n_train=" f"{cfg.n_train_stop})", ""]
-    rows = []
-    for name, c in ablation["cells"].items():
-        p = ablation["paired"].get(name)
-        rows.append([name, c["test_loss"], c["val_loss"], c["steps"],
-                     "-" if p is None else fmt_paired(p["test_loss"]),
-                     "-" if p is None else f"{100 * p['steps_saved']['value']:.1f}%"])
-    lines += [markdown_table(["cell", "test loss at stop", "val loss at stop", "steps",
-                              "/ (U_hand, C_hand) (paired)", "steps saved"], rows), "",
-              "- per seed, test loss / (U_hand, C_hand): " + "; ".join(
-                  f"({k[0]}, {k[1]}) " + ", ".join(f"{x:.4f}" for x in ablation["paired"][names[k]]["test_loss"]
-                                                   ["per_seed_ratio"]) for k in cells if k != ("hand", "hand")),
-              "- one factor at a time: " + "; ".join(f"{w}: {fmt_paired(v['test_loss'])}, steps saved "
-                                                     f"{100 * v['steps_saved']['value']:.1f}%"
-                                                     for w, v in ablation["one_factor"].items()),
-              f"- whole script {summary['total_seconds']:.0f} s (" + ", ".join(f"{k} {v:.0f} s"
-                                                                            for k, v in seconds.items()) + ")"]
-    text = "\n".join(lines)
-    save_report(cfg.out_dir, text, summary)
-
-    sel_points = {n: (float(o["steps"].mean()), float(o[H]["val_loss"].mean())) for n, o in sel_hand.items()}
-    sel_points.update({f"learned {k}": (v["mean_steps"], v["mean_val_loss"]) for k, v in selection.items()})
-    eval_points = {n: (r["steps"], r["test_loss"]) for n, r in rules.items()}
-    _pareto(os.path.join(cfg.out_dir, "pareto.png"), sel_points, eval_points, f"learned {chosen}",
-            f"learned ({chosen})", split_name)
+def lr_traces(cfg: Config, seeds: List[int], lr_ctrls, tuned, const_lr) -> Dict[str, Dict[str, list]]:
+    """Per base: the learned controllers' LR multipliers on one validation task of its own stream (the same task
+    for every seed), and every tuned schedule's, relative to the tuned constant rate."""
+    H, H2 = cfg.horizon, 2 * cfg.horizon
     traces = {}
     for b in BASES:
         traces[b] = {}
-        for s in seeds:  # one validation task of its own stream, the same for every seed
+        for s in seeds:
             ctrl = build_controller(learned_spec(lr_ctrls[(b, s)]))()
             g = generator(task_seed("val", 0, cfg.seed, stream=PLOT_STREAM))
             task = family(cfg.n_train_lr)(g)
@@ -651,87 +464,33 @@ def main(argv=None) -> dict:
                 c = schedule(n, hp, h)
                 traces[b][f"{n} (tuned @{h})"] = [hp["lr"] / const_lr[b] * (c.scale(t) if c else 1.0)
                                                   for t in range(h)]
-    _lr_plot(os.path.join(cfg.out_dir, "lr_schedules.png"), traces, H)
+    return traces
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> dict:
+    """Tune, meta-train, choose the stop setting, evaluate, report; returns the summary."""
+    cfg = configure(argv)
+    prov = open_run(cfg.out_dir)
+    t_start = time.perf_counter()
+    seconds: Dict[str, float] = {}
+    seeds = [cfg.seed + s for s in range(cfg.seeds)]
+    adam_tuned, tuned, const_lr = tune_stage(cfg, seconds)
+    adam_spec = ("adam", {"lr": adam_tuned["hparams"]["lr"]})
+    updates, lr_ctrls, stop_ctrls = trained = meta_train_stage(cfg, seeds, adam_spec[1]["lr"], const_lr, seconds)
+    sel = select_stage(cfg, seeds, adam_spec, stop_ctrls, seconds)
+    ev, lstm_stop = evaluate_stage(cfg, seeds, adam_spec, tuned, const_lr, trained, sel, seconds)
+    split_name = test_split_name(cfg)
+    H = cfg.horizon
+    stop = stop_statistics(cfg, H, seeds, sel, ev, stop_ctrls, adam_tuned)
+    lr = lr_statistics(H, seeds, ev, tuned, const_lr, lr_ctrls)
+    ablation = ablation_statistics(H, seeds, ev, sel["chosen"], adam_spec[1]["lr"], updates, lstm_stop)
+    summary = summarize(cfg, prov, split_name, stop, lr, ablation, seconds)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    report(cfg, summary, sel, split_name)
+    lr_schedule_plot(os.path.join(cfg.out_dir, "lr_schedules.png"), lr_traces(cfg, seeds, lr_ctrls, tuned, const_lr),
+                     H)
     return summary
-
-
-def _pareto(path, selection_points, eval_points, chosen_sel, chosen_eval, split_name):
-    """Steps against loss at the stop, per rule: left, the selection tasks (validation loss; every lambda and
-    threshold, mean over seeds); right, the evaluation tasks (test-split loss; the chosen setting only). The
-    y-axis is logarithmic so that the crowded region near patience 10 stays readable."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, points, chosen, ylabel, title in (
-            (axes[0], selection_points, chosen_sel, "validation loss at the stop",
-             "selection tasks (validation stream 'stopsel')"),
-            (axes[1], eval_points, chosen_eval, "test-split loss at the stop", f"evaluation tasks: {split_name}")):
-        ref = points.get(f"patience {REFERENCE}")
-        patience_colors = iter(["tab:green", "tab:olive", "tab:brown", "tab:pink", "tab:cyan"])
-        learned_labelled = False
-        for name, (steps, loss) in points.items():
-            if name == chosen:
-                ax.scatter(steps, loss, marker="*", s=160, color="tab:red", zorder=4, label=f"chosen: {name}")
-            elif name.startswith("learned"):
-                ax.scatter(steps, loss, marker="*", s=60, color="tab:blue", zorder=3, alpha=0.6,
-                           label=None if learned_labelled else "other lambda / threshold")
-                learned_labelled = True
-            elif name.startswith("patience"):
-                ax.scatter(steps, loss, marker="s", s=40, color=next(patience_colors, "tab:gray"), zorder=2,
-                           label=name)
-            else:  # fixed budgets, labelled by their number
-                ax.scatter(steps, loss, marker="o", s=30, color="tab:gray", zorder=2)
-                ax.annotate(name.replace("budget ", "B"), (steps, loss), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
-        if ref is not None:
-            ax.axhline(1.01 * ref[1], color="tab:green", lw=0.8, ls="--")
-            ax.axvline(0.7 * ref[0], color="tab:orange", lw=0.8, ls="--")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
-        ax.tick_params(axis="y", which="minor", labelsize=7)
-        ax.set_xlabel("inner steps used (mean over tasks; B: fixed budget)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"learned stopping against early stopping and fixed budgets; target: left of the orange line "
-                 f"(30% fewer steps than patience {REFERENCE}), below the green one (1.01x its loss)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _lr_plot(path, traces, horizon):
-    """Learning rate relative to the tuned constant rate: the learned controllers (one validation task, every
-    seed) and every schedule as tuned for the meta-training horizon (solid) and twice it (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(traces), figsize=(6 * len(traces), 4), squeeze=False)
-    for ax, (base, tr) in zip(axes[0], traces.items()):
-        colors = {}
-        for name, values in tr.items():
-            kind = name.split(" ")[0]
-            learned = kind == "learned"
-            color = colors.setdefault(kind, None if learned else f"C{len(colors)}")
-            ls = "--" if name.endswith(f"@{2 * horizon})") else "-"
-            ax.plot(values, label=name, lw=2 if learned else 1, ls=ls, color="black" if learned else color,
-                            alpha=0.8)
-        ax.axvline(horizon, color="gray", lw=0.8, ls=":")
-        ax.set_yscale("log")
-        ax.set_ylim(bottom=1e-2)  # cosine decays to 0: below this only its last steps would show
-        ax.set_title(f"{base}: learning rate / tuned constant rate at {horizon} steps")
-        ax.set_xlabel("inner step")
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

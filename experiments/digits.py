@@ -37,7 +37,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, plot_curves, provenance, run_main, test_split_name, verdict, save_report)
+                    parse_config, provenance, run_main, test_split_name, verdict, save_report)
+
+from figures import plot_curves  # noqa: E402
 
 from learned_opt.control import Cosine  # noqa: E402
 from learned_opt.evaluate import (baseline_kwargs, default_lr_axis, envelope_speedup, evaluate,  # noqa: E402

@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, parallel_map,  # noqa: E402
-                    parse_config, plot_curves, provenance, run_main, test_split_name, verdict, save_report)
+                    parse_config, provenance, run_main, test_split_name, verdict, save_report)
+
+from figures import plot_curves  # noqa: E402
 
 from learned_opt.evaluate import (TEST_DRAW, default_lr_axis, evaluate, make_baseline, mean_ci,  # noqa: E402
                                   paired, protocol_record, tune_baseline)
