@@ -34,7 +34,6 @@ Writes ``{out_dir}/{summary.json, table.md, curves.png}``; tuning scores are cac
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -45,9 +44,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, test_split_name, verdict, save_report, LOSS_FLOOR,
-                    floored)
+from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, open_run, paired,  # noqa: E402
+                    parallel_map, parse_config, run_main, test_split_name, save_report, floored)
+from figures import plot_families  # noqa: E402
+from stats_common import diverged, gmean_ratio, interval, target  # noqa: E402
 
 from learned_opt.evaluate import default_lr_axis, evaluate, protocol_record, tune_baseline  # noqa: E402
 from learned_opt.optim import get_optimizer  # noqa: E402
@@ -198,82 +198,61 @@ def step_time_bench(cfg: Config, lopt_path: str) -> dict:
     L, A = np.array(times["learned"]), np.array(times["adam"])
     idx = np.random.default_rng(0).integers(0, len(L), size=(cfg.n_boot, len(L)))
     boot = np.median(L[idx], 1) / np.median(A[idx], 1)
-    lo, hi = _interval(boot)
+    lo, hi = interval(boot)
     return {"ratio": float(np.median(L) / np.median(A)), "ci_low": lo, "ci_high": hi,
             "learned_ms": 1e3 * float(np.median(L)), "adam_ms": 1e3 * float(np.median(A)),
             "params": sum(p.numel() for p in m_a.parameters()), "reps": cfg.bench_reps, "steps": cfg.bench_steps,
             "lopt": lopt_path}
 
 
-# ---------------------------------------------------------------------------------------------- statistics
-def _interval(boot: np.ndarray, level: float = 0.95) -> tuple:
-    """Percentile interval by order statistics (safe with infinite values)."""
-    s = np.sort(np.where(np.isnan(boot), np.inf, boot))
-    n = len(s)
-    return float(s[int(math.floor((1 - level) / 2 * (n - 1)))]), float(s[int(math.ceil((1 + level) / 2 * (n - 1)))])
+@dataclass
+class Runs:
+    """Every evaluation run, looked up by family, method, horizon and metric (``tuned``: the tuning results;
+    ``serve``: the longest horizon each tuned rate serves; ``free``: runs that need no tuning)."""
+    cfg: Config
+    seeds: list
+    tuned: dict
+    serve: dict
+    free: dict
+    base_runs: dict
+
+    def tuned_run(self, f, n, h, metric):
+        """The evaluation run of baseline ``n`` tuned for (``h``, the tuning metric of ``metric``'s row)."""
+        lr = self.tuned[(f, n)][(h, ROWS[metric])].hparams["lr"]
+        return self.base_runs[("baseline", f, n, lr, self.serve[(f, n, lr)])]
+
+    def values(self, f, method, h, metric):
+        """Per-task values ``(seeds or 1, tasks)`` of ``method`` on ``metric`` at ``h``."""
+        cfg, h10 = self.cfg, horizons(self.cfg)[1]
+        if method == "learned":
+            return np.stack([self.free[("learned", f, s, h)]["at"][h][metric] for s in self.seeds])
+        if method == DEFAULT_NAME:
+            return self.free[("baseline", f, "adam", cfg.default_lr, h10)]["at"][h][metric][None]
+        if method == cfg.flagship:
+            return self.free[("flagship", f, h10)]["at"][h][metric][None]
+        return self.tuned_run(f, method, h, metric)["at"][h][metric][None]
+
+    def lower(self, f, method, h, metric):
+        """:meth:`values` with lower better (accuracy as the error rate), for ratios."""
+        v = self.values(f, method, h, metric)
+        return 1.0 - v if metric == "accuracy" else v
+
+    def runs_of(self, f, method, h):
+        """Every run of ``method`` that reports horizon ``h`` (the tuned baselines: both tuning metrics)."""
+        cfg, h10 = self.cfg, horizons(self.cfg)[1]
+        if method == "learned":
+            return [self.free[("learned", f, s, h)] for s in self.seeds]
+        if method == DEFAULT_NAME:
+            return [self.free[("baseline", f, "adam", cfg.default_lr, h10)]]
+        if method == cfg.flagship:
+            return [self.free[("flagship", f, h10)]]
+        lrs = {self.tuned[(f, method)][(h, m)].hparams["lr"] for m in set(ROWS.values())}
+        return [self.base_runs[("baseline", f, method, lr, self.serve[(f, method, lr)])] for lr in sorted(lrs)]
 
 
-def log_ratios(learned: np.ndarray, baseline: np.ndarray, floor: float = LOSS_FLOOR) -> np.ndarray:
-    """Per-task log(learned / baseline), ``(seeds, tasks)``: a non-finite learned value is an infinite ratio, 0 / 0
-    a tie (the convention of :func:`paired`). Finite values below ``floor`` count as ``floor``: tuned Adam drives the
-    train loss of the small tabular sets to exactly 0.0 in float32, where a ratio would measure rounding (and be
-    infinite), not optimisation."""
-    L = np.atleast_2d(np.asarray(learned, float))
-    B = np.broadcast_to(np.asarray(baseline, float), L.shape)
-    if floor > 0:
-        L = np.where(np.isfinite(L), np.maximum(L, floor), L)
-        B = np.where(np.isfinite(B), np.maximum(B, floor), B)
-    with np.errstate(all="ignore"):
-        R = np.where(np.isfinite(L), L, np.inf) / B
-        R = np.where(np.isnan(R), np.where(L <= B, 1.0, np.inf), R)
-        return np.log(R)
-
-
-def gmean_ratio(per_family: dict, *, n_boot: int = 4000, seed: int = 0, level: float = 0.95) -> dict:
-    """Geometric mean over families of each family's ratio (the geometric mean over seeds x tasks of the per-task
-    ratios), with a bootstrap interval resampling seeds and tasks within every family (families fixed).
-
-    ``per_family``: ``{family: (learned (seeds, tasks), baseline (tasks,) or (seeds, tasks))}``."""
-    if not per_family:
-        return {"ratio": math.nan, "ci_low": math.nan, "ci_high": math.nan, "families": {}, "nonfinite_tasks": 0}
-    rng = np.random.default_rng(seed)
-    fam_log, boot, nonfinite = {}, np.zeros(n_boot), 0
-    for name, (learned, baseline) in per_family.items():
-        lr = log_ratios(learned, baseline)
-        S, T = lr.shape
-        nonfinite += int((~np.isfinite(lr)).sum())
-        with np.errstate(invalid="ignore"):
-            fam_log[name] = float(lr.mean())
-            si, ti = rng.integers(0, S, size=(n_boot, S)), rng.integers(0, T, size=(n_boot, T))
-            boot = boot + lr[si[:, :, None], ti[:, None, :]].mean(axis=(1, 2))
-    k = len(per_family)
-    with np.errstate(invalid="ignore", over="ignore"):
-        point = float(np.exp(sum(fam_log.values()) / k))
-        lo, hi = _interval(np.exp(boot / k), level)
-    nan_inf = lambda v: math.inf if math.isnan(v) else v  # noqa: E731  (+inf and -inf together: unresolved)
-    return {"ratio": nan_inf(point), "ci_low": lo, "ci_high": hi,
-            "families": {n: nan_inf(float(np.exp(v))) for n, v in fam_log.items()}, "nonfinite_tasks": nonfinite}
-
-
-def target(record: dict, bound) -> dict:
-    """``record`` with its bound, ``verdict`` and ``met`` (whole interval at or below ``bound``); ``bound=None``:
-    reported, no target."""
-    if bound is None:
-        return {**record, "bound": None, "met": None, "verdict": "reported (no target)"}
-    ok = not any(math.isnan(record[k]) for k in ("ci_low", "ci_high"))
-    v = verdict(record, bound) if ok else "not met (undefined interval)"
-    return {**record, "bound": bound, "met": v == "met", "verdict": v}
-
-
-def diverged(at: dict, h: int) -> np.ndarray:
-    """Per task: the final whole-split train loss at ``h`` is non-finite or above the initial one."""
-    final, first = np.asarray(at[h]["train_loss"], float), np.asarray(at[0]["train_loss"], float)
-    return ~np.isfinite(final) | (final > first)
-
-
-# ---------------------------------------------------------------------------------------------------- main
-def main(argv=None) -> dict:
-    """Tune, evaluate, compare; write summary.json, table.md and curves.png."""
+# ---------------------------------------------------------------------------------------------------- stages
+def configure(argv=None) -> tuple:
+    """The checked config, the meta-trained seeds' ``{seed: lopt path}`` and the evaluated families."""
     cfg = parse_config(Config, PRESETS, argv)
     torch.set_num_threads(1)
     fams = family_names(cfg)
@@ -292,18 +271,14 @@ def main(argv=None) -> dict:
     if len(paths) < cfg.seeds:
         sys.exit(f"error: {cfg.train_dir} holds {len(paths)} meta-trained seeds (seed{{N}}/lopt.pt), fewer than "
                  f"--seeds {cfg.seeds}: run experiments/general_train.py first")
-    seeds = list(paths)
-    prov = provenance()  # before any output is written
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    return cfg, paths, fams
+
+
+def tune_and_evaluate(cfg: Config, fams: tuple, seeds: list, timing: dict) -> Runs:
+    """Tuning (validation tasks only) and every evaluation that needs no tuned rate, as one pool of jobs (the
+    expensive families first so the workers finish together); then the tuned baselines, one run per distinct
+    tuned rate to the longest horizon it serves."""
     h1, h10 = horizons(cfg)
-    t_start = time.perf_counter()
-
-    # 0. The step-time benchmark first, alone on its thread (no worker competes with it).
-    bench = step_time_bench(cfg, paths[seeds[0]])
-    t_bench = time.perf_counter() - t_start
-
-    # 1. Tuning (validation tasks only) and every evaluation that needs no tuned rate, as one pool of jobs; the
-    # expensive families first so the workers finish together.
     light = lambda f: SUITE[f].kind not in HEAVY_KINDS  # noqa: E731  (False sorts first: heavy families)
     tune_specs = [("tune", f, n) for f in sorted(fams, key=light) for n in cfg.baselines]
     free_specs = [("learned", f, s, h) for f in sorted(fams, key=light) for h in (h10, h1) for s in seeds]
@@ -311,12 +286,10 @@ def main(argv=None) -> dict:
     free_specs += [("flagship", f, h10) for f in fams] if cfg.flagship else []
     t0 = time.perf_counter()
     out_a = parallel_map(run_job, [(cfg, s) for s in tune_specs + free_specs], cfg.workers)
-    t_phase_a = time.perf_counter() - t0
+    timing["tuning_and_untuned_evals_wall"] = time.perf_counter() - t0
     tuned = {(s[1], s[2]): o["tuned"] for s, o in zip(tune_specs, out_a)}
-    tune_seconds = {f"{s[1]}/{s[2]}": o["seconds"] for s, o in zip(tune_specs, out_a)}
+    timing["tuning_job"] = {f"{s[1]}/{s[2]}": o["seconds"] for s, o in zip(tune_specs, out_a)}
     free = dict(zip(free_specs, out_a[len(tune_specs):]))
-
-    # 2. The tuned baselines: one run per distinct tuned rate, to the longest horizon it serves.
     serve = {}  # (family, name, lr) -> longest horizon
     for (f, n), t in tuned.items():
         for (h, _), tb in t.items():
@@ -325,75 +298,47 @@ def main(argv=None) -> dict:
     base_specs = [("baseline", f, n, lr, h) for (f, n, lr), h in serve.items()]
     t0 = time.perf_counter()
     base_runs = dict(zip(base_specs, parallel_map(run_job, [(cfg, s) for s in base_specs], cfg.workers)))
-    t_phase_b = time.perf_counter() - t0
+    timing["tuned_evals_wall"] = time.perf_counter() - t0
+    return Runs(cfg, seeds, tuned, serve, free, base_runs)
 
-    def tuned_run(f, n, h, metric):
-        """The evaluation run of baseline ``n`` tuned for (``h``, the tuning metric of ``metric``'s row)."""
-        lr = tuned[(f, n)][(h, ROWS[metric])].hparams["lr"]
-        return base_runs[("baseline", f, n, lr, serve[(f, n, lr)])]
 
-    def values(f, method, h, metric):
-        """Per-task values ``(seeds or 1, tasks)`` of ``method`` on ``metric`` at ``h``."""
-        if method == "learned":
-            v = np.stack([free[("learned", f, s, h)]["at"][h][metric] for s in seeds])
-        elif method == DEFAULT_NAME:
-            v = free[("baseline", f, "adam", cfg.default_lr, h10)]["at"][h][metric][None]
-        elif method == cfg.flagship:
-            v = free[("flagship", f, h10)]["at"][h][metric][None]
-        else:
-            v = tuned_run(f, method, h, metric)["at"][h][metric][None]
-        return v
-
-    def lower(f, method, h, metric):
-        """:func:`values` with lower better (accuracy as the error rate), for ratios."""
-        v = values(f, method, h, metric)
-        return 1.0 - v if metric == "accuracy" else v
-
-    def runs_of(f, method, h):
-        """Every run of ``method`` that reports horizon ``h`` (the tuned baselines: both tuning metrics)."""
-        if method == "learned":
-            return [free[("learned", f, s, h)] for s in seeds]
-        if method == DEFAULT_NAME:
-            return [free[("baseline", f, "adam", cfg.default_lr, h10)]]
-        if method == cfg.flagship:
-            return [free[("flagship", f, h10)]]
-        lrs = {tuned[(f, method)][(h, m)].hparams["lr"] for m in set(ROWS.values())}
-        return [base_runs[("baseline", f, method, lr, serve[(f, method, lr)])] for lr in sorted(lrs)]
-
-    methods = ["learned", *cfg.baselines, DEFAULT_NAME] + ([cfg.flagship] if cfg.flagship else [])
-
-    # 3. Per family: means, paired comparisons, time per step, divergences.
+def family_statistics(cfg: Config, runs: Runs, fams: tuple, methods: list) -> tuple:
+    """Per family: means, paired comparisons, time per step, divergences, one-family ratios; and the mean curves
+    for the figure. Returns ``(per family record, curves)``."""
+    h1, h10 = horizons(cfg)
     fam_out, curves = {}, {}
     for f in fams:
         e = SUITE[f]
-        metrics = [m for m in ROWS if m in free[("learned", f, seeds[0], h1)]["at"][h1]]
+        metrics = [m for m in ROWS if m in runs.free[("learned", f, runs.seeds[0], h1)]["at"][h1]]
         rec = {"role": e.role, "kind": e.kind, "data": e.data, "loss": e.loss, "description": e.description,
                "horizons": {}, "ms_per_step": {}, "divergences": {}}
         for h in (h1, h10):
             hr = rec["horizons"][str(h)] = {}
             for metric in metrics:
-                L = lower(f, "learned", h, metric)
+                L = runs.lower(f, "learned", h, metric)
                 row = {"reported": metric, "tuned_on": ROWS[metric], "mean": {}, "median": {},
                        "paired_on": "test error rate (1 - accuracy)" if metric == "accuracy" else metric,
                        "paired": {}}
                 for m in methods:
-                    v = values(f, m, h, metric)
+                    v = runs.values(f, m, h, metric)
                     row["mean"][m], row["median"][m] = float(v.mean()), float(np.median(v))
                     if m != "learned":
-                        row["paired"][m] = paired(floored(L), floored(lower(f, m, h, metric)), n_boot=cfg.n_boot)
+                        row["paired"][m] = paired(floored(L), floored(runs.lower(f, m, h, metric)),
+                                                  n_boot=cfg.n_boot)
                 hr[metric] = row
             for m in methods:
                 rec["divergences"].setdefault(m, {})[str(h)] = int(sum(diverged(r["at"], h).sum()
-                                                                       for r in runs_of(f, m, h)))
+                                                                       for r in runs.runs_of(f, m, h)))
         for m in methods:
-            rec["ms_per_step"][m] = float(np.mean([r["ms_per_step"] for r in runs_of(f, m, h10)]))
-        rec["ms_per_step"]["learned@h1"] = float(np.mean([r["ms_per_step"] for r in runs_of(f, "learned", h1)]))
+            rec["ms_per_step"][m] = float(np.mean([r["ms_per_step"] for r in runs.runs_of(f, m, h10)]))
+        rec["ms_per_step"]["learned@h1"] = float(np.mean([r["ms_per_step"] for r in runs.runs_of(f, "learned", h1)]))
         # the one-family ratios of the table, with their bootstrap intervals
         best = min(cfg.baselines, key=lambda n: rec["horizons"][str(h1)]["train_loss"]["mean"][n])
         rec["best_tuned_at_h1"] = best
 
         def one(m, h, metric, f=f):
-            return gmean_ratio({f: (values(f, "learned", h, metric), values(f, m, h, metric))}, n_boot=cfg.n_boot)
+            return gmean_ratio({f: (runs.values(f, "learned", h, metric), runs.values(f, m, h, metric))},
+                               n_boot=cfg.n_boot)
 
         rec["gmean_ratios"] = {"vs_tuned_adam_1x": one("adam", h1, "train_loss"),
                                "vs_tuned_adam_10x": one("adam", h10, "train_loss"),
@@ -401,21 +346,27 @@ def main(argv=None) -> dict:
                                "vs_best_tuned_1x": {**one(best, h1, "train_loss"), "baseline": best},
                                "test_loss_vs_tuned_adam_1x": one("adam", h1, "test_loss")}
         fam_out[f] = rec
-        curves[f] = {"learned": np.nanmean(np.stack([r["curve"] for r in runs_of(f, "learned", h10)]), 0)}
+        curves[f] = {"learned": np.nanmean(np.stack([r["curve"] for r in runs.runs_of(f, "learned", h10)]), 0)}
         for n in cfg.baselines:
-            curves[f][f"{n} (tuned)"] = tuned_run(f, n, h10, "train_loss")["curve"]
-        curves[f]["adam 1e-3"] = runs_of(f, DEFAULT_NAME, h10)[0]["curve"]
+            curves[f][f"{n} (tuned)"] = runs.tuned_run(f, n, h10, "train_loss")["curve"]
+        curves[f]["adam 1e-3"] = runs.runs_of(f, DEFAULT_NAME, h10)[0]["curve"]
         if cfg.flagship:
-            curves[f][cfg.flagship] = runs_of(f, cfg.flagship, h10)[0]["curve"]
+            curves[f][cfg.flagship] = runs.runs_of(f, cfg.flagship, h10)[0]["curve"]
+    return fam_out, curves
 
-    # 4. Targets: geometric means over families, per role.
+
+def summarize(cfg: Config, prov: dict, fams: tuple, runs: Runs, fam_out: dict, bench: dict, timing: dict) -> dict:
+    """``summary.json``'s dict: the targets (geometric means over families, per role; divergences; step time),
+    the protocol record, the tuned rates and the per-family records."""
+    h1, h10 = horizons(cfg)
+    seeds, tuned = runs.seeds, runs.tuned
     summary = {"config": asdict(cfg), "provenance": prov, "seeds": seeds, "families_evaluated": list(fams)}
     for prefix, bounds in (("heldout", (1.0, 1.2, 1.0, 0.5)), ("meta", (None,) * 4)):
         group = [f for f in fams if SUITE[f].role == prefix]
 
         def g(method, h, metric, group=group):
-            return gmean_ratio({f: (values(f, "learned", h, metric), values(f, method, h, metric)) for f in group},
-                               n_boot=cfg.n_boot)
+            return gmean_ratio({f: (runs.values(f, "learned", h, metric), runs.values(f, method, h, metric))
+                                for f in group}, n_boot=cfg.n_boot)
 
         for key, rec, bound in ((f"{prefix}_gmean_ratio_vs_tuned_adam_1x", g("adam", h1, "train_loss"), bounds[0]),
                                 (f"{prefix}_gmean_ratio_vs_tuned_adam_10x", g("adam", h10, "train_loss"), bounds[1]),
@@ -454,17 +405,26 @@ def main(argv=None) -> dict:
                                 for (h, m), tb in sorted(tuned[(f, n)].items())} for n in cfg.baselines}
                         for f in fams}
     summary["families"] = fam_out
-    summary["seconds"] = {"step_time_bench": t_bench, "tuning_and_untuned_evals_wall": t_phase_a,
-                          "tuned_evals_wall": t_phase_b, "tuning_job": tune_seconds,
-                          "eval_jobs_cpu": float(sum(o["seconds"] for o in free.values())
-                                                 + sum(o["seconds"] for o in base_runs.values())),
-                          "tuning_jobs_cpu": float(sum(tune_seconds.values())),
-                          "total": time.perf_counter() - t_start}
+    summary["seconds"] = {"step_time_bench": timing["step_time_bench"],
+                          "tuning_and_untuned_evals_wall": timing["tuning_and_untuned_evals_wall"],
+                          "tuned_evals_wall": timing["tuned_evals_wall"], "tuning_job": timing["tuning_job"],
+                          "eval_jobs_cpu": float(sum(o["seconds"] for o in runs.free.values())
+                                                 + sum(o["seconds"] for o in runs.base_runs.values())),
+                          "tuning_jobs_cpu": float(sum(timing["tuning_job"].values())),
+                          "total": time.perf_counter() - timing["start"]}
+    return summary
 
-    # 5. The table and the figure.
-    def ci(r):
-        return f"{r['ratio']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
 
+def ci(r: dict) -> str:
+    """``ratio [ci_low, ci_high]`` to three significant digits."""
+    return f"{r['ratio']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
+
+
+def report(cfg: Config, summary: dict, fams: tuple, methods: list) -> str:
+    """The table (also stored as ``summary["table"]``) and ``table.md``'s text."""
+    h1, h10 = horizons(cfg)
+    fam_out, seeds, bench = summary["families"], summary["seeds"], summary["step_time_over_adam_mlp200k"]
+    n_div = summary["divergences"]["count"]
     rows, table_rows = [], []
     for f in fams:
         r = fam_out[f]
@@ -503,42 +463,33 @@ def main(argv=None) -> dict:
               f"- paired (learned vs tuned Adam, train loss @{h1}) per family: " + "; ".join(
                   f"{f} {fmt_paired(fam_out[f]['horizons'][str(h1)]['train_loss']['paired']['adam'])}"
                   for f in fams),
-              f"- whole script {summary['seconds']['total']:.0f} s (tuning jobs {sum(tune_seconds.values()):.0f} "
-              f"s CPU, evaluation jobs {summary['seconds']['eval_jobs_cpu']:.0f} s CPU, workers {cfg.workers})"]
-    text = "\n".join(lines)
+              f"- whole script {summary['seconds']['total']:.0f} s (tuning jobs "
+              f"{summary['seconds']['tuning_jobs_cpu']:.0f} s CPU, evaluation jobs "
+              f"{summary['seconds']['eval_jobs_cpu']:.0f} s CPU, workers {cfg.workers})"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    """Tune, evaluate, compare; write summary.json, table.md and curves.png."""
+    cfg, paths, fams = configure(argv)
+    seeds = list(paths)
+    prov = open_run(cfg.out_dir)
+    h10 = horizons(cfg)[1]
+    timing = {"start": time.perf_counter()}
+    # the step-time benchmark first, alone on its thread (no worker competes with it)
+    bench = step_time_bench(cfg, paths[seeds[0]])
+    timing["step_time_bench"] = time.perf_counter() - timing["start"]
+    runs = tune_and_evaluate(cfg, fams, seeds, timing)
+    methods = ["learned", *cfg.baselines, DEFAULT_NAME] + ([cfg.flagship] if cfg.flagship else [])
+    fam_out, curves = family_statistics(cfg, runs, fams, methods)
+    summary = summarize(cfg, prov, fams, runs, fam_out, bench, timing)
+    text = report(cfg, summary, fams, methods)
     save_report(cfg.out_dir, text, summary)
-    plot_families(os.path.join(cfg.out_dir, "curves.png"), curves, h10,
+    plot_families(os.path.join(cfg.out_dir, "curves.png"), curves, {f: SUITE[f].role for f in curves},
                   f"mean minibatch train loss over {cfg.test_tasks} tasks ({test_split_name(cfg)}); baselines tuned "
                   f"for {h10} steps on the train loss")
     return summary
-
-
-def plot_families(path: str, curves: dict, steps: int, title: str) -> None:
-    """One panel per family: mean train loss per step (log y), one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(curves)
-    cols = min(4, n)
-    rows = int(math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    for ax, (f, cs) in zip(axes.flat, curves.items()):
-        for name, c in cs.items():
-            c = np.where(np.isfinite(c) & (c > 0), c, np.nan)
-            ax.plot(np.arange(len(c)), c, label=name, lw=2 if name == "learned" else 1)
-        ax.set_yscale("log")
-        ax.set_title(f"{f} ({SUITE[f].role})", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
