@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Tuple
 
 from .search import Axis, lr_grid
 
+
 def default_lr_axis(low: float = 1e-4, high: float = 1.0, per_decade: int = 2) -> Axis:
     """The learning-rate axis: ``per_decade`` points per decade from ``low`` to ``high``, refined later."""
     n = int(round(math.log10(high / low) * per_decade)) + 1
@@ -62,4 +63,3 @@ class TunedBaseline:
     def kwargs(self) -> Dict[str, Any]:
         """Optimizer keyword arguments."""
         return baseline_kwargs(self.hparams)
-

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..validate import check_positive_int
 
+
 def lr_grid(low: float, high: float, num: int) -> List[float]:
     """``num`` log-spaced learning rates from ``low`` to ``high``."""
     if not (0 < low < high and math.isfinite(high)):
@@ -193,4 +194,3 @@ def coordinate_search(score: Callable[[Dict[str, float]], float], axes: Sequence
             edges[a.name] = "interior"
     table = [{**json.loads(k), "score": v} for k, v in sorted(seen.items())]
     return SearchResult(dict(point), s(point), table, edges, {k: list(v) for k, v in grids.items()}, widened)
-

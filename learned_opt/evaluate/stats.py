@@ -11,6 +11,7 @@ import numpy as np
 
 from .splits import TEST_DRAW
 
+
 def robust_mean(x) -> float:
     """Mean with non-finite values counted as ``inf`` (a diverged run ranks last)."""
     x = np.asarray(x, dtype=float)

@@ -140,4 +140,3 @@ def tune_lr(make_optimizer: Callable[[float], object], family, *, grid: Sequence
                horizon_independent=controller_fn is None, cache_dir=cache_dir)[(steps, metric)]
     scores = {row["lr"]: row["score"] for row in res.table}
     return TuneResult(res.hparams["lr"], scores, res.edges["lr"] == "grid")
-
