@@ -318,7 +318,7 @@ def test_compare_checks_out_before_tuning_and_has_learned_control(tmp_path, caps
     def no_tuning(*args, **kwargs):
         raise AssertionError("tuning started before --out was checked")
 
-    monkeypatch.setattr(cli, "tune_lr", no_tuning)
+    monkeypatch.setattr(cli.compare, "tune_lr", no_tuning)
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "table.md").write_text("old")
