@@ -88,6 +88,18 @@ class _Mismatch(Exception):
     pass
 
 
+# Scalar hints -> (accepted types, refused types, conversion or None). Python counts a bool as an int, but
+# ``true`` given for a count or a rate is a mistake: int and float refuse it.
+_SCALARS = {bool: (bool, (), None), int: (int, bool, None), float: ((int, float), bool, float), str: (str, (), None)}
+
+
+def _exact(value: Any, accept, refuse, convert: Optional[Callable[[Any], Any]]) -> Any:
+    """``value`` (through ``convert`` when given) if it is an ``accept`` and not a ``refuse``; else ``_Mismatch``."""
+    if isinstance(value, refuse) or not isinstance(value, accept):
+        raise _Mismatch
+    return value if convert is None else convert(value)
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any or hint is inspect.Parameter.empty:
@@ -111,25 +123,10 @@ def _coerce(value: Any, hint: Any) -> Any:
             value = [value]  # hidden=8 means (8,)
         return tuple(_coerce(v, item) for v in value)
     if origin in _MAPPINGS or hint is dict:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise _Mismatch
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Mismatch
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _Mismatch
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise _Mismatch
-        return value
+        return _exact(value, dict, (), dict)
+    scalar = _SCALARS.get(hint) if isinstance(hint, type) else None
+    if scalar is not None:
+        return _exact(value, *scalar)
     if hint is torch.dtype:
         if isinstance(value, torch.dtype):
             return value
