@@ -6,7 +6,7 @@ another's package for them.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from torch import Tensor
 
@@ -44,10 +44,15 @@ def check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def check_choice(what: str, value: Any, known: Iterable[str]) -> None:
+    """Raise ``ValueError`` ("unknown {what} ...; known: ...") unless ``value`` is one of ``known``."""
+    if value not in known:
+        raise ValueError(f"unknown {what} {value!r}; known: {', '.join(known)}")
+
+
 def check_split(split: str) -> None:
     """Raise ``ValueError`` for a split name other than train / val / test."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    check_choice("split", split, SPLITS)
 
 
 def check_matching(grads: Sequence[Tensor], params: Sequence[Tensor]) -> None:

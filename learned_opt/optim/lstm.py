@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..validate import check_choice
 from .features import (SMALL_LEARNER, STATE_MODULE, Layout, block_width, blocks, check_layout, ema, flatten,
                        make_layout, mean_of_block_sums, preprocess_gradient, preprocess_gradient_into, segment_mean,
                        segment_mean_stable, tanh_, unflatten)
@@ -64,8 +65,7 @@ class CoordLSTM(_MetaNetwork):
                  base_lr: float = 0.01, base_momentum: float = 0.9, base_lr_range: float = 3.0,
                  base_beta2: float = 0.999, base_eps: float = 1e-8, lr_max: Optional[float] = None):
         super().__init__()
-        if base not in BASES:
-            raise ValueError(f"unknown base {base!r}; known: {', '.join(BASES)}")
+        check_choice("base", base, BASES)
         if not base_lr > 0:
             raise ValueError(f"base_lr must be > 0, got {base_lr!r}")
         if not 0 <= base_momentum < 1:
@@ -74,9 +74,8 @@ class CoordLSTM(_MetaNetwork):
             raise ValueError(f"base_beta2 must be in [0, 1), got {base_beta2!r}")
         if not base_eps > 0:
             raise ValueError(f"base_eps must be > 0, got {base_eps!r}")
-        bad = [e for e in extra_inputs if e not in EXTRA_INPUTS]
-        if bad:
-            raise ValueError(f"unknown extra input {bad[0]!r}; known: {', '.join(EXTRA_INPUTS)}")
+        for e in extra_inputs:
+            check_choice("extra input", e, EXTRA_INPUTS)
         if int(hidden) < 1 or int(layers) < 1:
             raise ValueError(f"hidden and layers must be >= 1, got hidden={hidden!r}, layers={layers!r}")
         if not preproc_p > 0:

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..validate import check_positive_int
+from ..validate import check_choice, check_positive_int
 from .supervised import MLP, SupervisedTask
 
 POOLS = ("meta", "heldout")
@@ -42,8 +42,7 @@ def _load(split_seed: int, n_val: int, n_test: int):
 
 def digits_splits(pool: str = "meta", split_seed: int = 0, n_val: int = 150, n_test: int = 150):
     """The fixed, disjoint train / val / test images of ``pool`` (float64 features in [0, 1], integer labels)."""
-    if pool not in POOLS:
-        raise ValueError(f"unknown digits pool {pool!r}; known: {', '.join(POOLS)}")
+    check_choice("digits pool", pool, POOLS)
     return _load(split_seed, n_val, n_test)[pool]
 
 
@@ -88,8 +87,7 @@ class DigitsFamily:
     pool: str = "meta"
 
     def __post_init__(self):
-        if self.pool not in POOLS:
-            raise ValueError(f"unknown digits pool {self.pool!r}; known: {', '.join(POOLS)}")
+        check_choice("digits pool", self.pool, POOLS)
 
     def __call__(self, generator: torch.Generator) -> Digits:
         """A task (its training subset, if ``n_train`` is set, drawn from ``generator``)."""

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..validate import check_positive_int
+from ..validate import check_choice, check_positive_int
 
 
 class ConvNet(nn.Module):
@@ -55,8 +55,7 @@ class RNNSequenceModel(nn.Module):
         super().__init__()
         check_positive_int("vocab", vocab)
         check_positive_int("hidden", hidden)
-        if cell not in CELLS:
-            raise ValueError(f"unknown recurrent cell {cell!r}; known: {', '.join(CELLS)}")
+        check_choice("recurrent cell", cell, CELLS)
         gates = 3 if cell == "gru" else 1
         self.hidden, self.cell = hidden, cell
         self.embed = nn.Embedding(vocab, gates * hidden)

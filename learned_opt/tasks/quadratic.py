@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..validate import check_positive_int, check_split
+from ..validate import check_choice, check_positive_int, check_split
 
 DISTRIBUTIONS = ("gaussian", "uniform")
 
@@ -35,8 +35,7 @@ class Quadratic:
                  split: bool = False):
         check_positive_int("dim", dim)
         check_positive_int("num_problems", num_problems)
-        if dist not in DISTRIBUTIONS:
-            raise ValueError(f"unknown distribution {dist!r}; known: {', '.join(DISTRIBUTIONS)}")
+        check_choice("distribution", dist, DISTRIBUTIONS)
         if not init_std >= 0:
             raise ValueError(f"init_std must be >= 0, got {init_std!r}")
         self.dim, self.num_problems, self.dist, self.init_std = dim, num_problems, dist, init_std

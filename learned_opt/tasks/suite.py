@@ -16,6 +16,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from ..validate import check_choice
 from .augment import ReparamFamily
 from .digits import DigitsFamily
 from .metanet import MetaNetFamily
@@ -96,8 +97,7 @@ SUITE: Dict[str, SuiteEntry] = {e.name: e for e in _ENTRIES}
 
 def suite_family(name: str):
     """The task family registered as ``name``."""
-    if name not in SUITE:
-        raise ValueError(f"unknown suite family {name!r}; known: {', '.join(SUITE)}")
+    check_choice("suite family", name, SUITE)
     return SUITE[name].family
 
 

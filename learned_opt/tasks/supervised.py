@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..functional import FunctionalModule
-from ..validate import check_split
+from ..validate import check_choice, check_split
 from .base import sample_minibatch
 
 ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
@@ -27,8 +27,7 @@ class MLP(nn.Sequential):
     def __init__(self, sizes: Sequence[int], activation: str = "relu", output_activation: bool = False):
         if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
             raise ValueError(f"sizes must list at least two positive widths, got {list(sizes)!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        check_choice("activation", activation, ACTIVATIONS)
         layers: List[nn.Module] = []
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(a, b))
@@ -49,8 +48,7 @@ class SupervisedTask:
     def __init__(self, module: nn.Module, data: Dict[str, Tuple[Tensor, Tensor]], loss: str = "mse",
                  batch_size: Optional[int] = None, eval_batch_size: Optional[int] = None,
                  backend: Optional[str] = None):
-        if loss not in LOSSES:
-            raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+        check_choice("loss", loss, LOSSES)
         self.fn = FunctionalModule(module, backend)
         self.data, self.loss_name = data, loss
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size

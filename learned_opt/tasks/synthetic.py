@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..validate import SPLITS, check_positive_int
+from ..validate import SPLITS, check_choice, check_positive_int
 from .metanet import MetaNetRegression
 from .models import CELLS, RNNSequenceModel, TinyTransformer, build_module
 from .supervised import SupervisedTask
@@ -46,8 +46,24 @@ def _randint(generator: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (), generator=generator))
 
 
+class _DrawnFamily:
+    """What the families whose data are drawn from the task's generator share: the task over splits that
+    ``sample`` draws (:func:`draw_splits`: train, val, test in that order) and the learner ``factory`` builds."""
+    sizes: Tuple[int, int, int]
+    batch_size: Optional[int]
+    dtype: torch.dtype
+    device: str
+    backend: Optional[str]
+
+    def _task(self, sample: Callable[[int], Tuple[Tensor, Tensor]], factory: Callable[[], nn.Module],
+              loss: str) -> SupervisedTask:
+        data = draw_splits(sample, self.sizes, self.dtype, self.device)
+        module = build_module(factory, self.dtype, self.device)
+        return SupervisedTask(module, data, loss, self.batch_size, backend=self.backend)
+
+
 @dataclass(frozen=True)
-class LinearRegressionFamily:
+class LinearRegressionFamily(_DrawnFamily):
     """``y = x w + b + noise`` with a random dimension in ``dims`` (inclusive), features of log-uniform scales in
     ``[1 / feature_scale, feature_scale]`` (ill-conditioning) and noise std uniform in ``noise``; a linear layer
     learns it under MSE."""
@@ -72,13 +88,11 @@ class LinearRegressionFamily:
             z = torch.randn((n, d), generator=generator)
             return z * scale, z @ w + b + noise * torch.randn((n, 1), generator=generator)
 
-        data = draw_splits(sample, self.sizes, self.dtype, self.device)
-        module = build_module(lambda: nn.Linear(d, 1), self.dtype, self.device)
-        return SupervisedTask(module, data, "mse", self.batch_size, backend=self.backend)
+        return self._task(sample, lambda: nn.Linear(d, 1), "mse")
 
 
 @dataclass(frozen=True)
-class LogisticRegressionFamily:
+class LogisticRegressionFamily(_DrawnFamily):
     """Gaussian-mixture classification: ``classes`` (inclusive range) unit-variance clusters in a random
     dimension from ``dims``, their means ``separation / sqrt(d)`` times a standard normal vector; a linear
     classifier learns it under cross-entropy."""
@@ -101,9 +115,7 @@ class LogisticRegressionFamily:
             y = torch.randint(c, (n,), generator=generator)
             return means[y] + torch.randn((n, d), generator=generator), y
 
-        data = draw_splits(sample, self.sizes, self.dtype, self.device)
-        module = build_module(lambda: nn.Linear(d, c), self.dtype, self.device)
-        return SupervisedTask(module, data, "cross_entropy", self.batch_size, backend=self.backend)
+        return self._task(sample, lambda: nn.Linear(d, c), "cross_entropy")
 
 
 STUDENT_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -207,10 +219,8 @@ class MarkovSequenceFamily:
     backend: Optional[str] = None
 
     def __post_init__(self):
-        if self.model not in SEQUENCE_MODELS:
-            raise ValueError(f"unknown sequence model {self.model!r}; known: {', '.join(SEQUENCE_MODELS)}")
-        if self.cell not in CELLS:
-            raise ValueError(f"unknown recurrent cell {self.cell!r}; known: {', '.join(CELLS)}")
+        check_choice("sequence model", self.model, SEQUENCE_MODELS)
+        check_choice("recurrent cell", self.cell, CELLS)
         for name in ("vocab", "order", "length"):
             check_positive_int(name, getattr(self, name))
         if self.order >= self.length:

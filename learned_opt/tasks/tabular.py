@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..validate import SPLITS
+from ..validate import SPLITS, check_choice
 from .models import build_module
 from .supervised import MLP, SupervisedTask
 
@@ -37,8 +37,7 @@ def _load(name: str, split_seed: int, val_frac: float, test_frac: float):
 def tabular_splits(name: str, split_seed: int = 0, val_frac: float = 0.2, test_frac: float = 0.2):
     """The fixed, disjoint, standardised train / val / test rows of data set ``name`` (float64 features,
     integer labels); the statistics are the training rows'."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown tabular data set {name!r}; known: {', '.join(DATASETS)}")
+    check_choice("tabular data set", name, DATASETS)
     if not (0 < val_frac and 0 < test_frac and val_frac + test_frac < 1):
         raise ValueError(f"val_frac and test_frac must be > 0 with a sum < 1, got {val_frac!r}, {test_frac!r}")
     return _load(name, split_seed, val_frac, test_frac)
@@ -58,8 +57,7 @@ class TabularFamily:
     backend: Optional[str] = None
 
     def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown tabular data set {self.dataset!r}; known: {', '.join(DATASETS)}")
+        check_choice("tabular data set", self.dataset, DATASETS)
 
     def __call__(self, generator: torch.Generator) -> SupervisedTask:
         """A task (the generator is not drawn from: the data are fixed, the init comes at ``task.init``)."""

@@ -4,10 +4,12 @@ meta-training, ``heldout`` for final test tasks only), like :class:`~learned_opt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
+from torch import nn
 
+from ..validate import check_choice
 from .digits import POOLS, digits_splits
 from .models import ConvNet, build_module
 from .supervised import MLP, SupervisedTask
@@ -22,13 +24,27 @@ def _pool_data(pool: str, split_seed: int, dtype, device, autoencode: bool):
     return data
 
 
-def _check_pool(pool: str) -> None:
-    if pool not in POOLS:
-        raise ValueError(f"unknown digits pool {pool!r}; known: {', '.join(POOLS)}")
+class _PoolFamily:
+    """What the families over one digits pool share: the pool check, and a task over the pool's fixed data (the
+    generator is not drawn from; the init comes at ``task.init``)."""
+    pool: str
+    split_seed: int
+    batch_size: Optional[int]
+    dtype: torch.dtype
+    device: str
+    backend: Optional[str]
+
+    def __post_init__(self):
+        check_choice("digits pool", self.pool, POOLS)
+
+    def _task(self, factory: Callable[[], nn.Module], loss: str, autoencode: bool) -> SupervisedTask:
+        data = _pool_data(self.pool, self.split_seed, self.dtype, self.device, autoencode=autoencode)
+        module = build_module(factory, self.dtype, self.device)
+        return SupervisedTask(module, data, loss, self.batch_size, backend=self.backend)
 
 
 @dataclass(frozen=True)
-class DigitsAutoencoderFamily:
+class DigitsAutoencoderFamily(_PoolFamily):
     """An MLP autoencoder ``64 -> hidden... -> 64`` (``activation`` after hidden layers, linear output)
     reconstructing one pool's digits under MSE; tasks differ by initialisation and data order."""
     hidden: Tuple[int, ...] = (16,)
@@ -40,18 +56,13 @@ class DigitsAutoencoderFamily:
     device: str = "cpu"
     backend: Optional[str] = None
 
-    def __post_init__(self):
-        _check_pool(self.pool)
-
     def __call__(self, generator: torch.Generator) -> SupervisedTask:
         """A task (the generator is not drawn from: the data are fixed, the init comes at ``task.init``)."""
-        data = _pool_data(self.pool, self.split_seed, self.dtype, self.device, autoencode=True)
-        module = build_module(lambda: MLP([64, *self.hidden, 64], self.activation), self.dtype, self.device)
-        return SupervisedTask(module, data, "mse", self.batch_size, backend=self.backend)
+        return self._task(lambda: MLP([64, *self.hidden, 64], self.activation), "mse", autoencode=True)
 
 
 @dataclass(frozen=True)
-class DigitsCNNFamily:
+class DigitsCNNFamily(_PoolFamily):
     """A small CNN (:class:`~learned_opt.tasks.models.ConvNet`) classifying one pool's digits (``heldout`` by
     default: the CNN is a held-out architecture); tasks differ by initialisation and data order."""
     channels: Tuple[int, int] = (8, 16)
@@ -62,11 +73,6 @@ class DigitsCNNFamily:
     device: str = "cpu"
     backend: Optional[str] = None
 
-    def __post_init__(self):
-        _check_pool(self.pool)
-
     def __call__(self, generator: torch.Generator) -> SupervisedTask:
         """A task (the generator is not drawn from: the data are fixed, the init comes at ``task.init``)."""
-        data = _pool_data(self.pool, self.split_seed, self.dtype, self.device, autoencode=False)
-        module = build_module(lambda: ConvNet(self.channels), self.dtype, self.device)
-        return SupervisedTask(module, data, "cross_entropy", self.batch_size, backend=self.backend)
+        return self._task(lambda: ConvNet(self.channels), "cross_entropy", autoencode=False)
