@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -43,6 +43,14 @@ def open_run(out_dir: str) -> Dict[str, Any]:
     prov = provenance()
     os.makedirs(out_dir, exist_ok=True)
     return prov
+
+
+def require_device(device: str) -> None:
+    """Exit with a message when ``device`` asks for CUDA on a machine without it."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("error: --device cuda requested but CUDA is not available")
 
 
 def run_main(main: Callable[[], Any]) -> None:
@@ -126,6 +134,52 @@ def parse_config(cls, presets: Dict[str, Dict[str, Any]], argv=None):
         return cls(**values)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
+
+
+def configure(cls, presets: Dict[str, Dict[str, Any]], argv=None, check: Optional[Callable] = None):
+    """The config of a script from its command line: parsed, the thread count pinned, the device checked, then
+    ``check(cfg)`` (a ``ValueError`` from it exits naming the bad setting) before any work starts."""
+    import torch
+
+    cfg = parse_config(cls, presets, argv)
+    torch.set_num_threads(cfg.threads)
+    require_device(getattr(cfg, "device", "cpu"))
+    if check is not None:
+        try:
+            check(cfg)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    return cfg
+
+
+def run_kind(cfg: ProtocolConfig) -> str:
+    """The first words of a report: whether its numbers come from the final-test split."""
+    return "FINAL-TEST" if cfg.final else "DEVELOPMENT (validation tasks, stream dev; no test task touched)"
+
+
+def fmt_hp(hp: Dict[str, float]) -> str:
+    """``lr=0.0316, momentum=0.9`` (momenta and betas in full: 0.9999999 is not 1)."""
+    return ", ".join(f"{k}={v:.3g}" if k == "lr" else f"{k}={v}" for k, v in hp.items())
+
+
+def meta_train_seed(net, family, mcfg, out_dir: str, seed: int, *, progress: bool = False,
+                    show_skipped: bool = False):
+    """Meta-train ``net`` in ``out_dir/run/seed{seed}`` (best checkpoint kept, saved as ``lopt.pt`` there) and
+    print one line; returns the net and its record (seconds, meta-steps, skipped steps, selection score)."""
+    import time
+
+    from learned_opt.meta import MetaTrainer, save_lopt
+
+    run_dir = os.path.join(out_dir, "run", f"seed{seed}")
+    trainer = MetaTrainer(net, family, mcfg, run_dir=run_dir, progress=progress)
+    t0 = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - t0
+    save_lopt(os.path.join(run_dir, "lopt.pt"), net)
+    print(f"meta-training seed {seed}: {seconds:.1f} s, {trainer.meta_step} meta-steps"
+          + (f", {trainer.skipped} skipped" if show_skipped else ""), flush=True)
+    return net, {"seed": seed, "seconds": seconds, "meta_steps": trainer.meta_step, "skipped": trainer.skipped,
+                 "select_score": trainer.best_score}
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, test_split_name, verdict, save_report)
+from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, open_run, paired,  # noqa: E402
+                    parallel_map, parse_config, require_device, run_main, test_split_name, verdict, save_report)
 
-from figures import plot_curves  # noqa: E402
+from figures import plot_curves, speedup_plot  # noqa: E402
 
 from learned_opt.control import Cosine  # noqa: E402
 from learned_opt.evaluate import (baseline_kwargs, default_lr_axis, envelope_speedup, evaluate,  # noqa: E402
@@ -207,11 +207,12 @@ def seed_job(cfg: Config, seed: int):
             "unseen_curves": {a: r.curves for a, r in unseen.items()}}
 
 
-def main(argv=None) -> dict:
+# ------------------------------------------------------------------------------------------------------ stages
+def configure(argv=None) -> Config:
+    """The config from the command line, checked before any work starts."""
     cfg = parse_config(Config, PRESETS, argv)
     torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: --device cuda requested but CUDA is not available")
+    require_device(cfg.device)
     if cfg.seeds < 1 or cfg.test_tasks < 1 or cfg.val_tasks < 1:
         sys.exit("error: --seeds, --test_tasks and --val_tasks must be >= 1")
     try:
@@ -223,13 +224,12 @@ def main(argv=None) -> dict:
         ReparamFamily(DigitsFamily(), max(cfg.augment, 1.0))
     except ValueError as e:
         sys.exit(f"error: {e}")
-    prov = provenance()  # before any output is written
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    t_start = time.perf_counter()
-    horizons = sorted(cfg.eval_horizons)
-    max_h = horizons[-1]
+    return cfg
 
-    # 1. Tuning on validation tasks only (every baseline x learner is an independent job).
+
+def tune_stage(cfg: Config, horizons: list) -> tuple:
+    """Tuning on validation tasks only (every baseline x learner is an independent job), and the warm-up + cosine
+    reference per horizon. Returns ``(tuned, refs)``."""
     jobs = [(cfg, n, "base") for n in cfg.baselines] + [(cfg, n, a) for a in cfg.unseen for n in cfg.baselines]
     tuned_list = parallel_map(tune_job, jobs, cfg.workers)
     tuned = {(n, learner): t for (_, n, learner), t in zip(jobs, tuned_list)}
@@ -241,12 +241,21 @@ def main(argv=None) -> dict:
             print(f"tuned {n:9s} {learner:9s} @ {h:5d} on {m:10s}: "
                   + ", ".join(f"{k}={v:.6g}" for k, v in tb.hparams.items())
                   + ("" if all(e != "grid" for e in tb.edges.values()) else "  (AT GRID EDGE)"))
+    return tuned, refs
 
-    # 2. Baselines on the evaluation tasks: one run per distinct tuned setting, to the longest horizon it serves.
+
+def hp_key(tb) -> tuple:
+    """A tuned setting as a hashable key."""
+    return tuple(sorted(tb.hparams.items()))
+
+
+def baseline_stage(cfg: Config, tuned: dict, refs: dict, horizons: list) -> tuple:
+    """Baselines on the evaluation tasks: one run per distinct tuned setting, to the longest horizon it serves; the
+    reference per horizon. Returns ``(base_at, base_curve, ref_at)``."""
     runs = {}  # (learner, name, hparams key) -> (steps, checkpoints)
     for (n, learner), t in tuned.items():
         for (h, m), tb in t.items():
-            key = (learner, n, tuple(sorted(tb.hparams.items())))
+            key = (learner, n, hp_key(tb))
             steps, marks = runs.get(key, (0, set()))
             runs[key] = (max(steps, h), marks | {h})
     run_keys = list(runs)
@@ -259,21 +268,27 @@ def main(argv=None) -> dict:
         ref_outs = parallel_map(eval_job, [(cfg, "base", "adam", {"lr": refs[h].hparams["lr"]}, h, (h,), h)
                                            for h in horizons], cfg.workers)
         ref_at = {h: o[0][h] for h, o in zip(horizons, ref_outs)}
+    return base_at, base_curve, ref_at
 
-    def baseline_values(learner, n, h, row):
-        """Per-task values of baseline ``n`` tuned for (h, row's tuning metric), on the row's reported metric."""
-        report, tuned_on = ROWS[row]
-        tb = tuned[(n, learner)][(h, tuned_on)]
-        return base_at[(learner, n, tuple(sorted(tb.hparams.items())))][h][report], tb
 
-    # 3. The learned optimizer, one meta-training per seed.
+def baseline_values(tuned: dict, base_at: dict, learner: str, n: str, h: int, row: str) -> tuple:
+    """Per-task values of baseline ``n`` tuned for (h, row's tuning metric), on the row's reported metric."""
+    report, tuned_on = ROWS[row]
+    tb = tuned[(n, learner)][(h, tuned_on)]
+    return base_at[(learner, n, hp_key(tb))][h][report], tb
+
+
+def meta_train_stage(cfg: Config, horizons: list) -> list:
+    """The learned optimizer, one meta-training (and evaluation) per seed."""
     per_seed = parallel_map(seed_job, [(cfg, s) for s in range(cfg.seeds)], cfg.workers)
     for s in per_seed:
         print(f"seed {s['seed']}: meta-trained in {s['meta_seconds']:.0f} s ({s['skipped']} skipped meta-steps); "
               f"train loss @{horizons[0]} {s['at'][horizons[0]]['train_loss'].mean():.4f}")
+    return per_seed
 
-    # 4. Paired statistics per horizon, row and baseline; the target compares with the baseline that is best on
-    # the evaluation tasks (the choice least favourable to the learned optimizer).
+
+def new_summary(cfg: Config, prov: dict, tuned: dict, per_seed: list) -> dict:
+    """The summary's fixed part: config, provenance, protocol, meta-training record and the tuned settings."""
     summary = {"config": asdict(cfg), "provenance": prov,
                "protocol": protocol_record(meta_training_seeds=cfg.seeds, validation_tasks=cfg.val_tasks,
                                            tuning_metric={"train": "whole-split train loss at the horizon",
@@ -291,19 +306,26 @@ def main(argv=None) -> dict:
         summary["tuned"].setdefault(learner, {})[n] = {f"{h}/{m}": {"hparams": tb.hparams, "score": tb.score,
                                                                      "edges": tb.edges}
                                                         for (h, m), tb in t.items()}
+    return summary
+
+
+def compare_stage(cfg: Config, summary: dict, tuned, base_at, refs, ref_at, per_seed, horizons) -> list:
+    """Paired statistics per horizon, row and baseline into ``summary``; the target compares with the baseline
+    that is best on the evaluation tasks (the choice least favourable to the learned optimizer). Returns the
+    table's rows."""
     rows = []
     for h in horizons:
         for row, (report, _) in ROWS.items():
             learned = np.stack([s["at"][h][report] for s in per_seed])
-            means = {n: float(baseline_values("base", n, h, row)[0].mean()) for n in cfg.baselines}
+            means = {n: float(baseline_values(tuned, base_at, "base", n, h, row)[0].mean()) for n in cfg.baselines}
             best = min(means, key=means.get)
-            comp = {n: paired(learned, baseline_values("base", n, h, row)[0]) for n in cfg.baselines}
+            comp = {n: paired(learned, baseline_values(tuned, base_at, "base", n, h, row)[0]) for n in cfg.baselines}
             summary["paired"][f"{row}_at_{h}"] = {**comp[best], "baseline": best}
             summary["paired"][f"{row}_at_{h}_all"] = comp
             summary["learned"].setdefault(str(h), {})[report] = {
                 "mean": float(learned.mean()), "per_seed_mean": learned.mean(1).tolist()}
             for n in cfg.baselines:
-                vals, tb = baseline_values("base", n, h, row)
+                vals, tb = baseline_values(tuned, base_at, "base", n, h, row)
                 summary["baselines"].setdefault(n, {}).setdefault(str(h), {})[report] = {
                     "mean": float(vals.mean()), "median": float(np.median(vals)), "hparams": tb.hparams,
                     "tuned_on": tb.metric}
@@ -314,8 +336,7 @@ def main(argv=None) -> dict:
         acc = np.stack([s["at"][h]["accuracy"] for s in per_seed])
         summary["learned"][str(h)]["accuracy"] = float(acc.mean())
         for n in cfg.baselines:
-            tb = tuned[(n, "base")][(h, "val_loss")]
-            a = base_at[("base", n, tuple(sorted(tb.hparams.items())))][h]["accuracy"]
+            a = base_at[("base", n, hp_key(tuned[(n, "base")][(h, "val_loss")]))][h]["accuracy"]
             summary["baselines"][n][str(h)]["accuracy (tuned on held-out loss)"] = float(a.mean())
         summary[f"learned_over_best_baseline_at_{h}"] = summary["paired"][f"train_at_{h}"]["ratio"]
         summary[f"test_loss_ratio_at_{h}"] = summary["paired"][f"heldout_at_{h}"]["ratio"]
@@ -326,23 +347,32 @@ def main(argv=None) -> dict:
                 "paired": paired(np.stack([s["at"][h]["train_loss"] for s in per_seed]), c)}
             rows.append([f"adam + warm-up/cosine (reference, tuned @{h})", h, "train_loss", float(c.mean()),
                          float(np.median(c)), "-"])
+    return rows
+
+
+def unseen_stage(cfg: Config, summary: dict, tuned, base_at, per_seed, rows: list) -> None:
+    """Each unseen learner: learned against its best tuned baseline per row, and accuracies, into ``summary``."""
     for a in cfg.unseen:
         summary["unseen"][a] = {}
         for row, (report, _) in ROWS.items():
             learned = np.stack([s["unseen_at"][a][cfg.horizon][report] for s in per_seed])
-            means = {n: float(baseline_values(a, n, cfg.horizon, row)[0].mean()) for n in cfg.baselines}
+            means = {n: float(baseline_values(tuned, base_at, a, n, cfg.horizon, row)[0].mean())
+                     for n in cfg.baselines}
             best = min(means, key=means.get)
-            p = paired(learned, baseline_values(a, best, cfg.horizon, row)[0])
+            p = paired(learned, baseline_values(tuned, base_at, a, best, cfg.horizon, row)[0])
             summary["unseen"][a][row] = {**p, "baseline": best}
             rows.append([f"learned on {a}", cfg.horizon, report, float(learned.mean()), float(np.median(learned)),
                          fmt_paired(p) + f" vs {best}"])
         acc = {"learned": float(np.mean([s["unseen_at"][a][cfg.horizon]["accuracy"] for s in per_seed]))}
         for n in cfg.baselines:
             tb = tuned[(n, a)][(cfg.horizon, "val_loss")]
-            acc[f"{n} (tuned on held-out loss)"] = float(
-                base_at[(a, n, tuple(sorted(tb.hparams.items())))][cfg.horizon]["accuracy"].mean())
+            acc[f"{n} (tuned on held-out loss)"] = float(base_at[(a, n, hp_key(tb))][cfg.horizon]["accuracy"].mean())
         summary["unseen"][a]["accuracy"] = acc
-    # Never above the initial loss: the mean minibatch curve over tasks, per seed.
+
+
+def stability_and_speedup(cfg: Config, summary: dict, tuned, per_seed, max_h: int) -> None:
+    """Never above the initial loss (the mean minibatch curve over tasks, per seed), divergences, and the speedup
+    over Adam tuned for each horizon (the envelope, on the whole-split train loss), into ``summary``."""
     worst = max(float((s["curves"].mean(0) / s["curves"].mean(0)[0]).max()) for s in per_seed)
     summary["max_mean_loss_over_initial"] = worst
     summary["never_above_initial_loss"] = bool(worst <= 1.0)
@@ -350,7 +380,6 @@ def main(argv=None) -> dict:
         a: max(float((s["unseen_curves"][a].mean(0) / s["unseen_curves"][a].mean(0)[0]).max()) for s in per_seed)
         for a in cfg.unseen}
     summary["diverged_runs"] = int(sum(np.sum(~np.isfinite(s["at"][max_h]["train_loss"])) for s in per_seed))
-    # Speedup over Adam tuned for each horizon (the envelope), on the whole-split train loss.
     env_h = sorted(h for h in cfg.speedup_steps if h <= max_h)
     env_runs = parallel_map(eval_job, [(cfg, "base", "adam", tuned[("adam", "base")][(h, "train_loss")].kwargs, h,
                                         (h,)) for h in env_h], cfg.workers)
@@ -361,29 +390,34 @@ def main(argv=None) -> dict:
         lk = float(np.mean([s["at"][k]["train_loss"].mean() for s in per_seed]))
         sp, bound = envelope_speedup(envelope, lk, k)
         summary["speedup_over_tuned_adam"][str(k)] = {"speedup": sp, "bound": bound, "learned_loss": lk}
-    # Targets: met only when the whole interval is at or below the bound.
+
+
+def bound_record(p: dict, bound: float) -> dict:
+    """A target: its bound, the paired ratio and interval, and the verdict (met only when the whole interval is at
+    or below the bound)."""
+    return {"bound": bound, "ratio": p["ratio"], "ci": [p["ci_low"], p["ci_high"]], "verdict": verdict(p, bound)}
+
+
+def set_targets(cfg: Config, summary: dict, horizons: list) -> None:
+    """The targets: train loss at every horizon, held-out loss at the first two, every unseen learner."""
     t = summary["targets"]
     for h, bound in ((horizons[0], 0.8), *((h, 1.0) for h in horizons[1:])):
-        p = summary["paired"][f"train_at_{h}"]
-        t[f"train_loss_at_{h}"] = {"bound": bound, "ratio": p["ratio"], "ci": [p["ci_low"], p["ci_high"]],
-                                   "verdict": verdict(p, bound)}
+        t[f"train_loss_at_{h}"] = bound_record(summary["paired"][f"train_at_{h}"], bound)
     for h in horizons[:2]:
-        p = summary["paired"][f"heldout_at_{h}"]
-        t[f"test_loss_at_{h}"] = {"bound": 1.0, "ratio": p["ratio"], "ci": [p["ci_low"], p["ci_high"]],
-                                  "verdict": verdict(p, 1.0)}
+        t[f"test_loss_at_{h}"] = bound_record(summary["paired"][f"heldout_at_{h}"], 1.0)
     for a in cfg.unseen:
-        p = summary["unseen"][a]["train"]
-        t[f"unseen_{a}"] = {"bound": 1.0, "ratio": p["ratio"], "ci": [p["ci_low"], p["ci_high"]],
-                            "verdict": verdict(p, 1.0)}
-    summary["total_seconds"] = time.perf_counter() - t_start
+        t[f"unseen_{a}"] = bound_record(summary["unseen"][a]["train"], 1.0)
 
+
+def report_text(cfg: Config, summary: dict, rows: list, horizons: list) -> str:
+    """``table.md``: every optimizer's row, the targets, per-seed ratios, speedups and stability."""
     lines = [f"Evaluation tasks: {test_split_name(cfg)}, {cfg.test_tasks} tasks"
              + (" on held-out images" if cfg.final else " (meta pool)") + f"; {cfg.seeds} meta-training seeds; "
              f"baselines tuned on {cfg.val_tasks} validation tasks per horizon and metric.", "",
              markdown_table(["optimizer", "steps", "metric", "mean", "median",
                              "learned / best (per-task ratio [95% bootstrap CI], Wilcoxon p, win rate)"], rows), "",
              "| target | bound | ratio [95% CI] | verdict |", "|---|---|---|---|"]
-    for k, v in t.items():
+    for k, v in summary["targets"].items():
         lines.append(f"| {k} | {v['bound']} | {v['ratio']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] | "
                      f"{v['verdict']} |")
     lines += ["", "- per-seed ratios of the train loss: " + "; ".join(
@@ -392,49 +426,45 @@ def main(argv=None) -> dict:
         "- speedup over Adam tuned for each horizon: " + ", ".join(
         f"{k}: {dict(lower='>', upper='<').get(v['bound'], '')}{v['speedup']:.2f}"
         for k, v in summary["speedup_over_tuned_adam"].items()),
-        f"- mean loss never above the initial loss: {summary['never_above_initial_loss']} (max ratio {worst:.3f}); "
-        f"diverged runs at {max_h} steps: {summary['diverged_runs']}; meta-training "
-        f"{np.mean(summary['meta_train_seconds']):.0f} s per seed; whole script {summary['total_seconds']:.0f} s"]
-    text = "\n".join(lines)
-    save_report(cfg.out_dir, text, summary)
+        f"- mean loss never above the initial loss: {summary['never_above_initial_loss']} (max ratio "
+        f"{summary['max_mean_loss_over_initial']:.3f}); diverged runs at {horizons[-1]} steps: "
+        f"{summary['diverged_runs']}; meta-training {np.mean(summary['meta_train_seconds']):.0f} s per seed; whole "
+        f"script {summary['total_seconds']:.0f} s"]
+    return "\n".join(lines)
+
+
+def draw_figures(cfg: Config, summary: dict, tuned, base_curve, per_seed, max_h: int) -> None:
+    """``loss_curves.png`` (up to three seeds and every tuned baseline) and ``speedup.png``."""
     curves = {f"learned ({cfg.net}, seed {s['seed']})": s["curves"] for s in per_seed[:3]}
     for n in cfg.baselines:
         tb = tuned[(n, "base")][(max_h, "train_loss")]
-        curves[f"{n} (tuned @{max_h})"] = np.broadcast_to(base_curve[("base", n, tuple(sorted(tb.hparams.items())))],
-                                                          (1, max_h + 1))
+        curves[f"{n} (tuned @{max_h})"] = np.broadcast_to(base_curve[("base", n, hp_key(tb))], (1, max_h + 1))
     plot_curves(os.path.join(cfg.out_dir, "loss_curves.png"), curves,
                 f"digits MLP 64-20-10, {cfg.test_tasks} tasks ({test_split_name(cfg)})",
                 "minibatch train loss (baselines: mean only)")
     speedup_plot(os.path.join(cfg.out_dir, "speedup.png"), summary["speedup_over_tuned_adam"], max_h)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    """Tune, meta-train, evaluate, compare; write summary.json, table.md and the figures."""
+    cfg = configure(argv)
+    prov = open_run(cfg.out_dir)
+    t_start = time.perf_counter()
+    horizons = sorted(cfg.eval_horizons)
+    max_h = horizons[-1]
+    tuned, refs = tune_stage(cfg, horizons)
+    base_at, base_curve, ref_at = baseline_stage(cfg, tuned, refs, horizons)
+    per_seed = meta_train_stage(cfg, horizons)
+    summary = new_summary(cfg, prov, tuned, per_seed)
+    rows = compare_stage(cfg, summary, tuned, base_at, refs, ref_at, per_seed, horizons)
+    unseen_stage(cfg, summary, tuned, base_at, per_seed, rows)
+    stability_and_speedup(cfg, summary, tuned, per_seed, max_h)
+    set_targets(cfg, summary, horizons)
+    summary["total_seconds"] = time.perf_counter() - t_start
+    save_report(cfg.out_dir, report_text(cfg, summary, rows, horizons), summary)
+    draw_figures(cfg, summary, tuned, base_curve, per_seed, max_h)
     return summary
-
-
-def speedup_plot(path, sp, max_h):
-    """Speedup over Adam tuned for each horizon against the learned optimizer's steps; where no tuned Adam reaches
-    the learned optimizer's loss within ``max_h`` steps the speedup is only bounded below (open triangles)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finite = [(int(k), v["speedup"]) for k, v in sp.items() if v["bound"] is None]
-    bounds = [(int(k), v["speedup"]) for k, v in sp.items() if v["bound"] == "lower"]
-    uppers = [(int(k), v["speedup"]) for k, v in sp.items() if v["bound"] == "upper"]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if finite:
-        ax.plot(*zip(*finite), "o-", label="measured (envelope of Adam tuned per horizon)")
-    if bounds:
-        ax.plot(*zip(*bounds), "^", mfc="none", ms=9, label=f"lower bound (no tuned Adam got there in {max_h} steps)")
-    if uppers:
-        ax.plot(*zip(*uppers), "v", mfc="none", ms=9, label="upper bound (tuned Adam got there sooner)")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("learned optimizer's steps")
-    ax.set_ylabel("speedup over tuned Adam")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
