@@ -142,7 +142,7 @@ def configure(cls, presets: Dict[str, Dict[str, Any]], argv=None, check: Optiona
     import torch
 
     cfg = parse_config(cls, presets, argv)
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(getattr(cfg, "threads", 1))  # scripts without a --threads flag run on one thread
     require_device(getattr(cfg, "device", "cpu"))
     if check is not None:
         try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Dict
 
@@ -27,17 +26,18 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, test_split_name, save_report)
+from common import (ProtocolConfig, configure, eval_split, fmt_hp, fmt_paired, markdown_table,  # noqa: E402
+                    meta_train_seed, open_run, parallel_map, run_kind, run_main, test_split_name, save_report)
 
 from learned_opt.control import EarlyStopping  # noqa: E402
 from learned_opt.evaluate import (BASELINE_AXES, TEST_DRAW, default_lr_axis, evaluate,  # noqa: E402
                                   make_baseline, mean_ci, paired, protocol_record, tune)
-from learned_opt.meta import MetaConfig, MetaTrainer, save_lopt  # noqa: E402
+from learned_opt.meta import MetaConfig  # noqa: E402
 from learned_opt.optim.learned import build_learned  # noqa: E402
 from learned_opt.tasks import MetaNetFamily  # noqa: E402
 
 REFERENCE = "adam (lr 1e-3)"
+REFERENCE_HP = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999}  # Adam at its usual defaults, untuned
 
 
 @dataclass
@@ -113,58 +113,38 @@ def tune_one(cfg: Config, name: str):
 
 def meta_train(cfg: Config, seed: int):
     """Meta-train seed ``seed`` on train-split tasks; returns the net (best checkpoint) and its record."""
-    net = new_net(cfg, seed)
-    run_dir = os.path.join(cfg.out_dir, "run", f"seed{seed}")
-    trainer = MetaTrainer(net, family(cfg), meta_config(cfg, seed), run_dir=run_dir)
-    t0 = time.perf_counter()
-    trainer.run()
-    seconds = time.perf_counter() - t0
-    save_lopt(os.path.join(run_dir, "lopt.pt"), net)
-    print(f"meta-training seed {seed}: {seconds:.1f} s, {trainer.meta_step} meta-steps", flush=True)
-    return net, {"seed": seed, "seconds": seconds, "meta_steps": trainer.meta_step, "skipped": trainer.skipped,
-                 "select_score": trainer.best_score}
+    return meta_train_seed(new_net(cfg, seed), family(cfg), meta_config(cfg, seed), cfg.out_dir, seed)
 
 
-def fmt_hp(hp: Dict[str, float]) -> str:
-    """``lr=0.0316, momentum=0.9`` (momenta and betas in full: 0.9999999 is not 1)."""
-    return ", ".join(f"{k}={v:.3g}" if k == "lr" else f"{k}={v}" for k, v in hp.items())
-
-
-def main(argv=None) -> dict:
-    cfg = parse_config(Config, PRESETS, argv)
-    torch.set_num_threads(cfg.threads)
-    try:
-        check(cfg)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    prov = provenance()  # before anything is written: the dirty flag describes the code, not our outputs
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    where = eval_split(cfg)
+# ------------------------------------------------------------------------------------------------------ stages
+def run_all(cfg: Config, opt) -> Dict[str, np.ndarray]:
+    """Per-task validation and test-data losses at the stop, and the stop steps, on the evaluation tasks."""
     stopper = lambda: EarlyStopping(patience=cfg.patience)  # noqa: E731 - a fresh controller per task
+    res = evaluate(family(cfg), opt, stopper, num_tasks=cfg.eval_tasks, steps=cfg.epochs, val_every=1,
+                   **eval_split(cfg))
+    return {"val": res.metric("val_loss"), "test": res.metric("test_loss"),
+            "steps": np.asarray(res.stop_steps, dtype=float)}
 
-    def run(opt) -> Dict[str, np.ndarray]:
-        """Per-task validation and test-data losses at the stop, and the stop steps, on the evaluation tasks."""
-        res = evaluate(family(cfg), opt, stopper, num_tasks=cfg.eval_tasks, steps=cfg.epochs, val_every=1,
-                       **where)
-        return {"val": res.metric("val_loss"), "test": res.metric("test_loss"),
-                "steps": np.asarray(res.stop_steps, dtype=float)}
 
-    # 1. Baselines, tuned under the same early stopping on validation tasks only (stream "tune").
+def tune_stage(cfg: Config) -> dict:
+    """Baselines, tuned under the same early stopping on validation tasks only (stream "tune")."""
     tuned = dict(zip(cfg.baselines, parallel_map(tune_one, [(cfg, n) for n in cfg.baselines], cfg.workers)))
     for name, t in tuned.items():
         print(f"tuned {name:9s}: {fmt_hp(t.hparams)} (edges {t.edges})", flush=True)
+    return tuned
 
-    # 2. Meta-train one learned optimizer per seed (checkpoints selected on validation stream "select").
-    trained = parallel_map(meta_train, [(cfg, s) for s in range(cfg.seeds)], cfg.workers)
-    meta_records = [rec for _, rec in trained]
 
-    # 3. Evaluate everything on the same evaluation tasks.
-    learned = [run(net) for net, _ in trained]
-    rows = {name: run(make_baseline(name, t.hparams)) for name, t in tuned.items()}
-    rows[REFERENCE] = run(make_baseline("adam", {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999}))
+def evaluate_stage(cfg: Config, nets: list, tuned: dict) -> tuple:
+    """Everything on the same evaluation tasks: ``(learned per seed, rows by baseline name)``."""
+    learned = [run_all(cfg, net) for net in nets]
+    rows = {name: run_all(cfg, make_baseline(name, t.hparams)) for name, t in tuned.items()}
+    rows[REFERENCE] = run_all(cfg, make_baseline("adam", REFERENCE_HP))
+    return learned, rows
 
-    # 4. Statistics: the best tuned baseline by mean test loss on these tasks (the choice that favours the
-    # baselines); learned against it and against the reference, paired per task over seeds.
+
+def statistics(cfg: Config, prov: dict, learned: list, rows: dict, tuned: dict, meta_records: list) -> dict:
+    """The best tuned baseline by mean test loss on these tasks (the choice that favours the baselines); learned
+    against it and against the reference, paired per task over seeds. Returns the summary."""
     L = np.stack([r["test"] for r in learned])  # (seeds, tasks)
     best = min(cfg.baselines, key=lambda n: (float(np.mean(rows[n]["test"])), cfg.baselines.index(n)))
     vs_best, vs_ref = paired(L, rows[best]["test"]), paired(L, rows[REFERENCE]["test"])
@@ -174,7 +154,7 @@ def main(argv=None) -> dict:
             meta_training_seeds=cfg.seeds, validation_tasks=cfg.val_tasks,
             tuning_metric="val_loss (validation-data loss at the early stop, best weights restored)",
             test_split=test_split_name(cfg), test_tasks=cfg.eval_tasks,
-            evaluation=where, reported_metric="test_loss (the task's held-out test data) at the early stop",
+            evaluation=eval_split(cfg), reported_metric="test_loss (the task's held-out test data) at the early stop",
             paired_units="tasks", early_stopping={"patience": cfg.patience, "restore_best": True},
             best_baseline_chosen_by="mean test loss at the stop on the evaluation tasks"),
         "provenance": prov,
@@ -198,15 +178,20 @@ def main(argv=None) -> dict:
         "mean_steps": float(np.mean([r["steps"] for r in learned]))}
     for name, r in rows.items():
         m, lo, hi = mean_ci(r["test"])
-        hp = tuned[name].hparams if name in tuned else {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999}
+        hp = tuned[name].hparams if name in tuned else REFERENCE_HP
         summary["optimizers"][name] = {
             "hparams": hp, "lr": hp["lr"], "test_at_stop": m, "test_ci95": [lo, hi], "ci_over": "tasks (t)",
             "val_at_stop": float(np.mean(r["val"])), "mean_steps": float(np.mean(r["steps"]))}
         if name in tuned:
             summary["optimizers"][name].update(validation_score=tuned[name].score, edges=tuned[name].edges,
                                                grid_widened=tuned[name].widened)
+    return summary
 
-    # 5. Save: the table leads with learned and the best tuned baseline, the reference last.
+
+def report_text(cfg: Config, summary: dict) -> str:
+    """``table.md``: learned and the best tuned baseline first, the reference last."""
+    best, vs_best, vs_ref = summary["best_tuned"], summary["paired"]["vs_best_tuned"], summary["paired"]["vs_adam_1e-3"]
+
     def row(name, label, p=None):
         o = summary["optimizers"][name]
         return [label, fmt_hp(o["hparams"]) if "hparams" in o else "-", o["val_at_stop"],
@@ -218,9 +203,8 @@ def main(argv=None) -> dict:
     table += [row(n, f"{n} (tuned{', best' if n == best else ''})", summary["paired_vs_each_tuned"][n])
               for n in order]
     table += [row(REFERENCE, f"{REFERENCE} (reference)", vs_ref)]
-    kind = "FINAL-TEST" if cfg.final else "DEVELOPMENT (validation tasks, stream dev; no test task touched)"
-    text = "\n".join([
-        f"{kind}: {cfg.eval_tasks} tasks, early stopping with patience {cfg.patience} on every optimizer, "
+    return "\n".join([
+        f"{run_kind(cfg)}: {cfg.eval_tasks} tasks, early stopping with patience {cfg.patience} on every optimizer, "
         f"{cfg.epochs} epochs (full batch); baselines tuned under it on {cfg.val_tasks} validation tasks.",
         "",
         f"- learned / best tuned baseline ({best}), test loss at stop: mean ratio "
@@ -236,8 +220,20 @@ def main(argv=None) -> dict:
         "- intervals: the learned row's over meta-training seeds (t), the baselines' over tasks (t); the last "
         "column is paired per task, bootstrap over seeds and tasks",
         f"- meta-training: {summary['meta_train_seconds']:.0f} s in all "
-        f"({', '.join('%.0f' % r['seconds'] for r in meta_records)} s per seed)"])
-    save_report(cfg.out_dir, text, summary)
+        f"({', '.join('%.0f' % r['seconds'] for r in summary['meta_training'])} s per seed)"])
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    """Tune, meta-train, evaluate, compare; write summary.json and table.md."""
+    cfg = configure(Config, PRESETS, argv, check)
+    prov = open_run(cfg.out_dir)
+    tuned = tune_stage(cfg)
+    # one learned optimizer per seed (checkpoints selected on validation stream "select")
+    trained = parallel_map(meta_train, [(cfg, s) for s in range(cfg.seeds)], cfg.workers)
+    learned, rows = evaluate_stage(cfg, [net for net, _ in trained], tuned)
+    summary = statistics(cfg, prov, learned, rows, tuned, [rec for _, rec in trained])
+    save_report(cfg.out_dir, report_text(cfg, summary), summary)
     return summary
 
 

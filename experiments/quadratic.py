@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Dict
 
@@ -24,14 +23,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, test_split_name, verdict, save_report)
+from common import (ProtocolConfig, configure, eval_split, fmt_hp, fmt_paired, markdown_table,  # noqa: E402
+                    meta_train_seed, open_run, parallel_map, run_kind, run_main, test_split_name, verdict,
+                    save_report)
 
 from figures import plot_curves  # noqa: E402
 
 from learned_opt.evaluate import (TEST_DRAW, default_lr_axis, evaluate, make_baseline, mean_ci,  # noqa: E402
                                   paired, protocol_record, tune_baseline)
-from learned_opt.meta import MetaConfig, MetaTrainer, save_lopt  # noqa: E402
+from learned_opt.meta import MetaConfig  # noqa: E402
 from learned_opt.optim.learned import CoordLSTM  # noqa: E402
 from learned_opt.tasks import QuadraticFamily  # noqa: E402
 
@@ -114,18 +114,9 @@ def check(cfg: Config) -> None:
 
 def meta_train(cfg: Config, seed: int):
     """Meta-train seed ``seed`` on train-split tasks; returns the net (best checkpoint) and its record."""
-    net = new_net(cfg, seed)
-    family = QuadraticFamily(cfg.dim, cfg.train_problems, device=cfg.device, split=cfg.split)
-    run_dir = os.path.join(cfg.out_dir, "run", f"seed{seed}")
-    trainer = MetaTrainer(net, family, meta_config(cfg, seed), run_dir=run_dir, progress=sys.stderr.isatty())
-    t0 = time.perf_counter()
-    trainer.run()
-    seconds = time.perf_counter() - t0
-    save_lopt(os.path.join(run_dir, "lopt.pt"), net)
-    print(f"meta-training seed {seed}: {seconds:.1f} s, {trainer.meta_step} meta-steps, "
-          f"{trainer.skipped} skipped", flush=True)
-    return net, {"seed": seed, "seconds": seconds, "meta_steps": trainer.meta_step, "skipped": trainer.skipped,
-                 "select_score": trainer.best_score}
+    return meta_train_seed(new_net(cfg, seed), QuadraticFamily(cfg.dim, cfg.train_problems, device=cfg.device,
+                                                               split=cfg.split),
+                           meta_config(cfg, seed), cfg.out_dir, seed, progress=sys.stderr.isatty(), show_skipped=True)
 
 
 def tune_one(cfg: Config, name: str, horizons) -> Dict:
@@ -136,39 +127,21 @@ def tune_one(cfg: Config, name: str, horizons) -> Dict:
                          cache_dir=os.path.join(cfg.out_dir, "tuning_cache"))
 
 
-def fmt_hp(hp: Dict[str, float]) -> str:
-    """``lr=0.0316, momentum=0.9`` (momenta and betas in full: 0.9999999 is not 1)."""
-    return ", ".join(f"{k}={v:.3g}" if k == "lr" else f"{k}={v}" for k, v in hp.items())
-
-
-def main(argv=None) -> dict:
-    cfg = parse_config(Config, PRESETS, argv)
-    torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("error: --device cuda requested but CUDA is not available")
-    try:
-        check(cfg)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    prov = provenance()  # before anything is written: the dirty flag describes the code, not our outputs
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    horizons = sorted({cfg.horizon, cfg.eval_steps})
-    eval_family = QuadraticFamily(cfg.dim, cfg.problems_per_task, device=cfg.device, split=cfg.split)
-    where = eval_split(cfg)
-    problems = cfg.eval_tasks * cfg.problems_per_task
-
-    # 1. Baselines, tuned per horizon on validation tasks only (stream "tune"), on the loss at that horizon.
+# ------------------------------------------------------------------------------------------------------ stages
+def tune_stage(cfg: Config, horizons: list) -> dict:
+    """Baselines, tuned per horizon on validation tasks only (stream "tune"), on the loss at that horizon."""
     tuned_list = parallel_map(tune_one, [(cfg, name, horizons) for name in BASELINES], cfg.workers)
     tuned = {(name, h): t[(h, "train_loss")] for name, t in zip(BASELINES, tuned_list) for h in horizons}
     for (name, h), t in tuned.items():
         print(f"tuned {name:9s} @ {h:4d} steps: {fmt_hp(t.hparams)} (edges {t.edges})", flush=True)
+    return tuned
 
-    # 2. Meta-train one CoordLSTM per seed (checkpoints selected on validation stream "select").
-    trained = parallel_map(meta_train, [(cfg, s) for s in range(cfg.seeds)], cfg.workers)
-    nets = [net for net, _ in trained]
-    meta_records = [rec for _, rec in trained]
 
-    # 3. Evaluate everything on the same evaluation tasks; per-problem losses at each horizon.
+def evaluate_stage(cfg: Config, nets: list, tuned: dict, horizons: list) -> tuple:
+    """Everything on the same evaluation tasks: per-problem losses at each horizon, and the curves of the figure.
+    Returns ``(learned per seed, baselines, curves)``."""
+    eval_family = QuadraticFamily(cfg.dim, cfg.problems_per_task, device=cfg.device, split=cfg.split)
+    where = eval_split(cfg)
     learned, learned_curves = [], []
     for net in nets:
         ctrl_fn = net.as_controller if cfg.control == "learned" else None
@@ -185,16 +158,19 @@ def main(argv=None) -> dict:
             base[name][h] = res.metric("train_loss", h)
             if h == horizons[-1]:
                 curves[f"{name} ({fmt_hp(tuned[(name, h)].hparams)})"] = res.curves
+    return learned, base, curves
 
-    # 4. Statistics: per horizon, learned against the best tuned baseline (by mean loss on these tasks: the
-    # choice that favours the baselines), paired per problem over seeds and problems.
-    summary = {
+
+def new_summary(cfg: Config, prov: dict, meta_records: list) -> dict:
+    """The summary's fixed part: config, protocol, provenance, notes and the meta-training record."""
+    return {
         "config": asdict(cfg),
         "protocol": protocol_record(
             meta_training_seeds=cfg.seeds, validation_tasks=cfg.val_tasks,
             tuning_metric="train_loss (whole-split loss at each evaluation horizon; for quadratics the loss)",
             test_split=test_split_name(cfg), test_tasks=cfg.eval_tasks,
-            evaluation=where, problems_per_task=cfg.problems_per_task, evaluation_problems=problems,
+            evaluation=eval_split(cfg), problems_per_task=cfg.problems_per_task,
+            evaluation_problems=cfg.eval_tasks * cfg.problems_per_task,
             validation_problems_per_task=cfg.problems_per_task, paired_units="problems",
             best_baseline_chosen_by="mean loss on the evaluation tasks, per horizon"),
         "provenance": prov,
@@ -211,6 +187,11 @@ def main(argv=None) -> dict:
         "per_seed": {},
         "targets": {},
     }
+
+
+def statistics(summary: dict, learned: list, base: dict, tuned: dict, meta_records: list, horizons: list) -> None:
+    """Per horizon, learned against the best tuned baseline (by mean loss on these tasks: the choice that favours
+    the baselines), paired per problem over seeds and problems; then the targets; into ``summary``."""
     L = {h: np.stack([run[h] for run in learned]) for h in horizons}  # (seeds, problems)
     summary["optimizers"]["learned"] = {
         str(h): {"mean": float(L[h].mean()), "median": float(np.median(L[h])),
@@ -253,7 +234,9 @@ def main(argv=None) -> dict:
             "verdict": "met" if p0["win_rate"] >= TARGET_WIN_RATE else "not met"},
     }
 
-    # 5. Save: table, summary, figure.
+
+def report_text(cfg: Config, summary: dict, horizons: list) -> str:
+    """``table.md``: every optimizer's mean and median loss per horizon, the paired comparisons, the targets."""
     header = ["optimizer"] + [f"{k} loss @{h}" for h in horizons for k in ("mean", "median")] + \
              [f"tuned @{h}" for h in horizons]
     rows = [["learned"] + [summary["optimizers"]["learned"][str(h)][k] for h in horizons
@@ -262,8 +245,8 @@ def main(argv=None) -> dict:
         o = summary["optimizers"][name]
         rows.append([name] + [o[str(h)][k] for h in horizons for k in ("mean", "median")]
                     + [fmt_hp(o[str(h)]["hparams"]) for h in horizons])
-    kind = "FINAL-TEST" if cfg.final else "DEVELOPMENT (validation tasks, stream dev; no test task touched)"
-    lines = [f"{kind}: {cfg.eval_tasks} tasks x {cfg.problems_per_task} problems = {problems} problems, "
+    problems = cfg.eval_tasks * cfg.problems_per_task
+    lines = [f"{run_kind(cfg)}: {cfg.eval_tasks} tasks x {cfg.problems_per_task} problems = {problems} problems, "
              f"{cfg.seeds} meta-training seed(s); baselines tuned on {cfg.val_tasks} validation tasks per "
              "horizon.", "", markdown_table(header, rows), ""]
     for h in horizons:
@@ -276,13 +259,28 @@ def main(argv=None) -> dict:
     for key, t in summary["targets"].items():
         lines.append(f"- target {key}: {t['measured']:.3f} vs bound {t['bound']}: {t['verdict']}")
     lines.append(f"- meta-training: {summary['meta_train_seconds']:.0f} s in all "
-                 f"({', '.join('%.0f' % r['seconds'] for r in meta_records)} s per seed), "
-                 f"{prov['cpus']} CPUs")
-    text = "\n".join(lines)
-    save_report(cfg.out_dir, text, summary)
+                 f"({', '.join('%.0f' % r['seconds'] for r in summary['meta_training'])} s per seed), "
+                 f"{summary['provenance']['cpus']} CPUs")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    """Tune, meta-train, evaluate, compare; write summary.json, table.md and loss_curves.png."""
+    cfg = configure(Config, PRESETS, argv, check)
+    prov = open_run(cfg.out_dir)
+    horizons = sorted({cfg.horizon, cfg.eval_steps})
+    tuned = tune_stage(cfg, horizons)
+    # one CoordLSTM per seed (checkpoints selected on validation stream "select")
+    trained = parallel_map(meta_train, [(cfg, s) for s in range(cfg.seeds)], cfg.workers)
+    meta_records = [rec for _, rec in trained]
+    learned, base, curves = evaluate_stage(cfg, [net for net, _ in trained], tuned, horizons)
+    summary = new_summary(cfg, prov, meta_records)
+    statistics(summary, learned, base, tuned, meta_records, horizons)
+    save_report(cfg.out_dir, report_text(cfg, summary, horizons), summary)
     plot_curves(os.path.join(cfg.out_dir, "loss_curves.png"), curves,
-                f"10-d quadratics, {problems} {'test' if cfg.final else 'validation (dev)'} problems "
-                f"(baselines tuned for {horizons[-1]} steps)")
+                f"10-d quadratics, {cfg.eval_tasks * cfg.problems_per_task} "
+                f"{'test' if cfg.final else 'validation (dev)'} problems (baselines tuned for {horizons[-1]} steps)")
     return summary
 
 
