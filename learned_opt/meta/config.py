@@ -1,0 +1,121 @@
+"""Meta-training settings: :class:`MetaConfig` (the experiment scripts and the CLI expose its fields as flags), the
+names its settings accept and the limit on inner steps its checks enforce.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Tuple
+
+from ..tasks.base import check_positive_int
+from .estimator import ESTIMATOR_TYPES, ESTIMATORS
+
+META_LOSSES = ("sum", "mean_log", "val", "halting")
+CONTROLS = ("none", "learned")
+VAL_METRICS = ("mean_final", "mean_log_final", "mean_log_curve", "val_at_stop")
+# Inner steps per task at most (horizons, evaluation steps). The per-step records of an unroll and an
+# evaluation's loss curves grow with the horizon, and a million steps of even the smallest task take hours on a
+# CPU: a larger number is a typo (1e12 used to exhaust memory before the first step).
+MAX_HORIZON = 1_000_000
+# Settings a resumed run may change: they decide how long it runs and how often it saves, not what it learns.
+RESUMABLE = ("iterations", "checkpoint_every", "checkpoint_seconds")
+
+
+@dataclass
+class MetaConfig:
+    """Meta-training settings (the experiment scripts expose these as flags)."""
+    horizon: int = 100
+    truncation: int = 20
+    tasks_per_step: int = 1
+    iterations: int = 100
+    meta_lr: float = 1e-3
+    clip_norm: float = 1.0
+    meta_loss: str = "sum"
+    halting_lambda: float = 0.0
+    second_order: bool = False
+    control: str = "none"  # "none": update only; "learned": the LR and stop heads drive the unroll
+    loss_ceiling: float = 10.0  # inner losses clipped at this multiple of the task's initial loss
+    curriculum: Tuple[int, ...] = ()  # horizons, each used for an equal share of the iterations
+    # horizons to draw from, uniformly and independently per meta-iteration (overrides horizon and curriculum):
+    # a task mixture meta-trained at one horizon learns one schedule; drawn horizons make it read the time features
+    sample_horizons: Tuple[int, ...] = ()
+    random_offset: bool = False
+    val_every: int = 0  # meta-iterations between validations on held-out tasks (0: never)
+    val_tasks: int = 8
+    val_horizon: int = 0  # inner steps of each validation run (0: the meta-training horizon)
+    val_metric: str = "mean_final"  # or "mean_log_final", "mean_log_curve" (every step), "val_at_stop"
+    keep_best: bool = True
+    # With a run_dir, a checkpoint every checkpoint_every meta-iterations or checkpoint_seconds of training,
+    # whichever comes first (0 turns either off; with both 0, only at the end): a killed run loses little.
+    checkpoint_every: int = 10
+    checkpoint_seconds: float = 60.0
+    # The meta-gradient estimator: "tbptt" (backprop through each truncation, through higher / torch.func),
+    # "es" (antithetic evolution strategies on each truncation, from the unperturbed state) or "pes" (persistent
+    # ES: each particle keeps its own inner state across the truncations of a task and the sum of its
+    # perturbations; unbiased across truncations). ES / PES use ``particles`` perturbations of scale ``sigma``
+    # per task and truncation and run the inner loop without a graph.
+    estimator: str = "tbptt"
+    particles: int = 8
+    sigma: float = 0.01
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad setting."""
+        check_positive_int("horizon", self.horizon)
+        check_at_most("horizon", self.horizon, MAX_HORIZON)
+        check_positive_int("truncation", self.truncation)
+        check_positive_int("tasks_per_step", self.tasks_per_step)
+        check_positive_int("iterations", self.iterations)
+        if self.truncation > self.horizon:
+            raise ValueError(f"truncation {self.truncation} is longer than the horizon {self.horizon}")
+        for h in self.curriculum:
+            check_positive_int("curriculum horizon", h)
+            check_at_most("curriculum horizon", h, MAX_HORIZON)
+        for h in self.sample_horizons:
+            check_positive_int("sampled horizon", h)
+            check_at_most("sampled horizon", h, MAX_HORIZON)
+        if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
+            raise ValueError(f"meta_lr must be a finite number > 0, got {self.meta_lr!r}")
+        if not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
+        if self.meta_loss not in META_LOSSES:
+            raise ValueError(f"unknown meta-loss {self.meta_loss!r}; known: {', '.join(META_LOSSES)}")
+        if self.control not in CONTROLS:
+            raise ValueError(f"control must be 'none' or 'learned', got {self.control!r}")
+        if self.meta_loss == "halting" and self.control != "learned":
+            raise ValueError("the halting meta-loss trains the stop head: it needs control='learned'")
+        if not self.loss_ceiling > 1:
+            raise ValueError(f"loss_ceiling must be > 1, got {self.loss_ceiling!r}")
+        if self.val_metric not in VAL_METRICS:
+            raise ValueError(f"unknown val_metric {self.val_metric!r}")
+        # Negative intervals used to pass and then act as "every iteration" (i % -1 == 0); zero validation
+        # tasks failed only at the first validation, mid-run.
+        for name in ("val_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_positive_int("val_tasks", self.val_tasks)
+        if isinstance(self.val_horizon, bool) or not isinstance(self.val_horizon, int) or self.val_horizon < 0:
+            raise ValueError(f"val_horizon must be an integer >= 0 (0: the horizon), got {self.val_horizon!r}")
+        check_at_most("val_horizon", self.val_horizon, MAX_HORIZON)
+        if isinstance(self.checkpoint_seconds, bool) or not (isinstance(self.checkpoint_seconds, (int, float))
+                                                            and 0 <= self.checkpoint_seconds < math.inf):
+            raise ValueError(f"checkpoint_seconds must be a finite number >= 0, got {self.checkpoint_seconds!r}")
+        if not (self.halting_lambda >= 0 and math.isfinite(self.halting_lambda)):
+            raise ValueError(f"halting_lambda must be a finite number >= 0, got {self.halting_lambda!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}")
+        check_positive_int("particles", self.particles)
+        if self.particles % 2:
+            raise ValueError(f"particles must be an even integer >= 2 (antithetic pairs), got {self.particles!r}")
+        if isinstance(self.sigma, bool) or not (isinstance(self.sigma, (int, float)) and 0 < self.sigma < math.inf):
+            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        if self.meta_loss == "halting" and not ESTIMATOR_TYPES[self.estimator].supports_halting:
+            raise ValueError("the halting meta-loss needs estimator='tbptt' (its survival state is not carried per "
+                             "ES / PES particle)")
+
+
+def check_at_most(name: str, value: int, limit: int) -> None:
+    """Raise ``ValueError`` naming ``name`` when ``value`` exceeds ``limit`` (:data:`MAX_HORIZON` says why)."""
+    if value > limit:
+        raise ValueError(f"{name} {value} exceeds the maximum of {limit} inner steps")
