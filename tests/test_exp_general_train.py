@@ -26,7 +26,7 @@ def test_smoke_trains_every_seed_chooses_on_validation_and_ships(tmp_path, monke
         return real(family, *a, **kw)
 
     monkeypatch.setattr(general_train, "evaluate", spy)
-    monkeypatch.setattr("learned_opt.meta.evaluate", spy)
+    monkeypatch.setattr("learned_opt.meta.trainer.evaluate", spy)
     out, ship = tmp_path / "train", tmp_path / "catalogue"
     summary = general_train.main(["--preset", "smoke", "--workers", "1", "--out_dir", str(out), "--ship", "true",
                                   "--ship_dir", str(ship)])

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import learned_opt.evaluate as evaluate_mod
-import learned_opt.meta as meta_mod
+import learned_opt.meta.trainer as meta_mod
 from tests.test_experiments import ROOT, run_script
 
 PROTOCOL_KEYS = ("meta_training_seeds", "validation_tasks", "ci", "tuning_metric", "test_split")

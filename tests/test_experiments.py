@@ -71,7 +71,7 @@ def test_digits_development_run_touches_no_test_task_and_tuning_only_validation_
     monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
     monkeypatch.setenv("WANDB_MODE", "disabled")
     import digits
-    import learned_opt.meta as meta
+    import learned_opt.meta.trainer as meta
 
     seen = _spy_task_splits(monkeypatch)
     monkeypatch.setattr(digits, "evaluate", __import__("learned_opt.evaluate.tuning", fromlist=["x"]).evaluate)

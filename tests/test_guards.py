@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import learned_opt.meta as meta
+import learned_opt.meta.update as meta
 from learned_opt.meta import MetaConfig, MetaTrainer
 from learned_opt.optim.learned import CoordLSTM
 from learned_opt.tasks import DigitsFamily, QuadraticFamily

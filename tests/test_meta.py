@@ -601,7 +601,7 @@ def test_meta_config_defaults_are_valid():
 
 @pytest.mark.parametrize("val_horizon, expected", [(0, 6), (17, 17)])
 def test_validation_runs_for_val_horizon_steps(monkeypatch, val_horizon, expected):
-    import learned_opt.meta as meta
+    import learned_opt.meta.trainer as meta
 
     seen = []
     real = meta.evaluate
@@ -620,7 +620,7 @@ def test_mean_log_curve_validation_scores_every_step(monkeypatch):
     # a run that ends low but spends most steps high must score worse than one that is low throughout
     import numpy as np
 
-    import learned_opt.meta as meta
+    import learned_opt.meta.trainer as meta
 
     class Fake:
         def __init__(self, curves):

@@ -55,7 +55,7 @@ def test_pes_equals_es_on_a_tasks_first_truncation():
 
 
 def test_pes_carries_particle_states_and_sums_across_truncations(monkeypatch):
-    import learned_opt.meta as meta
+    import learned_opt.meta.es as meta
     weights = []
     real = meta.antithetic_sum
     monkeypatch.setattr(meta, "antithetic_sum", lambda losses, w, sigma: (weights.append(w.clone()),
