@@ -62,8 +62,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ProtocolConfig, eval_split, open_run, paired, parallel_map, parse_config,  # noqa: E402
-                    run_main, test_split_name)
+from common import (ProtocolConfig, configure, eval_split, open_run, paired, parallel_map,  # noqa: E402
+                    parse_config, run_main, test_split_name)  # noqa: F401  (parse_config: the tests build configs)
 from control_report import (BASES, REFERENCE, SCHEDULES, SELECT_STREAM, ablation_statistics,  # noqa: E402, F401
                             choose_stop_setting, lr_statistics, report, setting, short, stacked, steps_saved,
                             stop_statistics, summarize)
@@ -316,14 +316,6 @@ def check(cfg: Config) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def configure(argv=None) -> Config:
-    """The config from the command line, checked; the thread count pinned."""
-    cfg = parse_config(Config, PRESETS, argv)
-    torch.set_num_threads(cfg.threads)
-    check(cfg)
-    return cfg
-
-
 def tune_stage(cfg: Config, seconds: Dict[str, float]) -> tuple:
     """Tuning, on validation tasks only: Adam's rate for the stopping experiments, every schedule x base.
     Returns ``(adam_tuned, tuned, const_lr)``."""
@@ -470,7 +462,7 @@ def lr_traces(cfg: Config, seeds: List[int], lr_ctrls, tuned, const_lr) -> Dict[
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     """Tune, meta-train, choose the stop setting, evaluate, report; returns the summary."""
-    cfg = configure(argv)
+    cfg = configure(Config, PRESETS, argv, check)
     prov = open_run(cfg.out_dir)
     t_start = time.perf_counter()
     seconds: Dict[str, float] = {}

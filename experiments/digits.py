@@ -36,8 +36,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, open_run, paired,  # noqa: E402
-                    parallel_map, parse_config, require_device, run_main, test_split_name, verdict, save_report)
+from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_table, open_run,  # noqa: E402
+                    paired, parallel_map, run_main, test_split_name, verdict, save_report)
 
 from figures import plot_curves, speedup_plot  # noqa: E402
 
@@ -208,23 +208,16 @@ def seed_job(cfg: Config, seed: int):
 
 
 # ------------------------------------------------------------------------------------------------------ stages
-def configure(argv=None) -> Config:
-    """The config from the command line, checked before any work starts."""
-    cfg = parse_config(Config, PRESETS, argv)
-    torch.set_num_threads(cfg.threads)
-    require_device(cfg.device)
+def check(cfg: Config) -> None:
+    """Raise ``ValueError`` naming the first bad setting, before any work starts."""
     if cfg.seeds < 1 or cfg.test_tasks < 1 or cfg.val_tasks < 1:
-        sys.exit("error: --seeds, --test_tasks and --val_tasks must be >= 1")
-    try:
-        build_learned(cfg.net, **net_args(cfg))
-        meta_config(cfg, 0).validate()
-        bad = [a for a in cfg.unseen if a not in UNSEEN]
-        if bad:
-            raise ValueError(f"unknown unseen learner {bad[0]!r}; known: {', '.join(UNSEEN)}")
-        ReparamFamily(DigitsFamily(), max(cfg.augment, 1.0))
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    return cfg
+        raise ValueError("--seeds, --test_tasks and --val_tasks must be >= 1")
+    build_learned(cfg.net, **net_args(cfg))
+    meta_config(cfg, 0).validate()
+    bad = [a for a in cfg.unseen if a not in UNSEEN]
+    if bad:
+        raise ValueError(f"unknown unseen learner {bad[0]!r}; known: {', '.join(UNSEEN)}")
+    ReparamFamily(DigitsFamily(), max(cfg.augment, 1.0))
 
 
 def tune_stage(cfg: Config, horizons: list) -> tuple:
@@ -448,7 +441,7 @@ def draw_figures(cfg: Config, summary: dict, tuned, base_curve, per_seed, max_h:
 # -------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     """Tune, meta-train, evaluate, compare; write summary.json, table.md and the figures."""
-    cfg = configure(argv)
+    cfg = configure(Config, PRESETS, argv, check)
     prov = open_run(cfg.out_dir)
     t_start = time.perf_counter()
     horizons = sorted(cfg.eval_horizons)

@@ -42,9 +42,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, paired, parallel_map,  # noqa: E402
-                    parse_config, provenance, run_main, save_report, test_split_name, write_json, LOSS_FLOOR,
+from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_table, open_run,  # noqa: E402
+                    paired, parallel_map, run_main, save_report, test_split_name, verdict, write_json, LOSS_FLOOR,
                     floored)
+from figures import horizon_plot  # noqa: E402
 
 from learned_opt.evaluate import default_lr_axis, evaluate, tune  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer, load_lopt, save_lopt  # noqa: E402
@@ -97,10 +98,12 @@ PRESETS = {
 
 
 def train_dir(cfg: Config) -> str:
+    """Where the meta-training runs live (shared by the development and final runs)."""
     return cfg.train_dir or os.path.join(cfg.out_dir, "train")
 
 
 def meta_family(cfg: Config):
+    """The meta-training tasks: the meta image pool, reparametrised per tensor when ``augment > 1``."""
     fam = DigitsFamily(pool="meta")
     return ReparamFamily(fam, cfg.augment) if cfg.augment > 1 else fam
 
@@ -111,12 +114,14 @@ def eval_family(cfg: Config):
 
 
 def new_net(cfg: Config, seed: int):
+    """The NormMLP of ``seed``, its horizon features off (its initial weights drawn from ``seed``)."""
     torch.manual_seed(seed)  # the same initial meta-weights for both estimators of a seed
     return build_learned("norm_mlp", hidden=cfg.hidden, init_lr=cfg.init_lr, lr_bound=cfg.lr_bound,
                          horizon_dropout=1.0)  # never told the horizon: 10x and 25x are extrapolation in time
 
 
 def meta_config(cfg: Config, estimator: str, seed: int) -> MetaConfig:
+    """Meta-training settings of one (estimator, seed); only ``estimator`` differs between the two."""
     return MetaConfig(horizon=cfg.horizon, truncation=cfg.truncation, iterations=cfg.iterations, meta_lr=cfg.meta_lr,
                       meta_loss="mean_log", second_order=cfg.second_order, control="learned",
                       val_every=cfg.meta_val_every, val_tasks=cfg.meta_val_tasks, val_horizon=cfg.horizon,
@@ -125,6 +130,7 @@ def meta_config(cfg: Config, estimator: str, seed: int) -> MetaConfig:
 
 
 def lopt_path(cfg: Config, estimator: str, seed: int) -> str:
+    """The meta-trained weights of one (estimator, seed)."""
     return os.path.join(train_dir(cfg), f"{estimator}_seed{seed}", "lopt.pt")
 
 
@@ -144,6 +150,7 @@ def train_job(cfg: Config, estimator: str, seed: int) -> dict:
 
 
 def eval_steps(cfg: Config) -> list:
+    """The evaluation horizons: every multiple of the meta-training horizon."""
     return [m * cfg.horizon for m in cfg.multiples]
 
 
@@ -162,6 +169,7 @@ def tune_job(cfg: Config) -> dict:
 
 
 def learned_eval_job(cfg: Config, estimator: str, seed: int) -> dict:
+    """One meta-trained network on the evaluation tasks, one run to the longest horizon."""
     torch.set_num_threads(1)
     net = load_lopt(lopt_path(cfg, estimator, seed))
     steps = eval_steps(cfg)
@@ -171,6 +179,7 @@ def learned_eval_job(cfg: Config, estimator: str, seed: int) -> dict:
 
 
 def adam_eval_job(cfg: Config, steps: int, lr: float) -> dict:
+    """Adam at its rate tuned for ``steps`` on the evaluation tasks."""
     torch.set_num_threads(1)
     res = evaluate(eval_family(cfg), get_optimizer("adam", lr=lr), None, num_tasks=cfg.test_tasks, steps=steps,
                    checkpoints=[0], **eval_split(cfg))
@@ -215,39 +224,33 @@ def merge_estimators_summary(path: str, keys: dict, targets: dict, pointer: str)
     write_json(path, summary)
 
 
-def main(argv=None) -> dict:
-    cfg = parse_config(Config, PRESETS, argv)
-    torch.set_num_threads(1)
+# ------------------------------------------------------------------------------------------------------ stages
+def check(cfg: Config) -> None:
+    """Exit with a message naming the first bad setting, before any work starts."""
     if cfg.val_tasks:
         sys.exit("error: --val_tasks is not used; --tune_tasks says how many validation tasks tune Adam")
     if min(cfg.seeds, cfg.tune_tasks, cfg.test_tasks, cfg.iterations) < 1:
         sys.exit("error: --seeds, --tune_tasks, --test_tasks and --iterations must be >= 1")
     if not cfg.multiples or cfg.multiples[0] != 1 or list(cfg.multiples) != sorted(set(cfg.multiples)):
         sys.exit("error: --multiples must be increasing integers starting at 1")
-    prov = provenance()
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    t0 = time.time()
-    seeds = list(range(cfg.seeds))
-    steps = eval_steps(cfg)
-    ten = 10 if 10 in cfg.multiples else cfg.multiples[len(cfg.multiples) // 2]
-    last = cfg.multiples[-1]
 
-    # 1. meta-training (the expensive PES runs first, so that the workers finish together), then Adam's tuning
-    jobs = [("pes", s) for s in seeds] + [("tbptt", s) for s in seeds]
+
+def train_tune_evaluate(cfg: Config, jobs: list) -> tuple:
+    """Meta-training (the expensive PES runs first, so that the workers finish together) and Adam's tuning in one
+    pool, then every evaluation on the same tasks. Returns ``(train, tuned, learned, adam)``."""
     out = parallel_map(run_job, [("train", cfg, e, s) for e, s in jobs] + [("tune", cfg)], cfg.workers,
                        context="spawn")
     train, tuned = out[:-1], out[-1]
-    # 2. evaluation on the same tasks
     out = parallel_map(run_job, [("learned", cfg, e, s) for e, s in jobs]
-                       + [("adam", cfg, h, tuned[h]["lr"]) for h in steps], cfg.workers, context="spawn")
-    learned, adam = out[:len(jobs)], out[len(jobs):]
-    L = {e: {h: np.stack([np.asarray(r["at"][h], float) for (ee, _), r in zip(jobs, learned) if ee == e])
-             for h in [0, *steps]} for e in ESTIMATORS}  # (seeds, tasks)
-    A = {h: np.asarray(r["at"][h], float) for h, r in zip(steps, adam)}
-    A0 = np.asarray(adam[0]["at"][0], float)
+                       + [("adam", cfg, h, tuned[h]["lr"]) for h in eval_steps(cfg)], cfg.workers, context="spawn")
+    return train, tuned, out[:len(jobs)], out[len(jobs):]
 
+
+def per_horizon(cfg: Config, L: dict, A: dict, tuned: dict) -> tuple:
+    """Per measured multiple: each estimator against tuned Adam, PES over TBPTT (paired per task), divergences
+    and mean losses; returns ``(records by multiple, table rows)``."""
     per_h, rows = {}, []
-    for m, h in zip(cfg.multiples, steps):
+    for m, h in zip(cfg.multiples, eval_steps(cfg)):
         rec = {"steps": h}
         for e in ESTIMATORS:
             rec[f"{e}_vs_tuned_adam"] = paired(floored(L[e][h]), floored(A[h]))
@@ -261,95 +264,100 @@ def main(argv=None) -> dict:
                      f"{rec['tbptt_mean_loss']:.3g}", f"{rec['pes_mean_loss']:.3g}",
                      fmt_paired(rec["tbptt_vs_tuned_adam"]), fmt_paired(rec["pes_vs_tuned_adam"]),
                      fmt_paired(rec["pes_over_tbptt"]), f"{rec['tbptt_divergences']} / {rec['pes_divergences']}"])
-    breaks = {e: [[break_multiple(cfg, {h: L[e][h][i] for h in steps}, t) for t in range(cfg.test_tasks)]
-                  for i in range(cfg.seeds)] for e in ESTIMATORS}
-    cost = {e: {"train_seconds_per_seed": [r["train_seconds"] for (ee, _), r in zip(jobs, train) if ee == e],
-                "inner_steps_per_seed": train[[ee for ee, _ in jobs].index(e)]["inner_steps"],
-                "meta_steps_per_seed": train[[ee for ee, _ in jobs].index(e)]["meta_steps"],
-                "skipped": sum(r["skipped"] for (ee, _), r in zip(jobs, train) if ee == e)} for e in ESTIMATORS}
+    return per_h, rows
 
+
+def targets_of(cfg: Config, per_h: dict, ten: int, last: int) -> dict:
+    """The issue's two targets: PES over TBPTT at 10x (whole interval at or below the bound), no PES divergence
+    at the longest horizon."""
     key = per_h[ten]["pes_over_tbptt"]
     divergences = per_h[last]["pes_divergences"]
-    targets = {
+    return {
         f"pes_over_tbptt_loss_at_{ten}x": {**{k: key[k] for k in ("ratio", "ci_low", "ci_high", "wilcoxon_p",
                                                                    "win_rate")},
                                             "bound": cfg.target_ratio_10x, "value": key["ratio"],
                                             "over": f"{cfg.seeds} seeds x {cfg.test_tasks} tasks, paired per task",
-                                            "verdict": "met" if key["ci_high"] <= cfg.target_ratio_10x else (
-                                                "not met" if key["ci_low"] > cfg.target_ratio_10x
-                                                else "not met (interval crosses the bound)")},
+                                            "verdict": verdict(key, cfg.target_ratio_10x)},
         f"pes_divergences_at_{last}x": {"bound": 0, "value": divergences,
                                         "over": f"{cfg.seeds * cfg.test_tasks} runs",
                                         "verdict": "met" if divergences == 0 else "not met"},
     }
-    summary = {
-        "config": asdict(cfg), "provenance": prov, "evaluated_on": test_split_name(cfg),
-        "task": "64-20-10 sigmoid MLP on 8x8 digits; meta-training and tuning on the meta image pool, "
-                + ("final tasks on the held-out image pool" if cfg.final else "development tasks on the meta pool"),
-        "meta_network": "norm_mlp (horizon features off)", "per_multiple": per_h, "tuned_adam": tuned,
-        "break_multiple": breaks, "break_factor": BREAK_FACTOR, "meta_training": cost, "train_runs": train,
-        f"pes_over_tbptt_loss_at_{ten}x": key["ratio"], f"pes_divergences_at_{last}x": divergences,
-        "targets": targets, "loss_floor": LOSS_FLOOR, "wall_seconds": time.time() - t0,
-        # the raw per-task whole-training-split losses (seeds x tasks; Adam: tasks), at step 0 and every horizon
-        "losses": {**{e: {h: L[e][h].tolist() for h in L[e]} for e in ESTIMATORS},
-                   "tuned_adam": {h: A[h].tolist() for h in steps}, "initial": A0.tolist()},
-    }
+
+
+def fmt_breaks(b: list, last: int) -> str:
+    """Where runs break, in words: how many never do within ``last``x, and the multiples of the others."""
+    flat = [x for row in b for x in row]
+    never = sum(math.isinf(x) for x in flat)
+    return f"never within {last}x on {never} of {len(flat)} runs" + (
+        f"; the others at {', '.join(f'{x:g}x' for x in sorted(x for x in flat if math.isfinite(x)))}"
+        if never < len(flat) else "")
+
+
+def report_text(cfg: Config, summary: dict, rows: list, ten: int, last: int) -> str:
+    """``table.md``: per horizon, the losses and paired ratios; the targets; where runs break; the cost."""
+    targets, breaks, cost = summary["targets"], summary["break_multiple"], summary["meta_training"]
+    key = summary["per_multiple"][ten]["pes_over_tbptt"]
     table = markdown_table(["horizon", "tuned Adam loss", "TBPTT loss", "PES loss", "TBPTT / tuned Adam",
                             "PES / tuned Adam", "PES / TBPTT", "diverged (TBPTT / PES)"], rows)
-
-    def fmt_breaks(b):
-        flat = [x for row in b for x in row]
-        never = sum(math.isinf(x) for x in flat)
-        return f"never within {last}x on {never} of {len(flat)} runs" + (
-            f"; the others at {', '.join(f'{x:g}x' for x in sorted(x for x in flat if math.isfinite(x)))}"
-            if never < len(flat) else "")
-
     cost_rows = [[e, f"{cost[e]['inner_steps_per_seed']:,}", cost[e]["meta_steps_per_seed"],
                   f"{np.mean(cost[e]['train_seconds_per_seed']) / 60:.1f}", cost[e]["skipped"]] for e in ESTIMATORS]
-    text = (f"Horizon generalisation ({summary['evaluated_on']}): NormMLP meta-trained on digits-MLP runs of "
+    return (f"Horizon generalisation ({summary['evaluated_on']}): NormMLP meta-trained on digits-MLP runs of "
             f"{cfg.horizon} steps (truncation {cfg.truncation}, {cfg.iterations} runs per seed, {cfg.seeds} seeds; "
             f"PES {cfg.particles} particles, sigma {cfg.sigma}), {cfg.test_tasks} tasks per seed; whole-training-"
             f"split loss (losses below {LOSS_FLOOR:g} count as {LOSS_FLOOR:g} in ratios); Adam tuned per horizon on "
             f"{cfg.tune_tasks} validation tasks.\n\n{table}\n\n"
             f"- target pes_over_tbptt_loss_at_{ten}x <= {cfg.target_ratio_10x}: {key['ratio']:.3g} "
             f"[{key['ci_low']:.3g}, {key['ci_high']:.3g}]: {targets[f'pes_over_tbptt_loss_at_{ten}x']['verdict']}\n"
-            f"- target pes_divergences_at_{last}x = 0: {divergences}: "
+            f"- target pes_divergences_at_{last}x = 0: {summary[f'pes_divergences_at_{last}x']}: "
             f"{targets[f'pes_divergences_at_{last}x']['verdict']}\n"
-            f"- where runs break (loss above {BREAK_FACTOR:g}x its loss at 1x): TBPTT {fmt_breaks(breaks['tbptt'])}; "
-            f"PES {fmt_breaks(breaks['pes'])}\n\nMeta-training cost per seed:\n\n"
-            + markdown_table(["estimator", "inner steps", "meta-updates", "CPU minutes (1 thread)",
-                              "skipped meta-steps"], cost_rows) + "\n")
-    save_report(cfg.out_dir, text, summary)
+            f"- where runs break (loss above {BREAK_FACTOR:g}x its loss at 1x): TBPTT "
+            f"{fmt_breaks(breaks['tbptt'], last)}; PES {fmt_breaks(breaks['pes'], last)}\n\nMeta-training cost per "
+            "seed:\n\n" + markdown_table(["estimator", "inner steps", "meta-updates", "CPU minutes (1 thread)",
+                                          "skipped meta-steps"], cost_rows) + "\n")
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    """Meta-train with both estimators, tune Adam, evaluate past the horizon, compare; write the outputs."""
+    cfg = configure(Config, PRESETS, argv, check)
+    prov = open_run(cfg.out_dir)
+    t0 = time.time()
+    seeds, steps = list(range(cfg.seeds)), eval_steps(cfg)
+    ten = 10 if 10 in cfg.multiples else cfg.multiples[len(cfg.multiples) // 2]
+    last = cfg.multiples[-1]
+    jobs = [("pes", s) for s in seeds] + [("tbptt", s) for s in seeds]
+    train, tuned, learned, adam = train_tune_evaluate(cfg, jobs)
+    L = {e: {h: np.stack([np.asarray(r["at"][h], float) for (ee, _), r in zip(jobs, learned) if ee == e])
+             for h in [0, *steps]} for e in ESTIMATORS}  # (seeds, tasks)
+    A = {h: np.asarray(r["at"][h], float) for h, r in zip(steps, adam)}
+    A0 = np.asarray(adam[0]["at"][0], float)
+    per_h, rows = per_horizon(cfg, L, A, tuned)
+    breaks = {e: [[break_multiple(cfg, {h: L[e][h][i] for h in steps}, t) for t in range(cfg.test_tasks)]
+                  for i in range(cfg.seeds)] for e in ESTIMATORS}
+    cost = {e: {"train_seconds_per_seed": [r["train_seconds"] for (ee, _), r in zip(jobs, train) if ee == e],
+                "inner_steps_per_seed": train[[ee for ee, _ in jobs].index(e)]["inner_steps"],
+                "meta_steps_per_seed": train[[ee for ee, _ in jobs].index(e)]["meta_steps"],
+                "skipped": sum(r["skipped"] for (ee, _), r in zip(jobs, train) if ee == e)} for e in ESTIMATORS}
+    targets = targets_of(cfg, per_h, ten, last)
+    summary = {
+        "config": asdict(cfg), "provenance": prov, "evaluated_on": test_split_name(cfg),
+        "task": "64-20-10 sigmoid MLP on 8x8 digits; meta-training and tuning on the meta image pool, "
+                + ("final tasks on the held-out image pool" if cfg.final else "development tasks on the meta pool"),
+        "meta_network": "norm_mlp (horizon features off)", "per_multiple": per_h, "tuned_adam": tuned,
+        "break_multiple": breaks, "break_factor": BREAK_FACTOR, "meta_training": cost, "train_runs": train,
+        f"pes_over_tbptt_loss_at_{ten}x": per_h[ten]["pes_over_tbptt"]["ratio"],
+        f"pes_divergences_at_{last}x": per_h[last]["pes_divergences"],
+        "targets": targets, "loss_floor": LOSS_FLOOR, "wall_seconds": time.time() - t0,
+        # the raw per-task whole-training-split losses (seeds x tasks; Adam: tasks), at step 0 and every horizon
+        "losses": {**{e: {h: L[e][h].tolist() for h in L[e]} for e in ESTIMATORS},
+                   "tuned_adam": {h: A[h].tolist() for h in steps}, "initial": A0.tolist()},
+    }
+    save_report(cfg.out_dir, report_text(cfg, summary, rows, ten, last), summary)
     if cfg.final:  # only the reported run's numbers go into the issue's summary
         merge_estimators_summary(cfg.estimators_summary, {k: summary[k] for k in targets}, targets,
                                  os.path.join(cfg.out_dir, "summary.json"))
-    plot(os.path.join(cfg.out_dir, "curves.png"), cfg, learned, jobs, adam, steps)
+    horizon_plot(os.path.join(cfg.out_dir, "curves.png"), cfg.horizon, learned, jobs, adam, steps)
     return summary
-
-
-def plot(path, cfg, learned, jobs, adam, steps) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = {"tbptt": "tab:blue", "pes": "tab:red"}
-    for (e, s), r in zip(jobs, learned):
-        c = r["curve"]
-        ax.plot(np.asarray(c["step"]) + 1, np.exp(c["mean_log_loss"]), color=colours[e], alpha=0.7,
-                label=f"{e.upper()} (seeds)" if s == 0 else None)
-    c = adam[-1]["curve"]
-    ax.plot(np.asarray(c["step"]) + 1, np.exp(c["mean_log_loss"]), color="k", ls="--",
-            label=f"Adam tuned for {steps[-1]} steps")
-    ax.axvline(cfg.horizon, color="grey", lw=1, ls=":")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("inner step (dotted: the meta-training horizon)")
-    ax.set_ylabel("minibatch loss (geometric mean over tasks)")
-    ax.set_title("digits MLP: TBPTT- vs PES-meta-trained NormMLP past the horizon")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

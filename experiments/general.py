@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (ProtocolConfig, eval_split, fmt_paired, markdown_table, open_run, paired,  # noqa: E402
-                    parallel_map, parse_config, run_main, test_split_name, save_report, floored)
+from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_table, open_run,  # noqa: E402
+                    paired, parallel_map, run_main, test_split_name, save_report, floored)
 from figures import plot_families  # noqa: E402
 from stats_common import diverged, gmean_ratio, interval, target  # noqa: E402
 
@@ -251,11 +251,8 @@ class Runs:
 
 
 # ---------------------------------------------------------------------------------------------------- stages
-def configure(argv=None) -> tuple:
-    """The checked config, the meta-trained seeds' ``{seed: lopt path}`` and the evaluated families."""
-    cfg = parse_config(Config, PRESETS, argv)
-    torch.set_num_threads(1)
-    fams = family_names(cfg)
+def check(cfg: Config) -> None:
+    """Exit with a message naming the first bad setting, before any work starts."""
     bad = [f for f in cfg.families if f not in SUITE]
     if bad:
         sys.exit(f"error: unknown suite family {bad[0]!r}; known: {', '.join(SUITE)}")
@@ -267,6 +264,12 @@ def configure(argv=None) -> tuple:
                  "--bench_steps must be >= 1")
     if "adam" not in cfg.baselines:
         sys.exit("error: the targets compare with tuned Adam: --baselines must include adam")
+
+
+def configure_run(argv=None) -> tuple:
+    """The checked config, the meta-trained seeds' ``{seed: lopt path}`` and the evaluated families."""
+    cfg = configure(Config, PRESETS, argv, check)
+    fams = family_names(cfg)
     paths = seed_paths(cfg.train_dir)
     if len(paths) < cfg.seeds:
         sys.exit(f"error: {cfg.train_dir} holds {len(paths)} meta-trained seeds (seed{{N}}/lopt.pt), fewer than "
@@ -472,7 +475,7 @@ def report(cfg: Config, summary: dict, fams: tuple, methods: list) -> str:
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     """Tune, evaluate, compare; write summary.json, table.md and curves.png."""
-    cfg, paths, fams = configure(argv)
+    cfg, paths, fams = configure_run(argv)
     seeds = list(paths)
     prov = open_run(cfg.out_dir)
     h10 = horizons(cfg)[1]
