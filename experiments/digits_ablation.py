@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import markdown_table, parallel_map, parse_config, provenance, run_main, write_json  # noqa: E402
+from common import markdown_table, parallel_map, parse_config, provenance, run_main, save_report  # noqa: E402
 from digits import UNSEEN  # noqa: E402
 
 from learned_opt.evaluate import evaluate  # noqa: E402
@@ -103,6 +103,7 @@ def variant_job(cfg: Config, name: str, seed: int, ref, ref_unseen) -> dict:
 
 
 def main(argv=None) -> dict:
+    """Run the experiment; write summary.json and table.md."""
     cfg = parse_config(Config, PRESETS, argv)
     torch.set_num_threads(1)
     prov = provenance()
@@ -115,14 +116,10 @@ def main(argv=None) -> dict:
     cols = list(next(iter(results.values()))[0])
     rows = [[name, *(" / ".join(f"{r[k]:.2f}" for r in rs) for k in cols)] for name, rs in results.items()]
     table = markdown_table(["configuration (seeds separated by /)", *cols], rows)
-    print(table)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "table.md"), "w") as f:
-        f.write(table + "\n")
     summary = {"config": asdict(cfg), "provenance": prov,
                "reference": "adam lr 0.1, same validation tasks (stream 'ablation'); mean per-task ratio of the "
                             "whole-training-set loss", "ratios": results}
-    write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    save_report(cfg.out_dir, table, summary)
     return summary
 
 

@@ -165,11 +165,13 @@ def carry_horizon_part(path: str, summary: dict) -> None:
 
 
 def rel_error(theta: float) -> float:
+    """|theta - theta*| / |theta*| on the influence-balancing problem (infinite for a non-finite theta)."""
     opt = InfluenceBalancing.optimum
     return abs(theta - opt) / abs(opt) if np.isfinite(theta) else float("inf")
 
 
 def main(argv=None) -> dict:
+    """Run the experiment; write summary.json, table.md and influence_balancing.png."""
     cfg = parse_config(Config, PRESETS, argv)
     torch.set_num_threads(1)
     prov = provenance()
