@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .control import Constant, Decision, Observation
-from .tasks.base import check_positive_int
+from .validate import check_positive_int
 
 RECORD_KEYS = ("step", "train_loss", "val_loss", "lr_scale", "stop_prob", "stop", "grad_norm", "update_norm")
 

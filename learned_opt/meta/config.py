@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Tuple
 
-from ..tasks.base import check_positive_int
+from ..validate import check_positive_int
 from .estimator import ESTIMATOR_TYPES, ESTIMATORS
 
 META_LOSSES = ("sum", "mean_log", "val", "halting")
