@@ -195,8 +195,8 @@ def test_pes_meta_gradient_is_the_same_with_the_fast_path(name):
                          meta_loss="mean_log", checkpoint_every=0, checkpoint_seconds=0, seed=0)
         trainer = MetaTrainer(net, DigitsFamily(pool="meta"), cfg, progress=False)
         runs = [trainer._new_run(cfg.horizon)]
-        g, *_ = trainer._population_gradient(runs, cfg.truncation, trainer._controller())
-        g2, *_ = trainer._population_gradient(runs, cfg.truncation, trainer._controller())  # PES: 2nd truncation
+        g, *_ = trainer.estimator.gradient(runs, cfg.truncation, trainer._controller(), trainer.meta_step)
+        g2, *_ = trainer.estimator.gradient(runs, cfg.truncation, trainer._controller(), trainer.meta_step)  # 2nd
         grads[fast] = torch.cat([x.flatten() for x in g + g2])
     a, b = grads[True], grads[False]
     assert float(b.norm()) > 0

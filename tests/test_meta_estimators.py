@@ -63,16 +63,16 @@ def test_pes_carries_particle_states_and_sums_across_truncations(monkeypatch):
     tr = _trainer("pes", particles=4)
     run = tr._new_run(tr.cfg.horizon)
     tr.meta_step_on([run], 4)
-    first = tr._accumulated[0].clone()
-    assert all(p.step == 4 for p in tr._particles[0]) and run.step == 4
+    first = tr.estimator.accumulated[0].clone()
+    assert all(p.step == 4 for p in tr.estimator.particles[0]) and run.step == 4
     tr.meta_step_on([run], 4)
-    assert all(p.step == 8 for p in tr._particles[0])
-    assert not torch.equal(tr._accumulated[0], first)  # the sum grew
+    assert all(p.step == 8 for p in tr.estimator.particles[0])
+    assert not torch.equal(tr.estimator.accumulated[0], first)  # the sum grew
     # the estimate weights each particle's loss by its summed perturbations, not by this truncation's alone
-    assert torch.equal(weights[0], first) and torch.equal(weights[1], tr._accumulated[0])
-    assert torch.allclose(tr._accumulated[0][:2], -tr._accumulated[0][2:])  # pairs stay antithetic
+    assert torch.equal(weights[0], first) and torch.equal(weights[1], tr.estimator.accumulated[0])
+    assert torch.allclose(tr.estimator.accumulated[0][:2], -tr.estimator.accumulated[0][2:])  # pairs stay antithetic
     # the particles ran under different weights: their inner parameters differ from each other
-    assert not torch.equal(tr._particles[0][0].params[0], tr._particles[0][1].params[0])
+    assert not torch.equal(tr.estimator.particles[0][0].params[0], tr.estimator.particles[0][1].params[0])
 
 
 @pytest.mark.parametrize("estimator", ["es", "pes"])

@@ -53,19 +53,6 @@ class MetaUpdate:
                       horizon=run.horizon, differentiable=differentiable, second_order=cfg.second_order,
                       val_every=1 if cfg.meta_loss in ("val", "halting") else 0)
 
-    def _population_gradient(self, runs: List[InnerRun], length: int, ctrl):
-        """The estimator's meta-gradient of one truncation (ES / PES: summed over this rank's finite pairs)."""
-        return self.estimator.gradient(runs, length, ctrl, self.meta_step)
-
-    # PES state, as it was when the trainer held it (tests and benchmarks look at it)
-    @property
-    def _particles(self) -> Optional[List[List[InnerRun]]]:
-        return getattr(self.estimator, "particles", None)
-
-    @property
-    def _accumulated(self) -> List[Tensor]:
-        return getattr(self.estimator, "accumulated", [])
-
     def meta_step_on(self, runs: List[InnerRun], length: int) -> Dict[str, Any]:
         """One truncation on every run, one guarded meta-update; returns the step's log record."""
         ctrl = self._controller()
