@@ -1,4 +1,4 @@
-"""Learned meta-control against hand-designed control, under the evaluation protocol (learned_opt/evaluate.py).
+"""Learned meta-control against hand-designed control, under the evaluation protocol (learned_opt/evaluate/).
 
 Every comparison runs on MetaNet regressions (:class:`MetaNetFamily`); every choice (learning rates, schedule
 parameters, lambda and the stop threshold, the reported schedule's hyper-parameters) is made on validation tasks;

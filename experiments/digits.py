@@ -1,5 +1,5 @@
 """L2L's MNIST experiments (Andrychowicz et al. 2016, section 3.2) on scikit-learn's bundled 8x8 digits, under the
-project's evaluation protocol (learned_opt/evaluate.py).
+project's evaluation protocol (learned_opt/evaluate/).
 
 What a task is: an MLP learner's initialisation and minibatch order on one *pool* of digit images. The 1797 images
 are split into two disjoint pools: meta-training, checkpoint selection, baseline tuning and development runs use
