@@ -167,7 +167,7 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
                                            differentiable)
     restore_best = getattr(controller, "restore_best", False)
     result = UnrollResult(params, opt_state, ctrl_state, start_step)
-    best = None
+    best = None  # (parameters, step, validation loss) of the best validation check, for restore_best
     t = start_step
     for t in range(start_step, start_step + steps):
         if observe is not None:
@@ -186,7 +186,7 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
             if isinstance(decision.stop_prob, Tensor):
                 result.stop_probs.append(decision.stop_prob)
             if decision.is_best:
-                best = ([p.detach().clone() for p in params], t)
+                best = ([p.detach().clone() for p in params], t, _float(val) if val is not None else math.inf)
             if decision.stop:
                 result.record(t, per_problem, loss, val, differentiable, decision.lr_scale, decision.stop_prob,
                               True, gnorm)
@@ -208,10 +208,15 @@ def unroll(task, optimizer, controller=None, *, steps: int, generator: torch.Gen
         if final_eval:
             # The closing evaluation only peeks at the data stream: a run continued from here (the next
             # truncation) draws the same batch for step t, so truncated unrolls follow the untruncated trajectory.
+            # With restore_best the final parameters are a candidate too, so their validation loss is measured.
+            compare_final = restore_best and best is not None
             state = generator.get_state()
-            _, per_problem, loss, val = _losses_at(task, params, t, False, generator, differentiable, val_every)
+            _, per_problem, loss, val = _losses_at(task, params, t, False, generator, differentiable,
+                                                   1 if compare_final else val_every)
             generator.set_state(state)
             result.record(t, per_problem, loss, val, differentiable)
+            if compare_final and _float(val) < best[2]:
+                best = (params, t, _float(val))
     if restore_best and best is not None:
         params = best[0]
         result.best_step = best[1]

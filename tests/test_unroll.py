@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.optim import lr_scheduler
 
-from learned_opt.control import Compose, Constant, Decision, EarlyStopping, StepDecay
+from learned_opt.control import Compose, Constant, Decision, EarlyStopping, FixedBudget, StepDecay
 from learned_opt.optim import SGD, Adam
 from learned_opt.tasks import SPLITS, MetaNetRegression, Quadratic, generator
 from learned_opt.tasks.base import check_split
@@ -324,6 +324,18 @@ def test_early_stopping_restores_the_best_validation_params():
                   generator=generator(0), val_every=1)
     assert keep.stop_step == res.stop_step and keep.best_step is None
     assert keep.params[0].item() == pytest.approx(1 - 0.8 ** keep.stop_step, rel=1e-12)
+
+
+@pytest.mark.parametrize("controller", [FixedBudget(budget=100), EarlyStopping(patience=50)])
+def test_restore_best_considers_the_final_parameters(controller):
+    # theta_t = 1 - 0.8^t, validation loss (theta - 0.5)^2: checks at 0 and 2 (val_every=2), then the final
+    # parameters after 3 updates (theta = 0.488) beat the best check (t = 2, theta = 0.36) and are kept
+    res = unroll(Line(), SGD(lr=0.1), controller, steps=3, generator=generator(0), val_every=2)
+    assert res.best_step == 3 and res.params[0].item() == pytest.approx(1 - 0.8 ** 3, rel=1e-12)
+    assert res.records["val_loss"][-1] == pytest.approx((0.5 - (1 - 0.8 ** 3)) ** 2, rel=1e-9)
+    # past the best: after 5 updates (theta = 0.672) the check at t = 3 stays the best and is restored
+    res = unroll(Line(), SGD(lr=0.1), controller, steps=5, generator=generator(0), val_every=1)
+    assert res.best_step == 3 and res.params[0].item() == pytest.approx(1 - 0.8 ** 3, rel=1e-12)
 
 
 def test_early_stopping_counts_only_validation_steps():
