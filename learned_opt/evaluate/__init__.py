@@ -16,22 +16,32 @@ Every experiment script goes through this module, so that one set of rules holds
   split losses at the horizon (never one minibatch). Runs whose trajectory does not depend on the horizon are
   shared by every horizon.
 - **Paired statistics** (:func:`paired`): every optimizer runs on the same tasks, so a learned-vs-baseline claim is
-  the per-task ratio, with a bootstrap interval over tasks and meta-training seeds, a Wilcoxon signed-rank
-  p-value and the win rate; intervals over seeds use the t quantile (:func:`mean_ci`).
+  the per-task ratio, with a nested bootstrap interval (:func:`hierarchical_bootstrap`: families, then tasks within
+  each drawn family, then meta-training seeds within each drawn task), a Wilcoxon signed-rank p-value with its
+  floor (no claim below 6 tasks) and the win rate; ratios over several families resample the families
+  (:func:`family_ratio`); intervals over seeds use the t quantile (:func:`mean_ci`); a target is met only when the
+  whole interval clears its bound (:func:`verdict`); a final run meta-trains at least 5 seeds
+  (:func:`require_final_seeds`).
 - **Speedup against an envelope** (:func:`envelope_speedup`): steps needed by the baseline *tuned for each
   target horizon*, not by one run tuned for the longest horizon.
 """
 from __future__ import annotations
 
 from .baselines import BASELINE_AXES, TunedBaseline, baseline_kwargs, default_lr_axis, make_baseline
+from .ledger import LEDGER_FILE, LedgerError, TestReadRefused, open_test_read, read_key
 from .run import METRICS, EvalResult, checkpoint_metrics, evaluate
 from .search import AXIS_KINDS, Axis, SearchResult, coordinate_search, lr_grid
 from .splits import SPLITS, TEST_DRAW, split_of, task_seed
-from .stats import envelope_speedup, mean_ci, paired, protocol_record, robust_mean, steps_to_reach, t_quantile
+from .bootstrap import bootstrap, hierarchical_bootstrap, percentile_interval
+from .stats import (MIN_FINAL_SEEDS, envelope_speedup, family_ratio, log_ratios, mean_ci, paired, protocol_record,
+                    require_final_seeds, robust_mean, steps_to_reach, t_quantile, verdict, wilcoxon_floor)
 from .tuning import MIN_TUNING_TASKS, TuneResult, tune, tune_baseline, tune_lr
 
-__all__ = ["AXIS_KINDS", "Axis", "BASELINE_AXES", "EvalResult", "METRICS", "MIN_TUNING_TASKS", "SPLITS",
-           "SearchResult", "TEST_DRAW", "TuneResult", "TunedBaseline", "baseline_kwargs", "checkpoint_metrics",
-           "coordinate_search", "default_lr_axis", "envelope_speedup", "evaluate", "lr_grid", "make_baseline",
-           "mean_ci", "paired", "protocol_record", "robust_mean", "split_of", "steps_to_reach", "t_quantile",
-           "task_seed", "tune", "tune_baseline", "tune_lr"]
+__all__ = ["AXIS_KINDS", "Axis", "BASELINE_AXES", "EvalResult", "METRICS", "MIN_FINAL_SEEDS", "MIN_TUNING_TASKS",
+           "SPLITS", "SearchResult", "TEST_DRAW", "TuneResult", "TunedBaseline", "baseline_kwargs", "bootstrap",
+           "checkpoint_metrics", "coordinate_search", "default_lr_axis", "envelope_speedup", "evaluate",
+           "family_ratio", "hierarchical_bootstrap", "log_ratios", "lr_grid", "make_baseline", "mean_ci", "paired",
+           "percentile_interval", "protocol_record", "require_final_seeds", "robust_mean", "split_of",
+           "steps_to_reach", "t_quantile", "task_seed", "tune", "tune_baseline", "tune_lr", "verdict",
+           "wilcoxon_floor"]
+__all__ += ["LEDGER_FILE", "LedgerError", "TestReadRefused", "open_test_read", "read_key"]  # the test-read ledger

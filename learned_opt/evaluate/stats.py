@@ -1,7 +1,9 @@
-"""Paired statistics: a learned-vs-baseline claim is the per-task ratio, with a bootstrap interval over tasks and
-meta-training seeds, a Wilcoxon signed-rank p-value and the win rate (:func:`paired`); intervals over seeds use the t
-quantile (:func:`mean_ci`); speedups are measured against the envelope of baselines tuned per horizon
-(:func:`envelope_speedup`)."""
+"""Paired statistics, the one statistics module of every experiment: a learned-vs-baseline claim is the per-task
+ratio with a nested bootstrap interval (tasks, then meta-training seeds within each task; :mod:`.bootstrap`), a
+Wilcoxon signed-rank p-value with its floor, and the win rate (:func:`paired`); a ratio over several task families
+resamples the families too (:func:`family_ratio`); intervals over seeds use the t quantile (:func:`mean_ci`); a
+target is met only when its whole interval clears the bound (:func:`verdict`); speedups are measured against the
+envelope of baselines tuned per horizon (:func:`envelope_speedup`)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +11,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .bootstrap import hierarchical_bootstrap
 from .splits import TEST_DRAW
 
 
@@ -46,19 +49,55 @@ def _as_seeds_tasks(x) -> np.ndarray:
     return a[None, :] if a.ndim == 1 else a
 
 
+MIN_FINAL_SEEDS = 5  # meta-training seeds a final (reported) run needs: 3 seeds gave intervals that missed a re-run
+WILCOXON_LEVEL = 0.05  # a Wilcoxon p-value supports a claim only when the exact test can go below it
+
+
+def require_final_seeds(seeds: int, final: bool, flag: str = "--seeds") -> None:
+    """Raise ``ValueError`` (one line naming ``flag``) when a final run would meta-train fewer than
+    :data:`MIN_FINAL_SEEDS` seeds; development and smoke runs may use fewer."""
+    if final and seeds < MIN_FINAL_SEEDS:
+        raise ValueError(f"{flag} {seeds}: a final run needs at least {MIN_FINAL_SEEDS} meta-training seeds "
+                         f"(fewer only in development runs)")
+
+
+def wilcoxon_floor(n: int) -> float:
+    """The smallest two-sided p-value the exact Wilcoxon signed-rank test can give with ``n`` non-zero
+    differences: every sign agreeing, ``2 / 2**n`` (0.0625 with 5 tasks)."""
+    return min(1.0, 2.0 / 2 ** n)
+
+
+def _wilcoxon(per_task_log: np.ndarray) -> Dict[str, Any]:
+    """Two-sided signed-rank p on per-task log ratios (infinite ones ranked largest), its floor and whether a
+    claim may rest on it."""
+    from scipy import stats
+
+    d = np.where(np.isfinite(per_task_log), per_task_log, np.sign(per_task_log) * 1e9)
+    n = int(np.count_nonzero(d))
+    p = 1.0
+    if n >= 1 and per_task_log.size >= 2:
+        try:
+            p = float(stats.wilcoxon(d, zero_method="wilcox").pvalue)
+        except ValueError:
+            p = 1.0
+    floor = wilcoxon_floor(n)
+    return {"wilcoxon_p": p, "wilcoxon_floor": floor, "wilcoxon_claim": floor <= WILCOXON_LEVEL}
+
+
 def paired(learned, baseline, *, level: float = 0.95, n_boot: int = 4000, seed: int = 0) -> Dict[str, Any]:
     """Paired comparison of ``learned`` against ``baseline`` on the same tasks (lower is better).
 
     ``learned``: per-task values ``(tasks,)`` or ``(seeds, tasks)`` (one row per meta-training seed);
-    ``baseline``: ``(tasks,)`` or the same shape. Returns ``ratio`` (the mean over seeds and tasks of the per-task
-    ratio learned / baseline) with a ``level`` bootstrap interval ``ci_low .. ci_high`` (resampling seeds, then
-    tasks), ``ratio_of_means`` with its own bootstrap interval, ``gmean_ratio``, the two-sided Wilcoxon signed-rank
-    p-value on the per-task log ratios (averaged over seeds) and ``favours`` (the side of their median),
-    ``win_rate`` (fraction of seed-task pairs where learned is lower), the per-seed mean ratios and their t
-    interval.
+    ``baseline``: ``(tasks,)`` or the same shape. Returns ``ratio`` (the mean over tasks of the mean over seeds of the
+    per-task ratio learned / baseline) with a ``level`` interval ``ci_low .. ci_high`` from the nested bootstrap of
+    :func:`~learned_opt.evaluate.bootstrap.hierarchical_bootstrap` (``ci == "hierarchical_bootstrap"``: tasks drawn
+    with replacement, then for each drawn task the seeds drawn with replacement independently of the other drawn
+    tasks); ``ratio_of_means`` with its interval from the same draws; ``gmean_ratio``; the two-sided Wilcoxon
+    signed-rank p-value on the per-task log ratios (averaged over seeds) with ``wilcoxon_floor`` (the smallest p the
+    exact test can give with this many tasks) and ``wilcoxon_claim`` (False when that floor is above 0.05: the p is
+    reported, no claim may rest on it); ``favours`` (the side of their median); ``win_rate`` (fraction of seed-task
+    pairs where learned is lower); the per-seed mean ratios and their t interval (``per_seed_t_ci``).
     """
-    from scipy import stats
-
     L = _as_seeds_tasks(learned)
     B = _as_seeds_tasks(baseline)
     if B.shape[1] != L.shape[1]:
@@ -72,39 +111,88 @@ def paired(learned, baseline, *, level: float = 0.95, n_boot: int = 4000, seed: 
         R = np.where(np.isfinite(L), L, np.inf) / np.where(B > 0, B, np.nan)
         R = np.where(np.isnan(R), np.where(L <= B, 1.0, np.inf), R)  # baseline at exactly 0: tie or loss
         logr = np.log(R)
-    rng = np.random.default_rng(seed)
-    si = rng.integers(0, S, size=(n_boot, S)) if S > 1 else np.zeros((n_boot, 1), dtype=int)
-    ti = rng.integers(0, T, size=(n_boot, T))
-    Rb = R[si[:, :, None], ti[:, None, :]]
-    Lb, Bb = L[si[:, :, None], ti[:, None, :]], B[si[:, :, None], ti[:, None, :]]
-    with np.errstate(invalid="ignore", over="ignore"):
-        boot = Rb.mean(axis=(1, 2))
-        boot_rom = Lb.mean(axis=(1, 2)) / Bb.mean(axis=(1, 2))
-    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    lo, hi = (float(v) for v in np.percentile(boot, q))
-    rlo, rhi = (float(v) for v in np.percentile(boot_rom, q))
+    # the same seed gives the same draws: both intervals come from one set of nested resamples
+    ratio_ci = hierarchical_bootstrap({"": R}, n_boot=n_boot, seed=seed, level=level)
+    rom_ci = hierarchical_bootstrap({"": np.stack([L, B], axis=-1)}, lambda m: m[..., 0] / m[..., 1],
+                                    n_boot=n_boot, seed=seed, level=level)
     per_task_log = logr.mean(0)
     finite = per_task_log[np.isfinite(per_task_log)]
-    if np.all(per_task_log == 0) or per_task_log.size < 2:
-        p = 1.0
-    else:
-        d = np.where(np.isfinite(per_task_log), per_task_log, np.sign(per_task_log) * 1e9)
-        try:
-            p = float(stats.wilcoxon(d, zero_method="wilcox").pvalue) if np.any(d != 0) else 1.0
-        except ValueError:
-            p = 1.0
     per_seed = [float(v) for v in R.mean(1)]
     _, slo, shi = mean_ci(per_seed, level)
     with np.errstate(over="ignore", invalid="ignore"):
-        out = {"ratio": float(R.mean()), "ci_low": lo, "ci_high": hi, "ci": "bootstrap",
-               "ratio_of_means": float(L.mean() / B.mean()), "ratio_of_means_ci": [rlo, rhi],
+        out = {"ratio": float(R.mean()), "ci_low": ratio_ci["ci_low"], "ci_high": ratio_ci["ci_high"],
+               "ci": "hierarchical_bootstrap", "resampled": ratio_ci["resampled"],
+               "ratio_of_means": float(L.mean() / B.mean()),
+               "ratio_of_means_ci": [rom_ci["ci_low"], rom_ci["ci_high"]],
                "gmean_ratio": float(np.exp(logr.mean())) if np.all(np.isfinite(logr)) else math.inf,
-               "wilcoxon_p": p, "favours": ("learned" if np.median(per_task_log) < 0 else
-                                            "baseline" if np.median(per_task_log) > 0 else "neither"),
+               **_wilcoxon(per_task_log),
+               "favours": ("learned" if np.median(per_task_log) < 0 else
+                           "baseline" if np.median(per_task_log) > 0 else "neither"),
                "win_rate": float(np.mean(L < B)), "n_seeds": S, "n_tasks": T,
                "per_seed_ratio": per_seed, "per_seed_t_ci": [slo, shi],
                "finite_tasks": int(finite.size)}
     return out
+
+
+def log_ratios(learned, baseline, *, floor: float) -> np.ndarray:
+    """Per-task log(learned / baseline), ``(seeds, tasks)``: a non-finite learned value is an infinite ratio, 0 / 0
+    a tie (the convention of :func:`paired`). Finite values below ``floor`` count as ``floor`` (the experiment
+    pre-registers it: below it a ratio measures float32 rounding, not optimisation); ``floor=0`` leaves them."""
+    L = np.atleast_2d(np.asarray(learned, float))
+    B = np.broadcast_to(np.asarray(baseline, float), L.shape)
+    if floor > 0:
+        L = np.where(np.isfinite(L), np.maximum(L, floor), L)
+        B = np.where(np.isfinite(B), np.maximum(B, floor), B)
+    with np.errstate(all="ignore"):
+        R = np.where(np.isfinite(L), L, np.inf) / B
+        R = np.where(np.isnan(R), np.where(L <= B, 1.0, np.inf), R)
+        return np.log(R)
+
+
+def _nan_inf(v: float) -> float:
+    return math.inf if math.isnan(v) else v  # +inf and -inf together: unresolved, counted against the learned side
+
+
+def family_ratio(per_family: Dict[str, tuple], *, floor: float, n_boot: int = 4000, seed: int = 0,
+                 level: float = 0.95) -> Dict[str, Any]:
+    """Geometric mean over families of each family's geometric-mean ratio learned / baseline (over seeds x tasks),
+    with the interval of :func:`~learned_opt.evaluate.bootstrap.hierarchical_bootstrap` on the log ratios: families
+    drawn with replacement (the claim is about unseen families), then tasks within each drawn family, then seeds
+    within each drawn task. Beside it: ``families_fixed`` (the same nested bootstrap with the families held fixed,
+    a claim about these families only), the per-family ratios and, when every family has the same seeds, the
+    per-seed ratios with a t interval over seeds (on the log scale, exponentiated).
+
+    ``per_family``: ``{family: (learned (seeds, tasks), baseline (tasks,) or (seeds, tasks))}``; ``floor``: the loss
+    floor of :func:`log_ratios`."""
+    if not per_family:
+        return {"ratio": math.nan, "ci_low": math.nan, "ci_high": math.nan, "families": {}, "nonfinite_tasks": 0}
+    lr = {f: log_ratios(learned, baseline, floor=floor) for f, (learned, baseline) in per_family.items()}
+    kw = dict(n_boot=n_boot, seed=seed, level=level)
+    hb = hierarchical_bootstrap(lr, np.exp, **kw)
+    fixed = hierarchical_bootstrap(lr, np.exp, resample_families=False, **kw)
+    with np.errstate(invalid="ignore", over="ignore"):
+        fam = {f: _nan_inf(float(np.exp(v.mean()))) for f, v in lr.items()}
+        out = {"ratio": _nan_inf(hb["estimate"]), "ci_low": hb["ci_low"], "ci_high": hb["ci_high"],
+               "ci": "hierarchical_bootstrap", "resampled": hb["resampled"], "n_families": len(lr),
+               "families_fixed": {"ci_low": fixed["ci_low"], "ci_high": fixed["ci_high"],
+                                  "resampled": fixed["resampled"]},
+               "families": fam, "floor": floor, "nonfinite_tasks": int(sum((~np.isfinite(v)).sum()
+                                                                           for v in lr.values()))}
+        seeds = {v.shape[0] for v in lr.values()}
+        if len(seeds) == 1 and seeds.pop() > 1:
+            per_seed = np.mean([v.mean(1) for v in lr.values()], axis=0)
+            _, slo, shi = mean_ci(per_seed, level)
+            out["per_seed_ratio"] = [_nan_inf(float(np.exp(v))) for v in per_seed]
+            out["per_seed_t_ci"] = [float(np.exp(slo)), float(np.exp(shi))]
+    return out
+
+
+def verdict(record: Dict[str, Any], bound: float) -> str:
+    """``met`` only when the whole interval ``ci_low .. ci_high`` lies at or below ``bound``."""
+    lo, hi = record["ci_low"], record["ci_high"]
+    if math.isnan(lo) or math.isnan(hi):
+        return "not met (undefined interval)"
+    return "met" if hi <= bound else ("not met" if lo > bound else "not met (interval crosses the bound)")
 
 
 def steps_to_reach(curve: np.ndarray, target: float) -> float:
@@ -142,10 +230,19 @@ def envelope_speedup(envelope: Dict[int, float], learned_loss: float, step: int)
     return h / step, None
 
 
+CI_RESAMPLING = ("nested bootstrap, percentile interval: task families drawn with replacement (where a ratio spans "
+                 "several), then tasks with replacement within each drawn family, then meta-training seeds with "
+                 "replacement independently within each drawn task")
+
+
 def protocol_record(*, meta_training_seeds: int, validation_tasks: int, tuning_metric: Any, test_split: str,
                     test_tasks: int, **extra) -> Dict[str, Any]:
-    """The ``protocol`` object every comparing summary carries."""
-    return {"meta_training_seeds": meta_training_seeds, "validation_tasks": validation_tasks, "ci": "bootstrap",
-            "ci_over_seeds": "t", "tuning_metric": tuning_metric, "test_split": test_split,
+    """The ``protocol`` object every comparing summary carries (``ci``: how intervals are made, in
+    ``ci_resampling`` in words; ``ci_over_seeds``: the t interval beside it)."""
+    return {"meta_training_seeds": meta_training_seeds, "validation_tasks": validation_tasks,
+            "ci": "hierarchical_bootstrap", "ci_resampling": CI_RESAMPLING, "ci_over_seeds": "t",
+            "wilcoxon": f"p reported; a claim rests on it only when the exact test can go below {WILCOXON_LEVEL} "
+                        f"(at least 6 tasks)",
+            "tuning_metric": tuning_metric, "test_split": test_split,
             "test_tasks": test_tasks, "test_draw": TEST_DRAW if test_split.startswith("test") else None,
             "lr_resolution_decades": 0.125, **extra}
