@@ -13,8 +13,11 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 from learned_opt.evaluate import TEST_DRAW, paired, verdict  # noqa: F401  (re-exported for the scripts)
+from learned_opt.evaluate import ledger
 from learned_opt.flags import add_dataclass_flags
-from learned_opt.log import provenance  # noqa: F401  (re-exported for the scripts)
+from learned_opt.log import git_state, provenance  # noqa: F401  (provenance re-exported for the scripts)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: its sources are hashed
 
 
 @dataclass
@@ -25,6 +28,8 @@ class ProtocolConfig:
     seeds: int = 5  # meta-training seeds (a final run needs at least 5: evaluate.MIN_FINAL_SEEDS)
     val_tasks: int = 20  # validation tasks every baseline is tuned on (the protocol's minimum is 20)
     workers: int = 1  # processes for independent runs (tuning of different baselines, meta-training seeds)
+    force_test_read: bool = False  # read the final-test split of weights whose test split was read before (the
+    # summary counts every read: protocol.test_reads)
 
 
 def eval_split(cfg: ProtocolConfig) -> Dict[str, Any]:
@@ -35,6 +40,50 @@ def eval_split(cfg: ProtocolConfig) -> Dict[str, Any]:
 def test_split_name(cfg: ProtocolConfig) -> str:
     """How the summary names the evaluation tasks."""
     return f"test (draw {TEST_DRAW})" if cfg.final else "val/dev (development run: no test task touched)"
+
+
+def preregistered(cfg: ProtocolConfig, fields: Sequence[str], constants: Optional[Dict[str, Any]] = None) -> Dict:
+    """The summary's ``preregistered`` block: the config ``fields`` (and module ``constants``) that decide verdicts,
+    the test draw, and their hash; the hash is the same for a development and a final run of one setting, so a
+    reader can check that nothing deciding a verdict moved between them (the ledger entry stores it too)."""
+    block = {"fields": {f: getattr(cfg, f) for f in fields}, "constants": dict(constants or {}),
+             "test_draw": TEST_DRAW}
+    return {**block, "sha256": ledger.digest(block)}
+
+
+def final_test_read(cfg: ProtocolConfig, prereg: Dict[str, Any], *, weights: Sequence[str] = (), configs: Any = None):
+    """Open the final-test read of ``weights`` (meta-trained files) or, without weights, of the tuned ``configs``:
+    call it after meta-training and before the first test-split evaluation. A development run touches no ledger
+    (0 reads); a second final read of the same key exits 2 with one line, writing nothing, unless
+    ``--force_test_read true``. Returns the record :func:`record_test_read` puts into the summary."""
+    if not cfg.final:
+        return {"test_reads": 0, "ledger_key": None, "preregistered": prereg}
+    git = git_state()
+    code = {"git_commit": git["git_commit"], "git_dirty": git["git_dirty"],
+            "sources_sha256": ledger.sources_digest(ROOT)}
+    key = ledger.read_key(split="test", draw=TEST_DRAW, weights=weights, configs=configs)
+    script = os.path.basename(getattr(sys.modules.get(type(cfg).__module__), "__file__", "") or "")
+    try:
+        read = ledger.open_test_read(os.path.join(cfg.out_dir, ledger.LEDGER_FILE), key, code=code,
+                                     config_hash=ledger.config_digest(dataclasses.asdict(cfg)),
+                                     preregistered_hash=prereg["sha256"], force=cfg.force_test_read,
+                                     experiment=script)
+    except ledger.TestReadRefused as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(ledger.REFUSED_EXIT)
+    except ledger.LedgerError as e:
+        sys.exit(f"error: {e}")
+    return {**read, "preregistered": prereg}
+
+
+def record_test_read(summary: Dict[str, Any], read: Dict[str, Any]) -> Dict[str, Any]:
+    """Write a :func:`final_test_read` record into ``summary``: ``protocol.test_reads`` / ``ledger_key`` and the
+    ``preregistered`` block; returns ``summary``."""
+    summary.setdefault("protocol", {}).update(
+        test_reads=read["test_reads"], ledger_key=read["ledger_key"],
+        forced_test_reads=read.get("forced_reads", 0))
+    summary["preregistered"] = read["preregistered"]
+    return summary
 
 
 def open_run(out_dir: str) -> Dict[str, Any]:
@@ -156,6 +205,11 @@ def fmt_hp(hp: Dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.3g}" if k == "lr" else f"{k}={v}" for k, v in hp.items())
 
 
+def weights_files(out_dir: str, seeds: Iterable[int]) -> List[str]:
+    """The ``lopt.pt`` file :func:`meta_train_seed` writes for each seed (what a final-test read is keyed on)."""
+    return [os.path.join(out_dir, "run", f"seed{s}", "lopt.pt") for s in seeds]
+
+
 def meta_train_seed(net, family, mcfg, out_dir: str, seed: int, *, progress: bool = False,
                     show_skipped: bool = False):
     """Meta-train ``net`` in ``out_dir/run/seed{seed}`` (best checkpoint kept, saved as ``lopt.pt`` there) and
@@ -164,12 +218,12 @@ def meta_train_seed(net, family, mcfg, out_dir: str, seed: int, *, progress: boo
 
     from learned_opt.meta import MetaTrainer, save_lopt
 
-    run_dir = os.path.join(out_dir, "run", f"seed{seed}")
-    trainer = MetaTrainer(net, family, mcfg, run_dir=run_dir, progress=progress)
+    path = weights_files(out_dir, [seed])[0]
+    trainer = MetaTrainer(net, family, mcfg, run_dir=os.path.dirname(path), progress=progress)
     t0 = time.perf_counter()
     trainer.run()
     seconds = time.perf_counter() - t0
-    save_lopt(os.path.join(run_dir, "lopt.pt"), net)
+    save_lopt(path, net)
     print(f"meta-training seed {seed}: {seconds:.1f} s, {trainer.meta_step} meta-steps"
           + (f", {trainer.skipped} skipped" if show_skipped else ""), flush=True)
     return net, {"seed": seed, "seconds": seconds, "meta_steps": trainer.meta_step, "skipped": trainer.skipped,

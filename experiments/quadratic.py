@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, configure, eval_split, fmt_hp, fmt_paired, markdown_table,  # noqa: E402
                     meta_train_seed, open_run, parallel_map, run_kind, run_main, test_split_name, verdict,
-                    save_report)
+                    save_report, final_test_read, preregistered, record_test_read, weights_files)
 
 from figures import plot_curves  # noqa: E402
 
@@ -37,6 +37,9 @@ from learned_opt.tasks import QuadraticFamily  # noqa: E402
 
 BASELINES = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
 TARGET_RATIO, TARGET_WIN_RATE = 0.5, 0.75  # issue 10: at 100 steps, mean over problems; win rate
+# What decides the verdicts (the summary's "preregistered" block): task counts, horizons, the tuning grid.
+PREREGISTERED = ("seeds", "val_tasks", "problems_per_task", "eval_tasks", "horizon", "eval_steps", "lr_low",
+                 "lr_high", "lr_per_decade")
 
 
 @dataclass
@@ -274,10 +277,13 @@ def main(argv=None) -> dict:
     # one CoordLSTM per seed (checkpoints selected on validation stream "select")
     trained = parallel_map(meta_train, [(cfg, s) for s in range(cfg.seeds)], cfg.workers)
     meta_records = [rec for _, rec in trained]
+    read = final_test_read(cfg, preregistered(cfg, PREREGISTERED, {"target_ratio": TARGET_RATIO, "target_win_rate":
+                                                                   TARGET_WIN_RATE, "baselines": BASELINES}),
+                           weights=weights_files(cfg.out_dir, range(cfg.seeds)))
     learned, base, curves = evaluate_stage(cfg, [net for net, _ in trained], tuned, horizons)
     summary = new_summary(cfg, prov, meta_records)
     statistics(summary, learned, base, tuned, meta_records, horizons)
-    save_report(cfg.out_dir, report_text(cfg, summary, horizons), summary)
+    save_report(cfg.out_dir, report_text(cfg, summary, horizons), record_test_read(summary, read))
     plot_curves(os.path.join(cfg.out_dir, "loss_curves.png"), curves,
                 f"10-d quadratics, {cfg.eval_tasks * cfg.problems_per_task} "
                 f"{'test' if cfg.final else 'validation (dev)'} problems (baselines tuned for {horizons[-1]} steps)")

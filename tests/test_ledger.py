@@ -1,0 +1,116 @@
+"""The test-read ledger (learned_opt/evaluate/ledger.py) and its use by the experiment scripts: a second read of
+the same weights' final-test split is refused unless forced, every read is counted, the key follows the weights
+and the split (not the output folder), and a corrupt ledger is an error, never a fresh ledger."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from learned_opt.evaluate import ledger
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE = {"git_commit": "abc123", "git_dirty": False, "sources_sha256": "0" * 64}
+
+
+def _weights(folder, name, data: bytes):
+    path = os.path.join(folder, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _read(path, key, force=False, date="2026-12-01T00:00:00+00:00"):
+    return ledger.open_test_read(path, key, code=CODE, config_hash="c" * 64, preregistered_hash="p" * 64,
+                                 force=force, experiment="x.py", now=date)
+
+
+def test_second_read_refused_and_writes_nothing_force_counts(tmp_path):
+    w = _weights(tmp_path, "run/seed0/lopt.pt", b"weights")
+    key = ledger.read_key(split="test", draw=2, weights=[w])
+    path = str(tmp_path / ledger.LEDGER_FILE)
+    first = _read(path, key)
+    assert first["test_reads"] == 1 and first["ledger_key"] == key
+    before = open(path).read()
+    with pytest.raises(ledger.TestReadRefused) as e:
+        _read(path, key, date="2026-12-02T00:00:00+00:00")
+    msg = str(e.value)
+    assert "already read on 2026-12-01T00:00:00+00:00 (commit abc123)" in msg
+    assert "--force_test_read true" in msg and "count 2 reads" in msg and "\n" not in msg
+    assert open(path).read() == before  # nothing written
+    forced = _read(path, key, force=True)
+    assert forced["test_reads"] == 2 and forced["forced_reads"] == 1
+    entries = json.load(open(path))["reads"][key]
+    assert [e["forced"] for e in entries] == [False, True]
+    assert entries[0]["code"] == CODE and entries[0]["preregistered_hash"] == "p" * 64
+    # another key in the same ledger is a first read
+    other = ledger.read_key(split="test", draw=3, weights=[w])
+    assert _read(path, other)["test_reads"] == 1
+
+
+def test_key_follows_weights_and_split_not_folder(tmp_path):
+    a = _weights(tmp_path, "out1/run/seed0/lopt.pt", b"weights")
+    b = _weights(tmp_path, "out2/elsewhere/lopt.pt", b"weights")  # same bytes, another out_dir
+    c = _weights(tmp_path, "out1/run/seed1/lopt.pt", b"weightz")
+    key = ledger.read_key(split="test", draw=2, weights=[a])
+    assert ledger.read_key(split="test", draw=2, weights=[b]) == key
+    assert ledger.read_key(split="test", draw=2, weights=[c]) != key
+    assert ledger.read_key(split="test", draw=3, weights=[a]) != key  # another draw of the split
+    assert ledger.read_key(split="val", draw=None, weights=[a]) != key
+    assert ledger.read_key(split="test", draw=2, weights=[a, c]) != ledger.read_key(split="test", draw=2,
+                                                                                     weights=[c, a])
+    conf = ledger.read_key(split="test", draw=2, configs={"adam": {"lr": 0.01}})
+    assert conf != ledger.read_key(split="test", draw=2, configs={"adam": {"lr": 0.02}})
+    with pytest.raises(ValueError, match="weights files or"):
+        ledger.read_key(split="test", draw=2)
+
+
+def test_config_hash_ignores_paths_and_workers():
+    base = {"seeds": 3, "out_dir": "a", "workers": 1, "train_dir": "x", "loss_floor": 1e-6}
+    h = ledger.config_digest(base)
+    assert ledger.config_digest(dict(base, out_dir="b", workers=4, train_dir="y")) == h
+    assert ledger.config_digest(dict(base, loss_floor=1e-8)) != h
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"reads": []}), json.dumps([1, 2])])
+def test_corrupt_ledger_is_an_error_not_a_fresh_ledger(tmp_path, text):
+    path = tmp_path / ledger.LEDGER_FILE
+    path.write_text(text)
+    with pytest.raises(ledger.LedgerError) as e:
+        _read(str(path), "k" * 64)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert path.read_text() == text  # the damaged file stays for a human to look at
+
+
+def _quadratic(out_dir, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "quadratic.py"), "--preset", "smoke", "--seeds", "1",
+           "--out_dir", str(out_dir), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_experiment_final_twice_refuses_then_force_counts(tmp_path):
+    out = tmp_path / "quad"
+    dev = _quadratic(out)  # a development run never touches the ledger
+    assert dev.returncode == 0, dev.stderr[-2000:]
+    assert not (out / ledger.LEDGER_FILE).exists()
+    assert json.load(open(out / "summary.json"))["protocol"]["test_reads"] == 0
+    first = _quadratic(out, "--final", "true")
+    assert first.returncode == 0, first.stderr[-2000:]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["protocol"]["test_reads"] == 1
+    key = summary["protocol"]["ledger_key"]
+    assert list(json.load(open(out / ledger.LEDGER_FILE))["reads"]) == [key]
+    assert summary["preregistered"]["sha256"] == json.load(open(out / ledger.LEDGER_FILE))["reads"][key][0][
+        "preregistered_hash"]
+    before = (out / "summary.json").read_bytes()
+    second = _quadratic(out, "--final", "true")
+    assert second.returncode == 2
+    assert "already read on" in second.stderr and "--force_test_read true" in second.stderr
+    assert (out / "summary.json").read_bytes() == before  # summary untouched
+    third = _quadratic(out, "--final", "true", "--force_test_read", "true")
+    assert third.returncode == 0, third.stderr[-2000:]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["protocol"]["test_reads"] == 2 and summary["protocol"]["ledger_key"] == key
