@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: demo test test-slow reproduce bench clean
+.PHONY: demo test test-slow reproduce promote bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,17 +30,26 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # Every number and figure in README.md and results/, on the final-test split (see README for the time it takes on
-# 2 CPUs). Each script pins portable numerics and runs its independent jobs in two processes.
+# 2 CPUs). Each script pins portable numerics and runs its independent jobs in two processes. It writes only under
+# results/ and never into learned_opt/pretrained/ (shipping weights is `make promote`); each final run reads its
+# test split once (results/*/test_reads.json): a second reproduce of the same weights stops until forced. The
+# horizon part runs before estimators.py, which copies its target keys from the horizon summary.
 reproduce: $(STAMP)
 	$(PY) experiments/quadratic.py --final true --workers 2
 	$(PY) experiments/digits.py --final true --workers 2
 	$(PY) experiments/metanet.py --final true --workers 2
 	$(PY) experiments/control.py --final true --workers 2
 	$(PY) experiments/digits_ablation.py --workers 2
+	$(PY) experiments/estimators_horizon.py --final true --workers 2
 	$(PY) experiments/estimators.py
-	$(PY) experiments/general_train.py --ship true --workers 3
+	$(PY) experiments/general_train.py --workers 3
 	$(PY) experiments/general.py --final true --workers 2
 	$(PY) benchmarks/bench.py
+
+# Ship the chosen general seed as learned_opt/pretrained/general.pt (+ manifest): the only recipe that writes there.
+# The seeds in results/general/train are resumed, not re-trained, when they have finished.
+promote: $(STAMP)
+	$(PY) experiments/general_train.py --ship true --workers 3
 
 # Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about 5 minutes).
 bench: $(STAMP)

@@ -23,18 +23,27 @@ def test_estimators_smoke_writes_summary_table_and_figure(tmp_path):
     assert abs(s["influence_balancing_tbptt_rel_error"] - abs(th + 1 / 6) * 6) < 1e-9
 
 
-def test_a_rerun_keeps_the_horizon_part(tmp_path):
+def test_a_rerun_takes_the_horizon_part_from_the_horizon_summary_only(tmp_path):
     import estimators
     out = tmp_path / "est"
-    estimators.main(["--preset", "smoke", "--out_dir", str(out)])
+    horizon = tmp_path / "horizon_summary.json"
+    argv = ["--preset", "smoke", "--out_dir", str(out), "--horizon_summary", str(horizon)]
+    estimators.main(argv)
     path = out / "summary.json"
     saved = json.loads(path.read_text())
     assert any("horizon" in n for n in saved["not_implemented"])
+    # keys left in the previous summary are not carried over (they were the old horizon numbers of issue 23)
     saved["pes_over_tbptt_loss_at_10x"] = 0.9
-    saved["targets"]["pes_divergences_at_25x"] = {"value": 0}
     saved["horizon_generalisation"] = "somewhere/summary.json"
     path.write_text(json.dumps(saved))
-    estimators.main(["--preset", "smoke", "--out_dir", str(out)])
+    estimators.main(argv)
     again = json.loads(path.read_text())
-    assert again["pes_over_tbptt_loss_at_10x"] == 0.9 and again["targets"]["pes_divergences_at_25x"] == {"value": 0}
+    assert "pes_over_tbptt_loss_at_10x" not in again and "horizon_generalisation" not in again
+    # the horizon script's own final summary is where they come from
+    targets = {"pes_over_tbptt_loss_at_10x": {"value": 0.8}, "pes_divergences_at_25x": {"value": 0}}
+    horizon.write_text(json.dumps({"config": {"final": True}, "targets": targets,
+                                   "pes_over_tbptt_loss_at_10x": 0.8, "pes_divergences_at_25x": 0}))
+    estimators.main(argv)
+    again = json.loads(path.read_text())
+    assert again["pes_over_tbptt_loss_at_10x"] == 0.8 and again["targets"]["pes_divergences_at_25x"] == {"value": 0}
     assert not any("horizon" in n for n in again["not_implemented"])
