@@ -27,17 +27,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, configure, eval_split, fmt_hp, fmt_paired, markdown_table,  # noqa: E402
-                    meta_train_seed, open_run, parallel_map, run_kind, run_main, test_split_name, save_report)
+                    meta_train_seed, open_run, parallel_map, run_kind, run_main, test_split_name, save_report,
+                    final_test_read, preregistered, record_test_read, weights_files)
 
 from learned_opt.control import EarlyStopping  # noqa: E402
 from learned_opt.evaluate import (BASELINE_AXES, TEST_DRAW, default_lr_axis, evaluate,  # noqa: E402
-                                  make_baseline, mean_ci, paired, protocol_record, tune)
+                                  make_baseline, mean_ci, paired, protocol_record, require_final_seeds, tune)
 from learned_opt.meta import MetaConfig  # noqa: E402
 from learned_opt.optim.learned import build_learned  # noqa: E402
 from learned_opt.tasks import MetaNetFamily  # noqa: E402
 
 REFERENCE = "adam (lr 1e-3)"
 REFERENCE_HP = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999}  # Adam at its usual defaults, untuned
+# What decides the verdicts (the summary's "preregistered" block): task counts, the stopping rule, the baselines.
+PREREGISTERED = ("seeds", "val_tasks", "eval_tasks", "epochs", "patience", "n_train", "baselines")
 
 
 @dataclass
@@ -58,12 +61,14 @@ class Config(ProtocolConfig):
     # Evaluation and tuning.
     eval_tasks: int = 100
     baselines: tuple = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
+    smoke: bool = False  # a smoke run (seconds, for the tests): may run final with fewer than 5 seeds; no result
     out_dir: str = "results/metanet"
     threads: int = 1
 
 
 PRESETS = {"smoke": dict(seeds=2, val_tasks=2, epochs=12, patience=2, iterations=2, truncation=4, select_tasks=1,
-                         eval_tasks=3, baselines=("sgd", "adam"), out_dir="runs/metanet_smoke")}
+                         eval_tasks=3, baselines=("sgd", "adam"), out_dir="runs/metanet_smoke",
+                         smoke=True)}
 
 
 def meta_config(cfg: Config, seed: int) -> MetaConfig:
@@ -85,6 +90,7 @@ def check(cfg: Config) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke)
     if not cfg.baselines:
         raise ValueError("baselines must name at least one hand-coded optimizer")
     for name in cfg.baselines:
@@ -218,7 +224,7 @@ def report_text(cfg: Config, summary: dict) -> str:
                         "steps used", "learned / this, per task (95% CI), Wilcoxon p, learned wins"], table),
         "",
         "- intervals: the learned row's over meta-training seeds (t), the baselines' over tasks (t); the last "
-        "column is paired per task, bootstrap over seeds and tasks",
+        "column is paired per task, nested bootstrap over tasks, then seeds within each task",
         f"- meta-training: {summary['meta_train_seconds']:.0f} s in all "
         f"({', '.join('%.0f' % r['seconds'] for r in summary['meta_training'])} s per seed)"])
 
@@ -231,9 +237,11 @@ def main(argv=None) -> dict:
     tuned = tune_stage(cfg)
     # one learned optimizer per seed (checkpoints selected on validation stream "select")
     trained = parallel_map(meta_train, [(cfg, s) for s in range(cfg.seeds)], cfg.workers)
+    read = final_test_read(cfg, preregistered(cfg, PREREGISTERED, {"reference": REFERENCE_HP}),
+                           weights=weights_files(cfg.out_dir, range(cfg.seeds)))
     learned, rows = evaluate_stage(cfg, [net for net, _ in trained], tuned)
     summary = statistics(cfg, prov, learned, rows, tuned, [rec for _, rec in trained])
-    save_report(cfg.out_dir, report_text(cfg, summary), summary)
+    save_report(cfg.out_dir, report_text(cfg, summary), record_test_read(summary, read))
     return summary
 
 
