@@ -18,7 +18,8 @@ network does not know the horizon, so a shorter horizon is a prefix of it); the 
 measured at 1x, 2x, 5x, 10x and 25x. Adam is tuned (learning rate, grid widened until interior, refined to 1/8
 decade) for *each* of those horizons on the train-loss metric, on validation tasks of the meta pool, and run on the
 same evaluation tasks with its per-horizon rate. Reported, per horizon: learned over tuned Adam and PES over TBPTT
-(paired per task: mean ratio with a bootstrap interval, Wilcoxon p, win rate), divergences (final loss non-finite
+(paired per task: mean ratio with a nested bootstrap interval over tasks, then seeds within each task; Wilcoxon p
+with its floor, no claim below 6 tasks; win rate), divergences (final loss non-finite
 or above the initial one), where each run breaks (the first measured multiple at which its loss is more than twice
 its loss at 1x), and the meta-training cost of each estimator (inner steps, meta-steps, wall time).
 
@@ -44,10 +45,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_table, open_run,  # noqa: E402
                     paired, parallel_map, run_main, save_report, test_split_name, verdict, write_json, LOSS_FLOOR,
-                    floored)
+                    floored, final_test_read, preregistered, record_test_read)
 from figures import horizon_plot  # noqa: E402
 
-from learned_opt.evaluate import default_lr_axis, evaluate, tune  # noqa: E402
+from learned_opt.evaluate import default_lr_axis, evaluate, require_final_seeds, tune  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer, load_lopt, save_lopt  # noqa: E402
 from learned_opt.optim import get_optimizer  # noqa: E402
 from learned_opt.optim.learned import build_learned  # noqa: E402
@@ -55,10 +56,13 @@ from learned_opt.tasks import DigitsFamily  # noqa: E402
 from learned_opt.tasks.augment import ReparamFamily  # noqa: E402
 
 ESTIMATORS = ("tbptt", "pes")
-# Losses below LOSS_FLOOR (common.py, the convention of experiments/general.py, fixed before any test task ran)
-# count as it in ratios: tuned Adam drives this task's training loss to 1e-8 and below by 25x, where a ratio would
+# Losses below --loss_floor (default: LOSS_FLOOR of common.py, the convention of experiments/general.py, fixed
+# before any test task ran) count as it in ratios: tuned Adam drives this task's training loss to 1e-8 and below by 25x, where a ratio would
 # measure float32 rounding, not optimisation. Divergence and break detection use the raw losses.
 BREAK_FACTOR = 2.0  # a run "breaks" at the first measured multiple where its loss exceeds this x its loss at 1x
+# What decides the verdicts (the summary's "preregistered" block): horizons, task counts, grid, bound and floor.
+PREREGISTERED = ("seeds", "horizon", "multiples", "tune_tasks", "test_tasks", "grid_low", "grid_high",
+                 "target_ratio_10x", "loss_floor")
 
 
 @dataclass
@@ -83,7 +87,9 @@ class Config(ProtocolConfig):
     grid_low: float = 1e-4
     grid_high: float = 1.0
     target_ratio_10x: float = 1.0
+    loss_floor: float = LOSS_FLOOR  # losses below it count as it in ratios (pre-registered: see the summary)
     train_dir: str = ""  # meta-training runs (default: out_dir/train); shared by the development and final runs
+    smoke: bool = False  # a smoke run (seconds, for the tests): may run final with fewer than 5 seeds; no result
     out_dir: str = "results/estimators/horizon"
     estimators_summary: str = "results/estimators/summary.json"  # where the issue's target keys go
     val_tasks: int = 0  # not used: --tune_tasks says how many validation tasks tune Adam
@@ -92,7 +98,7 @@ class Config(ProtocolConfig):
 PRESETS = {
     "smoke": dict(horizon=20, truncation=10, iterations=2, particles=2, meta_val_every=1, meta_val_tasks=1,
                   multiples=(1, 2, 3), tune_tasks=2, test_tasks=2, grid_low=1e-2, grid_high=1.0, seeds=2,
-                  out_dir="runs/estimators_horizon_smoke",
+                  out_dir="runs/estimators_horizon_smoke", smoke=True,
                   estimators_summary="runs/estimators_horizon_smoke/estimators_summary.json"),
 }
 
@@ -231,19 +237,23 @@ def check(cfg: Config) -> None:
         sys.exit("error: --val_tasks is not used; --tune_tasks says how many validation tasks tune Adam")
     if min(cfg.seeds, cfg.tune_tasks, cfg.test_tasks, cfg.iterations) < 1:
         sys.exit("error: --seeds, --tune_tasks, --test_tasks and --iterations must be >= 1")
+    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke)
     if not cfg.multiples or cfg.multiples[0] != 1 or list(cfg.multiples) != sorted(set(cfg.multiples)):
         sys.exit("error: --multiples must be increasing integers starting at 1")
 
 
 def train_tune_evaluate(cfg: Config, jobs: list) -> tuple:
     """Meta-training (the expensive PES runs first, so that the workers finish together) and Adam's tuning in one
-    pool, then every evaluation on the same tasks. Returns ``(train, tuned, learned, adam)``."""
+    pool, then every evaluation on the same tasks; the final-test read opens between the two. Returns
+    ``(train, tuned, learned, adam, read)``."""
     out = parallel_map(run_job, [("train", cfg, e, s) for e, s in jobs] + [("tune", cfg)], cfg.workers,
                        context="spawn")
     train, tuned = out[:-1], out[-1]
+    read = final_test_read(cfg, preregistered(cfg, PREREGISTERED, {"break_factor": BREAK_FACTOR}),
+                           weights=[lopt_path(cfg, e, s) for e, s in jobs])
     out = parallel_map(run_job, [("learned", cfg, e, s) for e, s in jobs]
                        + [("adam", cfg, h, tuned[h]["lr"]) for h in eval_steps(cfg)], cfg.workers, context="spawn")
-    return train, tuned, out[:len(jobs)], out[len(jobs):]
+    return train, tuned, out[:len(jobs)], out[len(jobs):], read
 
 
 def per_horizon(cfg: Config, L: dict, A: dict, tuned: dict) -> tuple:
@@ -253,11 +263,11 @@ def per_horizon(cfg: Config, L: dict, A: dict, tuned: dict) -> tuple:
     for m, h in zip(cfg.multiples, eval_steps(cfg)):
         rec = {"steps": h}
         for e in ESTIMATORS:
-            rec[f"{e}_vs_tuned_adam"] = paired(floored(L[e][h]), floored(A[h]))
+            rec[f"{e}_vs_tuned_adam"] = paired(floored(L[e][h], cfg.loss_floor), floored(A[h], cfg.loss_floor))
             div = ~np.isfinite(L[e][h]) | (L[e][h] > L[e][0])
             rec[f"{e}_divergences"] = int(div.sum())
             rec[f"{e}_mean_loss"] = float(np.mean(L[e][h]))
-        rec["pes_over_tbptt"] = paired(floored(L["pes"][h]), floored(L["tbptt"][h]))
+        rec["pes_over_tbptt"] = paired(floored(L["pes"][h], cfg.loss_floor), floored(L["tbptt"][h], cfg.loss_floor))
         rec["tuned_adam"] = {"lr": tuned[h]["lr"], "edge": tuned[h]["edge"], "mean_loss": float(np.mean(A[h]))}
         per_h[m] = rec
         rows.append([f"{m}x ({h})", f"{rec['tuned_adam']['mean_loss']:.3g} (lr {tuned[h]['lr']:.3g})",
@@ -273,8 +283,9 @@ def targets_of(cfg: Config, per_h: dict, ten: int, last: int) -> dict:
     key = per_h[ten]["pes_over_tbptt"]
     divergences = per_h[last]["pes_divergences"]
     return {
-        f"pes_over_tbptt_loss_at_{ten}x": {**{k: key[k] for k in ("ratio", "ci_low", "ci_high", "wilcoxon_p",
-                                                                   "win_rate")},
+        f"pes_over_tbptt_loss_at_{ten}x": {**{k: key[k] for k in ("ratio", "ci_low", "ci_high", "ci", "wilcoxon_p",
+                                                                   "wilcoxon_floor", "wilcoxon_claim", "win_rate",
+                                                                   "per_seed_t_ci")},
                                             "bound": cfg.target_ratio_10x, "value": key["ratio"],
                                             "over": f"{cfg.seeds} seeds x {cfg.test_tasks} tasks, paired per task",
                                             "verdict": verdict(key, cfg.target_ratio_10x)},
@@ -304,8 +315,8 @@ def report_text(cfg: Config, summary: dict, rows: list, ten: int, last: int) -> 
     return (f"Horizon generalisation ({summary['evaluated_on']}): NormMLP meta-trained on digits-MLP runs of "
             f"{cfg.horizon} steps (truncation {cfg.truncation}, {cfg.iterations} runs per seed, {cfg.seeds} seeds; "
             f"PES {cfg.particles} particles, sigma {cfg.sigma}), {cfg.test_tasks} tasks per seed; whole-training-"
-            f"split loss (losses below {LOSS_FLOOR:g} count as {LOSS_FLOOR:g} in ratios); Adam tuned per horizon on "
-            f"{cfg.tune_tasks} validation tasks.\n\n{table}\n\n"
+            f"split loss (losses below {cfg.loss_floor:g} count as {cfg.loss_floor:g} in ratios); Adam tuned per "
+            f"horizon on {cfg.tune_tasks} validation tasks.\n\n{table}\n\n"
             f"- target pes_over_tbptt_loss_at_{ten}x <= {cfg.target_ratio_10x}: {key['ratio']:.3g} "
             f"[{key['ci_low']:.3g}, {key['ci_high']:.3g}]: {targets[f'pes_over_tbptt_loss_at_{ten}x']['verdict']}\n"
             f"- target pes_divergences_at_{last}x = 0: {summary[f'pes_divergences_at_{last}x']}: "
@@ -326,7 +337,7 @@ def main(argv=None) -> dict:
     ten = 10 if 10 in cfg.multiples else cfg.multiples[len(cfg.multiples) // 2]
     last = cfg.multiples[-1]
     jobs = [("pes", s) for s in seeds] + [("tbptt", s) for s in seeds]
-    train, tuned, learned, adam = train_tune_evaluate(cfg, jobs)
+    train, tuned, learned, adam, read = train_tune_evaluate(cfg, jobs)
     L = {e: {h: np.stack([np.asarray(r["at"][h], float) for (ee, _), r in zip(jobs, learned) if ee == e])
              for h in [0, *steps]} for e in ESTIMATORS}  # (seeds, tasks)
     A = {h: np.asarray(r["at"][h], float) for h, r in zip(steps, adam)}
@@ -347,12 +358,12 @@ def main(argv=None) -> dict:
         "break_multiple": breaks, "break_factor": BREAK_FACTOR, "meta_training": cost, "train_runs": train,
         f"pes_over_tbptt_loss_at_{ten}x": per_h[ten]["pes_over_tbptt"]["ratio"],
         f"pes_divergences_at_{last}x": per_h[last]["pes_divergences"],
-        "targets": targets, "loss_floor": LOSS_FLOOR, "wall_seconds": time.time() - t0,
+        "targets": targets, "loss_floor": cfg.loss_floor, "wall_seconds": time.time() - t0,
         # the raw per-task whole-training-split losses (seeds x tasks; Adam: tasks), at step 0 and every horizon
         "losses": {**{e: {h: L[e][h].tolist() for h in L[e]} for e in ESTIMATORS},
                    "tuned_adam": {h: A[h].tolist() for h in steps}, "initial": A0.tolist()},
     }
-    save_report(cfg.out_dir, report_text(cfg, summary, rows, ten, last), summary)
+    save_report(cfg.out_dir, report_text(cfg, summary, rows, ten, last), record_test_read(summary, read))
     if cfg.final:  # only the reported run's numbers go into the issue's summary
         merge_estimators_summary(cfg.estimators_summary, {k: summary[k] for k in targets}, targets,
                                  os.path.join(cfg.out_dir, "summary.json"))
