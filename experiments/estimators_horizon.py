@@ -58,7 +58,8 @@ from learned_opt.tasks.augment import ReparamFamily  # noqa: E402
 ESTIMATORS = ("tbptt", "pes")
 # Losses below --loss_floor (default: LOSS_FLOOR of common.py, the convention of experiments/general.py, fixed
 # before any test task ran) count as it in ratios: tuned Adam drives this task's training loss to 1e-8 and below by
-# 25x, where a ratio would measure float32 rounding, not optimisation. Divergence and break detection use the raw losses.
+# 25x, where a ratio would measure float32 rounding, not optimisation.
+# Divergence and break detection use the raw losses.
 BREAK_FACTOR = 2.0  # a run "breaks" at the first measured multiple where its loss exceeds this x its loss at 1x
 # What decides the verdicts (the summary's "preregistered" block): horizons, task counts, grid, bound and floor.
 PREREGISTERED = ("seeds", "horizon", "multiples", "tune_tasks", "test_tasks", "grid_low", "grid_high",
