@@ -21,9 +21,10 @@ the evaluation tasks are validation stream ``dev`` in development runs and the f
    interval <= ``loss_bound``, the one whose interval of steps saved has the highest lower end (if none
    qualifies: the lowest upper end of the loss ratio). Only the chosen setting is evaluated on the evaluation tasks.
    Reported: the test-split loss at the stop (primary: no rule observes it), the validation loss at the stop and
-   the steps used; bootstrap intervals over seeds and tasks of the steps saved against patience 10 (1 - ratio of
-   mean steps) and of the paired per-task loss ratio. The target is met only when the whole interval of steps
-   saved is >= ``steps_saved_target`` and the whole interval of the test-loss ratio is <= ``loss_bound``.
+   the steps used; nested bootstrap intervals (tasks, then seeds within each task) of the steps saved against
+   patience 10 (1 - ratio of mean steps) and of the paired per-task loss ratio. The target is met only when the
+   whole interval of steps saved is >= ``steps_saved_target`` and the whole interval of the test-loss ratio is
+   <= ``loss_bound``.
 2. **Learned learning rate** (larger training sets, ``n_train_lr``: the schedule matters). The
    :class:`LearnedController` LR head drives SGD and Adam at the base rate of the tuned constant schedule,
    meta-trained (``seeds`` seeds) on the validation loss with a validation loss every step; it is evaluated with a
@@ -70,7 +71,8 @@ from control_report import (BASES, REFERENCE, SCHEDULES, SELECT_STREAM, ablation
 from figures import lr_schedule_plot  # noqa: E402
 
 from learned_opt.control import Cosine, EarlyStopping, ExponentialDecay, FixedBudget, StepDecay  # noqa: E402
-from learned_opt.evaluate import Axis, default_lr_axis, evaluate, make_baseline, task_seed, tune  # noqa: E402
+from learned_opt.evaluate import (Axis, default_lr_axis, evaluate, make_baseline, require_final_seeds,  # noqa: E402
+                                  task_seed, tune)
 from learned_opt.meta import MetaConfig, MetaTrainer  # noqa: E402
 from learned_opt.optim.learned import CoordLSTM, LearnedController  # noqa: E402
 from learned_opt.tasks import MetaNetFamily  # noqa: E402
@@ -113,6 +115,7 @@ class Config(ProtocolConfig):
     loss_bound: float = 1.01
     seed: int = 0  # task streams; meta-training seeds are seed, seed + 1, ...
     cache_dir: str = ""  # tuning cache (default: out_dir/tuning_cache); tuning touches validation tasks only
+    smoke: bool = False  # a smoke run (seconds, for the tests): may run final with fewer than 5 seeds; no result
     out_dir: str = "results/control"
     threads: int = 1
 
@@ -121,7 +124,7 @@ PRESETS = {"smoke": dict(horizon=8, truncation=4, seeds=2, val_tasks=2, select_t
                          lambdas=(0.0, 1e-2), thresholds=(0.3, 0.7), patiences=(2, 10), budgets=(3, 8),
                          stop_iterations=2, lr_iterations=2, update_iterations=2, tasks_per_step=1,
                          meta_val_every=1, meta_val_tasks=2, n_train_lr=32, lr_low=1e-2, lr_per_decade=1, max_widen=2,
-                         out_dir="runs/control_smoke")}
+                         out_dir="runs/control_smoke", smoke=True)}
 
 
 # ------------------------------------------------------------------------------------------------ building blocks
@@ -296,6 +299,7 @@ def check(cfg: Config) -> None:
     problems = []
     if cfg.seeds < 1 or cfg.eval_tasks < 1 or cfg.val_tasks < 1 or cfg.select_tasks < 1:
         problems.append("--seeds, --eval_tasks, --val_tasks and --select_tasks must be >= 1")
+    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke)
     if not cfg.lambdas or any(not (lam >= 0) for lam in cfg.lambdas):
         problems.append(f"--lambdas must be numbers >= 0, got {cfg.lambdas!r}")
     if not cfg.thresholds or any(not (0 < t < 1) for t in cfg.thresholds):

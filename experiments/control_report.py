@@ -1,7 +1,8 @@
 """The statistics, summary and table of ``experiments/control.py`` (learned against hand-designed meta-control).
 
 Pure functions of the evaluation outputs: the per-task arrays come in, the paired comparisons (:func:`paired`,
-bootstrap over seeds and tasks), the targets' verdicts, ``summary.json``'s dict and ``table.md``'s text go out.
+nested bootstrap over tasks, then seeds within each task; t interval over seeds beside it), the targets' verdicts
+(:func:`verdict`: the whole interval), ``summary.json``'s dict and ``table.md``'s text go out.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def setting(lam: float, thr: float) -> str:
 
 
 def steps_saved(learned: np.ndarray, reference: np.ndarray) -> Dict[str, float]:
-    """1 - ratio of mean steps (learned over reference), with the bootstrap interval over seeds and tasks."""
+    """1 - ratio of mean steps (learned over reference), with the nested bootstrap interval (tasks, then seeds)."""
     p = paired(learned, reference)
     lo, hi = p["ratio_of_means_ci"]
     return {"value": 1 - p["ratio_of_means"], "ci_low": 1 - hi, "ci_high": 1 - lo,

@@ -42,7 +42,7 @@ VARIANTS = {
 @dataclass
 class Config:
     """Ablation settings; every field is a command-line flag."""
-    seeds: int = 3
+    seeds: int = 5  # meta-training seeds per variant (the protocol's minimum)
     workers: int = 1  # independent meta-trainings run in this many processes (results do not depend on it)
     tasks: int = 20  # validation tasks for the comparison
     horizon: int = 100

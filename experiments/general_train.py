@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import parallel_map, parse_config, provenance, run_main, write_json  # noqa: E402
 
-from learned_opt.evaluate import evaluate  # noqa: E402
+from learned_opt.evaluate import evaluate, require_final_seeds  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer, load_lopt, save_lopt  # noqa: E402
 from learned_opt.optim.learned import build_learned  # noqa: E402
 from learned_opt.tasks.suite import MixtureFamily, meta_families  # noqa: E402
@@ -33,7 +33,7 @@ from learned_opt.tasks.suite import MixtureFamily, meta_families  # noqa: E402
 @dataclass
 class Config:
     """Meta-training of the general optimizer; every field is a command-line flag."""
-    seeds: int = 3
+    seeds: int = 5  # a shipping run (--ship true) needs at least 5
     iterations: int = 500
     sample_horizons: tuple = (100, 300, 1000)
     truncation: int = 25
@@ -55,12 +55,14 @@ class Config:
     ship_name: str = "general"
     ship_dir: str = ""  # the catalogue folder to ship into (default: the package's learned_opt/pretrained)
     workers: int = 2
+    smoke: bool = False  # a smoke run (seconds, for the tests): may run final with fewer than 5 seeds; no result
     out_dir: str = "results/general/train"
 
 
 PRESETS = {
     "smoke": dict(seeds=2, iterations=2, sample_horizons=(6, 10), truncation=5, val_every=1, val_tasks=2,
-                  val_horizon=8, ship_tasks=2, ship_horizon=8, out_dir="runs/general_train_smoke"),
+                  val_horizon=8, ship_tasks=2, ship_horizon=8, out_dir="runs/general_train_smoke",
+                  smoke=True),
 }
 
 
@@ -115,6 +117,10 @@ def ship_score(cfg: Config, seed: int) -> float:
 def main(argv=None) -> dict:
     """Meta-train every seed, score them on the ship stream, and optionally ship the best."""
     cfg = parse_config(Config, PRESETS, argv)
+    try:
+        require_final_seeds(cfg.seeds, cfg.ship, smoke=cfg.smoke)  # shipping is a final run
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     os.makedirs(cfg.out_dir, exist_ok=True)
     start = time.time()
     seeds = list(range(cfg.seeds))

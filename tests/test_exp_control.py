@@ -13,7 +13,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAIRED_KEYS = ("ratio", "ci_low", "ci_high", "wilcoxon_p", "win_rate")
+PAIRED_KEYS = ("ratio", "ci_low", "ci_high", "ci", "wilcoxon_p", "wilcoxon_floor", "wilcoxon_claim", "win_rate")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def test_control_smoke_writes_summary_with_required_keys(tmp_path):
     for key in ("meta_training_seeds", "validation_tasks", "ci", "tuning_metric", "test_split"):
         assert key in s["protocol"], key
     assert s["protocol"]["meta_training_seeds"] == 2 and s["protocol"]["test_split"].startswith("val/dev")
+    assert s["protocol"]["ci"] == "hierarchical_bootstrap"
     assert s["paired"] and all(set(PAIRED_KEYS) <= set(p) for p in s["paired"].values())
     stop = s["stop"]
     for key in ("chosen_lambda", "chosen_threshold", "steps_saved", "loss_ratio", "val_loss_ratio", "target_met",

@@ -80,6 +80,9 @@ def test_summary_has_every_promised_number(dev):
                 "tuned_hyperparameters"):
         assert key in p, key
     assert p["meta_training_seeds"] == 2 and p["validation_tasks"] == 2 and p["test_split"].startswith("val/dev")
+    assert p["ci"] == "hierarchical_bootstrap" and p["loss_floor"] == general.LOSS_FLOOR
+    for key in TARGET_KEYS:  # the families-fixed interval beside the one that resamples families
+        assert {"ci_low", "ci_high"} <= set(s[key]["families_fixed"]) and s[key]["n_families"] == 1, key
     assert set(p["tuning_metric"]) == {"train_loss", "test_loss", "accuracy"}
     assert "learning rate only" in p["tuned_hyperparameters"]
     assert set(s["targets_met"]) == set(TARGET_KEYS) | {"divergences", "step_time_over_adam_mlp200k"}
@@ -137,25 +140,31 @@ def test_met_flags_follow_the_intervals(dev):
     assert s["divergences"]["count"] == sum(sum(v.values()) for v in s["divergences"]["by_family"].values())
 
 
-def test_gmean_ratio_and_target_rules(dev):
+def test_family_ratio_and_target_rules(dev):
+    from learned_opt.evaluate import family_ratio
+
     general = dev[0]
     rng = np.random.default_rng(0)
     base = rng.uniform(1, 2, 5)
-    # learned at exactly half (family a) and a quarter (family b) of the baseline: no spread, ratio sqrt(1/8)
-    r = general.gmean_ratio({"a": (np.stack([0.5 * base] * 3), base), "b": (np.stack([0.25 * base] * 3), base)},
-                            n_boot=200)
-    assert r["ratio"] == pytest.approx(math.sqrt(0.125)) and r["ci_low"] == pytest.approx(r["ci_high"])
+    # learned at exactly half (family a) and a quarter (family b) of the baseline: no spread within a family, so
+    # with the families fixed the interval is the point; resampling the families spreads it over [1/4, 1/2]
+    r = family_ratio({"a": (np.stack([0.5 * base] * 3), base), "b": (np.stack([0.25 * base] * 3), base)},
+                     floor=general.LOSS_FLOOR, n_boot=200)
+    assert r["ratio"] == pytest.approx(math.sqrt(0.125)) and r["ci"] == "hierarchical_bootstrap"
+    assert r["families_fixed"]["ci_low"] == pytest.approx(r["families_fixed"]["ci_high"])
+    assert r["ci_low"] == pytest.approx(0.25) and r["ci_high"] == pytest.approx(0.5)
     assert r["families"] == {"a": pytest.approx(0.5), "b": pytest.approx(0.25)}
     assert general.target(r, 0.5)["met"] and not general.target(r, 0.3)["met"]
     # an interval that crosses the bound is not met; a reported-only record has no verdict
-    spread = general.gmean_ratio({"a": (base[None] * rng.uniform(0.5, 2.0, (3, 5)), base)}, n_boot=500)
+    spread = family_ratio({"a": (base[None] * rng.uniform(0.5, 2.0, (3, 5)), base)}, floor=general.LOSS_FLOOR,
+                          n_boot=500)
     assert spread["ci_low"] < spread["ratio"] < spread["ci_high"]
     assert not general.target(spread, spread["ratio"])["met"]
     assert general.target(spread, None)["met"] is None
     # a diverged learned run makes the ratio infinite and the target unmet
     bad = np.stack([0.5 * base] * 3)
     bad[1, 2] = np.inf
-    r = general.gmean_ratio({"a": (bad, base)}, n_boot=200)
+    r = family_ratio({"a": (bad, base)}, floor=general.LOSS_FLOOR, n_boot=200)
     assert r["ratio"] == math.inf and r["nonfinite_tasks"] == 1 and not general.target(r, 1.0)["met"]
     # divergence: non-finite or above the initial whole-split train loss
     at = {0: {"train_loss": np.array([1.0, 1.0, 1.0])}, 5: {"train_loss": np.array([0.5, 1.5, np.nan])}}

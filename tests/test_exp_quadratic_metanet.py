@@ -11,7 +11,7 @@ import learned_opt.meta.trainer as meta_mod
 from tests.test_experiments import ROOT, run_script
 
 PROTOCOL_KEYS = ("meta_training_seeds", "validation_tasks", "ci", "tuning_metric", "test_split")
-PAIRED_KEYS = ("ratio", "ci_low", "ci_high", "wilcoxon_p", "win_rate")
+PAIRED_KEYS = ("ratio", "ci_low", "ci_high", "ci", "wilcoxon_p", "wilcoxon_floor", "wilcoxon_claim", "win_rate")
 
 
 def check_paired(p, seeds):
@@ -30,6 +30,7 @@ def test_quadratic_smoke_writes_protocol_paired_and_targets(tmp_path):
     for key in PROTOCOL_KEYS:
         assert key in s["protocol"], key
     assert s["protocol"]["meta_training_seeds"] == 2 and s["protocol"]["validation_tasks"] == 2
+    assert s["protocol"]["ci"] == "hierarchical_bootstrap"
     assert s["protocol"]["test_draw"] is None and "no test task" in s["protocol"]["test_split"]
     assert set(s["paired"]) == {"at_10", "at_20"}  # the smoke horizons
     for h in (10, 20):

@@ -26,7 +26,8 @@ def test_digits_smoke_writes_the_protocol_keys_and_reuses_its_tuning_cache(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     proto = summary["protocol"]
-    assert proto["meta_training_seeds"] == 2 and proto["validation_tasks"] == 2 and proto["ci"] == "bootstrap"
+    assert proto["meta_training_seeds"] == 2 and proto["validation_tasks"] == 2
+    assert proto["ci"] == "hierarchical_bootstrap" and "seeds" in proto["ci_resampling"]
     assert proto["tuning_metric"] and proto["test_split"].startswith("test") and proto["heldout_images"] is True
     assert summary["heldout_images"] is True
     for key in ("learned_over_best_baseline_at_10", "test_loss_ratio_at_10", "test_loss_ratio_at_20",
@@ -34,7 +35,9 @@ def test_digits_smoke_writes_the_protocol_keys_and_reuses_its_tuning_cache(tmp_p
         assert key in summary, key
     for name in ("train_at_10", "train_at_20", "heldout_at_10", "heldout_at_20"):
         p = summary["paired"][name]
-        assert set(p) >= {"ratio", "ci_low", "ci_high", "wilcoxon_p", "win_rate"} and p["n_seeds"] == 2, name
+        assert set(p) >= {"ratio", "ci_low", "ci_high", "wilcoxon_p", "wilcoxon_floor", "wilcoxon_claim", "win_rate",
+                          "per_seed_t_ci"} and p["n_seeds"] == 2, name
+        assert p["wilcoxon_claim"] is False  # 3 tasks: the exact test cannot go below 0.25
         assert p["ci_low"] <= p["ratio"] <= p["ci_high"]
     assert set(summary["unseen"]) == {"relu"} and set(summary["unseen"]["relu"]) == {"train", "heldout", "accuracy"}
     assert set(summary["speedup_over_tuned_adam"]) == {"5", "10", "20"}
