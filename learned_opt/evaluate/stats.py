@@ -53,10 +53,11 @@ MIN_FINAL_SEEDS = 5  # meta-training seeds a final (reported) run needs: 3 seeds
 WILCOXON_LEVEL = 0.05  # a Wilcoxon p-value supports a claim only when the exact test can go below it
 
 
-def require_final_seeds(seeds: int, final: bool, flag: str = "--seeds") -> None:
+def require_final_seeds(seeds: int, final: bool, *, smoke: bool = False, flag: str = "--seeds") -> None:
     """Raise ``ValueError`` (one line naming ``flag``) when a final run would meta-train fewer than
-    :data:`MIN_FINAL_SEEDS` seeds; development and smoke runs may use fewer."""
-    if final and seeds < MIN_FINAL_SEEDS:
+    :data:`MIN_FINAL_SEEDS` seeds; development runs and smoke runs (``smoke``: seconds, for the tests; their numbers
+    are no result) may use fewer."""
+    if final and not smoke and seeds < MIN_FINAL_SEEDS:
         raise ValueError(f"{flag} {seeds}: a final run needs at least {MIN_FINAL_SEEDS} meta-training seeds "
                          f"(fewer only in development runs)")
 
