@@ -51,8 +51,10 @@ def preregistered(cfg: ProtocolConfig, fields: Sequence[str], constants: Optiona
     return {**block, "sha256": ledger.digest(block)}
 
 
-def final_test_read(cfg: ProtocolConfig, prereg: Dict[str, Any], *, weights: Sequence[str] = (), configs: Any = None):
-    """Open the final-test read of ``weights`` (meta-trained files) or, without weights, of the tuned ``configs``:
+def final_test_read(cfg: ProtocolConfig, prereg: Dict[str, Any], *, weights: Sequence[str] = (),
+                    states: Sequence[Dict] = (), configs: Any = None):
+    """Open the final-test read of ``weights`` (meta-trained files) or ``states`` (their state dicts in memory) or,
+    without weights, of the tuned ``configs``:
     call it after meta-training and before the first test-split evaluation. A development run touches no ledger
     (0 reads); a second final read of the same key exits 2 with one line, writing nothing, unless
     ``--force_test_read true``. Returns the record :func:`record_test_read` puts into the summary."""
@@ -61,7 +63,7 @@ def final_test_read(cfg: ProtocolConfig, prereg: Dict[str, Any], *, weights: Seq
     git = git_state()
     code = {"git_commit": git["git_commit"], "git_dirty": git["git_dirty"],
             "sources_sha256": ledger.sources_digest(ROOT)}
-    key = ledger.read_key(split="test", draw=TEST_DRAW, weights=weights, configs=configs)
+    key = ledger.read_key(split="test", draw=TEST_DRAW, weights=weights, states=states, configs=configs)
     script = os.path.basename(getattr(sys.modules.get(type(cfg).__module__), "__file__", "") or "")
     try:
         read = ledger.open_test_read(os.path.join(cfg.out_dir, ledger.LEDGER_FILE), key, code=code,

@@ -64,7 +64,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, configure, eval_split, open_run, paired, parallel_map,  # noqa: E402
-                    parse_config, run_main, test_split_name)  # noqa: F401  (parse_config: the tests build configs)
+                    parse_config, run_main, test_split_name, final_test_read, preregistered,  # noqa: F401
+                    record_test_read)  # (parse_config: the tests build configs)
 from control_report import (BASES, REFERENCE, SCHEDULES, SELECT_STREAM, ablation_statistics,  # noqa: E402, F401
                             choose_stop_setting, lr_statistics, report, setting, short, stacked, steps_saved,
                             stop_statistics, summarize)
@@ -81,6 +82,10 @@ from learned_opt.unroll import unroll  # noqa: E402
 
 
 PLOT_STREAM = "plot"
+# What decides the verdicts (the summary's "preregistered" block): grids, task counts, bounds.
+PREREGISTERED = ("seeds", "horizon", "lambdas", "thresholds", "patiences", "budgets", "select_tasks", "eval_tasks",
+                 "val_tasks", "lr_low", "lr_high", "lr_per_decade", "max_widen", "steps_saved_target", "loss_bound",
+                 "seed")
 
 
 @dataclass
@@ -475,6 +480,8 @@ def main(argv=None) -> dict:
     adam_spec = ("adam", {"lr": adam_tuned["hparams"]["lr"]})
     updates, lr_ctrls, stop_ctrls = trained = meta_train_stage(cfg, seeds, adam_spec[1]["lr"], const_lr, seconds)
     sel = select_stage(cfg, seeds, adam_spec, stop_ctrls, seconds)
+    read = final_test_read(cfg, preregistered(cfg, PREREGISTERED, {"reference_patience": REFERENCE}),
+                           states=[r["state"] for group in trained for r in group.values()])
     ev, lstm_stop = evaluate_stage(cfg, seeds, adam_spec, tuned, const_lr, trained, sel, seconds)
     split_name = test_split_name(cfg)
     H = cfg.horizon
@@ -483,7 +490,7 @@ def main(argv=None) -> dict:
     ablation = ablation_statistics(H, seeds, ev, sel["chosen"], adam_spec[1]["lr"], updates, lstm_stop)
     summary = summarize(cfg, prov, split_name, stop, lr, ablation, seconds)
     summary["total_seconds"] = time.perf_counter() - t_start
-    report(cfg, summary, sel, split_name)
+    report(cfg, record_test_read(summary, read), sel, split_name)
     lr_schedule_plot(os.path.join(cfg.out_dir, "lr_schedules.png"), lr_traces(cfg, seeds, lr_ctrls, tuned, const_lr),
                      H)
     return summary

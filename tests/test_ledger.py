@@ -61,6 +61,12 @@ def test_key_follows_weights_and_split_not_folder(tmp_path):
     assert ledger.read_key(split="val", draw=None, weights=[a]) != key
     assert ledger.read_key(split="test", draw=2, weights=[a, c]) != ledger.read_key(split="test", draw=2,
                                                                                      weights=[c, a])
+    import torch
+    st = {"w": torch.ones(3)}
+    skey = ledger.read_key(split="test", draw=2, states=[st])
+    assert ledger.read_key(split="test", draw=2, states=[{"w": torch.ones(3)}]) == skey
+    assert ledger.read_key(split="test", draw=2, states=[{"w": torch.tensor([1.0, 1.0, 1.0 + 1e-6])}]) != skey
+    assert ledger.read_key(split="test", draw=3, states=[st]) != skey
     conf = ledger.read_key(split="test", draw=2, configs={"adam": {"lr": 0.01}})
     assert conf != ledger.read_key(split="test", draw=2, configs={"adam": {"lr": 0.02}})
     with pytest.raises(ValueError, match="weights files or"):

@@ -51,6 +51,18 @@ def files_digest(paths: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def states_digest(states: Iterable[Mapping[str, Any]]) -> str:
+    """SHA-256 over in-memory weights (state dicts of tensors), in order: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for state in states:
+        for name, t in sorted(state.items()):
+            a = t.detach().cpu().contiguous().numpy()
+            h.update(f"{name}|{a.dtype}|{tuple(a.shape)}".encode() + b"\0")
+            h.update(a.tobytes())
+        h.update(b"\1")  # where one network ends
+    return h.hexdigest()
+
+
 def sources_digest(root: str, folders: Sequence[str] = SOURCE_FOLDERS) -> str:
     """SHA-256 over every ``.py`` file under ``root/<folder>`` (relative path and bytes, sorted by path)."""
     h = hashlib.sha256()
@@ -70,12 +82,18 @@ def config_digest(config: Mapping[str, Any], unhashed: Sequence[str] = UNHASHED_
     return digest({k: v for k, v in config.items() if k not in unhashed and not k.endswith("_dir")})
 
 
-def read_key(*, split: str, draw: Optional[int], weights: Sequence[str] = (), configs: Any = None) -> str:
-    """The ledger key of one read: the weights files' bytes (or, with no weights, the tuned ``configs``), the
-    split and its task draw."""
-    if not weights and configs is None:
+def read_key(*, split: str, draw: Optional[int], weights: Sequence[str] = (), states: Sequence[Mapping] = (),
+             configs: Any = None) -> str:
+    """The ledger key of one read: the weights files' bytes or in-memory ``states`` (or, with no weights, the
+    tuned ``configs``), the split and its task draw."""
+    if weights:
+        what = {"weights_sha256": files_digest(weights)}
+    elif states:
+        what = {"weights_sha256": states_digest(states)}
+    elif configs is not None:
+        what = {"configs_sha256": digest(configs)}
+    else:
         raise ValueError("a test read needs the weights files or, for an experiment without weights, its configs")
-    what = {"weights_sha256": files_digest(weights)} if weights else {"configs_sha256": digest(configs)}
     return digest({**what, "split": split, "draw": draw})
 
 
