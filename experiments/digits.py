@@ -38,14 +38,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_table, open_run,  # noqa: E402
-                    paired, parallel_map, run_main, test_split_name, verdict, save_report)
+                    paired, parallel_map, run_main, test_split_name, verdict, save_report, final_test_read,
+                    preregistered, record_test_read)
 
 from figures import plot_curves, speedup_plot  # noqa: E402
 
 from learned_opt.control import Cosine  # noqa: E402
 from learned_opt.evaluate import (baseline_kwargs, default_lr_axis, envelope_speedup, evaluate,  # noqa: E402
                                   protocol_record, require_final_seeds, tune, tune_baseline)
-from learned_opt.meta import MetaConfig, MetaTrainer, save_lopt  # noqa: E402
+from learned_opt.meta import MetaConfig, MetaTrainer, load_lopt, save_lopt  # noqa: E402
 from learned_opt.optim import get_optimizer  # noqa: E402
 from learned_opt.optim.learned import build_learned  # noqa: E402
 from learned_opt.tasks import DigitsFamily  # noqa: E402
@@ -59,6 +60,9 @@ UNSEEN = {
 }
 # rows: (reported metric on evaluation tasks, metric the baselines are tuned on, on validation tasks)
 ROWS = {"train": ("train_loss", "train_loss"), "heldout": ("test_loss", "val_loss")}
+# What decides the verdicts (the summary's "preregistered" block): task counts, horizons, grids, learners.
+PREREGISTERED = ("seeds", "val_tasks", "test_tasks", "eval_horizons", "speedup_steps", "unseen", "baselines",
+                 "grid_low", "grid_high", "reference_schedule")
 
 
 @dataclass
@@ -179,13 +183,18 @@ def eval_job(cfg: Config, learner: str, name: str, kwargs: dict, steps: int, che
     return res.at, res.curves.mean(0)
 
 
+def lopt_file(cfg: Config, seed: int) -> str:
+    """The meta-trained weights of ``seed`` (best checkpoint)."""
+    return os.path.join(cfg.out_dir, f"run_seed{seed}", "lopt.pt")
+
+
 def seed_job(cfg: Config, seed: int):
-    """Meta-train the learned optimizer of ``seed``, then evaluate it on every evaluation family."""
+    """Meta-train the learned optimizer of ``seed``; its weights go to :func:`lopt_file`."""
     torch.set_num_threads(cfg.threads)
-    meta, evals, _ = families(cfg)
+    meta, _, _ = families(cfg)
     torch.manual_seed(seed)  # the meta-network's initialisation
     net = build_learned(cfg.net, **net_args(cfg)).to(cfg.device)
-    run_dir = os.path.join(cfg.out_dir, f"run_seed{seed}")
+    run_dir = os.path.dirname(lopt_file(cfg, seed))
     train_family = ReparamFamily(meta, cfg.augment) if cfg.augment > 1 else meta
     trainer = MetaTrainer(net, train_family, meta_config(cfg, seed), run_dir=run_dir, progress=False)
     # an interrupted final run continues from its checkpoint: resume is bit-identical to never stopping (a test
@@ -193,7 +202,16 @@ def seed_job(cfg: Config, seed: int):
     resumed = trainer.resume()
     trainer.run()
     seconds = trainer.train_seconds  # meta-training time, summed over interrupted parts
-    save_lopt(os.path.join(run_dir, "lopt.pt"), net)
+    save_lopt(lopt_file(cfg, seed), net)
+    return {"seed": seed, "meta_seconds": seconds, "resumed": resumed, "skipped": trainer.skipped,
+            "meta_steps": trainer.meta_step}
+
+
+def seed_eval_job(cfg: Config, rec: dict):
+    """The meta-trained network of ``rec["seed"]`` (read back from its weights file) on every evaluation family."""
+    torch.set_num_threads(cfg.threads)
+    _, evals, _ = families(cfg)
+    net = load_lopt(lopt_file(cfg, rec["seed"])).to(cfg.device)
     ctrl = net.as_controller if cfg.control == "learned" else None
     max_h = max(cfg.eval_horizons)
     marks = tuple(sorted({h for h in (*cfg.eval_horizons, *cfg.speedup_steps) if h <= max_h}))
@@ -203,9 +221,7 @@ def seed_job(cfg: Config, seed: int):
                    **eval_split(cfg))
     unseen = {a: evaluate(evals[a], net, ctrl, num_tasks=cfg.test_tasks, steps=cfg.horizon,
                           **eval_split(cfg)) for a in cfg.unseen}
-    return {"seed": seed, "meta_seconds": seconds, "resumed": resumed, "skipped": trainer.skipped,
-            "meta_steps": trainer.meta_step,
-            "at": res.at, "curves": res.curves, "unseen_at": {a: r.at for a, r in unseen.items()},
+    return {**rec, "at": res.at, "curves": res.curves, "unseen_at": {a: r.at for a, r in unseen.items()},
             "unseen_curves": {a: r.curves for a, r in unseen.items()}}
 
 
@@ -275,8 +291,13 @@ def baseline_values(tuned: dict, base_at: dict, learner: str, n: str, h: int, ro
 
 
 def meta_train_stage(cfg: Config, horizons: list) -> list:
-    """The learned optimizer, one meta-training (and evaluation) per seed."""
-    per_seed = parallel_map(seed_job, [(cfg, s) for s in range(cfg.seeds)], cfg.workers)
+    """The learned optimizer, one meta-training per seed (no evaluation task touched). Returns the records."""
+    return parallel_map(seed_job, [(cfg, s) for s in range(cfg.seeds)], cfg.workers)
+
+
+def learned_stage(cfg: Config, records: list, horizons: list) -> list:
+    """Each seed's meta-trained network on the evaluation tasks."""
+    per_seed = parallel_map(seed_eval_job, [(cfg, r) for r in records], cfg.workers)
     for s in per_seed:
         print(f"seed {s['seed']}: meta-trained in {s['meta_seconds']:.0f} s ({s['skipped']} skipped meta-steps); "
               f"train loss @{horizons[0]} {s['at'][horizons[0]]['train_loss'].mean():.4f}")
@@ -451,15 +472,18 @@ def main(argv=None) -> dict:
     horizons = sorted(cfg.eval_horizons)
     max_h = horizons[-1]
     tuned, refs = tune_stage(cfg, horizons)
+    records = meta_train_stage(cfg, horizons)
+    read = final_test_read(cfg, preregistered(cfg, PREREGISTERED, {"unseen_learners": UNSEEN}),
+                           weights=[lopt_file(cfg, r["seed"]) for r in records])
     base_at, base_curve, ref_at = baseline_stage(cfg, tuned, refs, horizons)
-    per_seed = meta_train_stage(cfg, horizons)
+    per_seed = learned_stage(cfg, records, horizons)
     summary = new_summary(cfg, prov, tuned, per_seed)
     rows = compare_stage(cfg, summary, tuned, base_at, refs, ref_at, per_seed, horizons)
     unseen_stage(cfg, summary, tuned, base_at, per_seed, rows)
     stability_and_speedup(cfg, summary, tuned, per_seed, max_h)
     set_targets(cfg, summary, horizons)
     summary["total_seconds"] = time.perf_counter() - t_start
-    save_report(cfg.out_dir, report_text(cfg, summary, rows, horizons), summary)
+    save_report(cfg.out_dir, report_text(cfg, summary, rows, horizons), record_test_read(summary, read))
     draw_figures(cfg, summary, tuned, base_curve, per_seed, max_h)
     return summary
 
