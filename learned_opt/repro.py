@@ -4,9 +4,10 @@ Measured here: 3 meta-iterations of digits meta-training give different meta-wei
 kernels, under its AVX2 kernels, and under MKL with or without ``MKL_CBWR=AVX2``, so results depended on the
 instruction set of the CPU they ran on. Pinning ATen's kernel dispatch (``ATEN_CPU_CAPABILITY``), oneDNN's
 instruction set (``ONEDNN_MAX_CPU_ISA``) and MKL's conditional numerical reproducibility mode (``MKL_CBWR``) to
-AVX2 should make float32 results the same on any x86-64 CPU with AVX2, given the same torch/MKL versions and one
-intra-op thread. That cross-machine identity rests on MKL's documented CNR guarantee plus ATen's fixed kernel
-dispatch; it has not been verified on a second machine.
+AVX2 makes the hand-coded baselines bit-identical across x86-64 CPUs with AVX2 (checked between an AMD EPYC and an
+Intel Xeon, same torch/MKL versions, one intra-op thread), but not meta-training: it departed at the first
+meta-iteration there, so meta-trained results are only statistically reproducible (``tools/numerics_trace.py``
+names the first op that departs between the kernel paths one machine can select).
 
 These variables are read once, when torch and MKL start, so :func:`ensure_portable_numerics` sets them and
 re-executes the process; call it first thing in an entry point. ``LEARNED_OPT_NATIVE_NUMERICS=1`` turns it off
