@@ -1,4 +1,4 @@
-"""Portable CPU numerics: pin torch's ATen kernels and MKL to AVX2 so float32 results do not depend on the CPU.
+"""Portable CPU numerics: pin torch's ATen kernels and MKL to AVX2 so fewer float32 results depend on the CPU.
 
 Measured here: 3 meta-iterations of digits meta-training give different meta-weights under torch's AVX512
 kernels, under its AVX2 kernels, and under MKL with or without ``MKL_CBWR=AVX2``, so results depended on the
