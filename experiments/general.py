@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_table, open_run,  # noqa: E402
                     paired, parallel_map, run_main, test_split_name, save_report, floored, LOSS_FLOOR)
 from figures import plot_families  # noqa: E402
-from stats_common import diverged, target  # noqa: E402
+from stats_common import ci, diverged, families_fixed_ci, target  # noqa: E402
 
 from learned_opt.evaluate import (bootstrap, default_lr_axis, evaluate, family_ratio, protocol_record,  # noqa: E402
                                   require_final_seeds, tune_baseline)
@@ -199,7 +199,6 @@ def step_time_bench(cfg: Config, lopt_path: str) -> dict:
         for name in (("learned", "adam") if r % 2 == 0 else ("adam", "learned")):
             times[name].append(per_step(name))
     L, A = np.array(times["learned"]), np.array(times["adam"])
-    # repetitions resampled as pairs (each repetition times both, interleaved)
     lo, hi = bootstrap(np.stack([L, A], 1), lambda b: np.median(b[..., 0], 1) / np.median(b[..., 1], 1),
                        n_boot=cfg.n_boot)
     return {"ratio": float(np.median(L) / np.median(A)), "ci_low": lo, "ci_high": hi,
@@ -423,11 +422,6 @@ def summarize(cfg: Config, prov: dict, fams: tuple, runs: Runs, fam_out: dict, b
     return summary
 
 
-def ci(r: dict) -> str:
-    """``ratio [ci_low, ci_high]`` to three significant digits."""
-    return f"{r['ratio']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
-
-
 def report(cfg: Config, summary: dict, fams: tuple, methods: list) -> str:
     """The table (also stored as ``summary["table"]``) and ``table.md``'s text."""
     h1, h10 = horizons(cfg)
@@ -455,15 +449,13 @@ def report(cfg: Config, summary: dict, fams: tuple, methods: list) -> str:
     lines = [f"General learned optimizer ({len(seeds)} seeds from {cfg.train_dir}, untuned) vs baselines tuned per "
              f"family and horizon (learning rate only) on {cfg.tune_tasks} validation tasks each; evaluation: "
              f"{test_split_name(cfg)}, {cfg.test_tasks} tasks per family. Ratios: learned / baseline final "
-             f"whole-split train loss, geometric mean over seeds x tasks [95% nested bootstrap CI: tasks, then seeds "
-             f"within each task]; the test-loss row's baseline is tuned on the validation loss. Targets: families "
-             f"resampled too (the claim is about unseen families); beside it the interval with the families fixed.",
-             "", markdown_table(header, rows), "",
+             f"whole-split train loss, geometric mean over seeds x tasks [95% CI: nested bootstrap, tasks then seeds]; "
+             f"the test-loss row's baseline is tuned on the validation loss. Targets resample the families too "
+             f"('families fixed' does not).", "", markdown_table(header, rows), "",
              "| target | bound | ratio [95% CI] | families fixed | verdict |", "|---|---|---|---|---|"]
     for k in [k for k in summary if k.startswith(("heldout_", "meta_"))] + ["step_time_over_adam_mlp200k"]:
         v = summary[k]
-        fixed = ci({"ratio": v["ratio"], **v["families_fixed"]}) if "families_fixed" in v else "-"
-        lines.append(f"| {k} | {v['bound']} | {ci(v)} | {fixed} | {v['verdict']} |")
+        lines.append(f"| {k} | {v['bound']} | {ci(v)} | {families_fixed_ci(v)} | {v['verdict']} |")
     lines.append(f"| divergences (learned) | 0 | {n_div} of {summary['divergences']['runs']} runs | - | "
                  f"{'met' if n_div == 0 else 'not met'} |")
     lines += ["", "Time per step (ms, evaluation runs at the long horizon, checkpoints included):", "",

@@ -1,5 +1,6 @@
 """What the general experiment adds to :mod:`learned_opt.evaluate.stats` (the one statistics module): a target record
-(a bound, or none for a reported-only row) and divergence per task (used by ``experiments/general.py``)."""
+(a bound, or none for a reported-only row), divergence per task and the table's interval text (used by
+``experiments/general.py``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,3 +21,13 @@ def diverged(at: dict, h: int) -> np.ndarray:
     """Per task: the final whole-split train loss at ``h`` is non-finite or above the initial one."""
     final, first = np.asarray(at[h]["train_loss"], float), np.asarray(at[0]["train_loss"], float)
     return ~np.isfinite(final) | (final > first)
+
+
+def ci(r: dict) -> str:
+    """``ratio [ci_low, ci_high]`` to three significant digits."""
+    return f"{r['ratio']:.3g} [{r['ci_low']:.3g}, {r['ci_high']:.3g}]"
+
+
+def families_fixed_ci(r: dict) -> str:
+    """:func:`ci` with the interval that holds the families fixed (``-`` for a record without one)."""
+    return ci({"ratio": r["ratio"], **r["families_fixed"]}) if "families_fixed" in r else "-"
