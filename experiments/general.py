@@ -45,11 +45,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_table, open_run,  # noqa: E402
-                    paired, parallel_map, run_main, test_split_name, save_report, floored, LOSS_FLOOR)
+                    paired, parallel_map, run_main, test_split_name, save_report, floored, LOSS_FLOOR,
+                    final_test_read, preregistered, record_test_read)
+import general_checks as checks  # noqa: E402
 from figures import plot_families  # noqa: E402
 from stats_common import ci, diverged, families_fixed_ci, target  # noqa: E402
 
-from learned_opt.evaluate import (bootstrap, default_lr_axis, evaluate, family_ratio, protocol_record,  # noqa: E402
+from learned_opt.evaluate import (bootstrap, default_lr_axis, evaluate, protocol_record,  # noqa: E402
                                   require_final_seeds, tune_baseline)
 from learned_opt.optim import get_optimizer  # noqa: E402
 from learned_opt.tasks.suite import SUITE, suite_family  # noqa: E402
@@ -81,6 +83,9 @@ class Config(ProtocolConfig):
     bench_reps: int = 15  # interleaved repetitions of the step-time benchmark
     bench_steps: int = 20  # training steps per repetition
     n_boot: int = 4000
+    bounds: tuple = (1.0, 1.2, 1.0, 0.5)  # held-out targets: vs tuned Adam 1x, 10x, test loss, vs Adam default
+    loss_floor: float = LOSS_FLOOR  # losses below it count as it in ratios (the verdicts' floor)
+    floors: tuple = (0.0, 1e-8, 1e-6, 1e-4)  # the headline ratios are also reported at each of these floors
     smoke: bool = False  # a smoke run (seconds, for the tests): may run final with fewer than 5 seeds; no result
     out_dir: str = "results/general"
     cache_dir: str = ""  # default: out_dir/tuning_cache
@@ -329,7 +334,8 @@ def family_statistics(cfg: Config, runs: Runs, fams: tuple, methods: list) -> tu
                     v = runs.values(f, m, h, metric)
                     row["mean"][m], row["median"][m] = float(v.mean()), float(np.median(v))
                     if m != "learned":
-                        row["paired"][m] = paired(floored(L), floored(runs.lower(f, m, h, metric)),
+                        row["paired"][m] = paired(floored(L, cfg.loss_floor), floored(runs.lower(f, m, h, metric),
+                                                                                      cfg.loss_floor),
                                                   n_boot=cfg.n_boot)
                 hr[metric] = row
             for m in methods:
@@ -343,8 +349,7 @@ def family_statistics(cfg: Config, runs: Runs, fams: tuple, methods: list) -> tu
         rec["best_tuned_at_h1"] = best
 
         def one(m, h, metric, f=f):
-            return family_ratio({f: (runs.values(f, "learned", h, metric), runs.values(f, m, h, metric))},
-                                floor=LOSS_FLOOR, n_boot=cfg.n_boot)
+            return checks.group_ratio(runs, [f], m, h, metric, floor=cfg.loss_floor, n_boot=cfg.n_boot)
 
         rec["gmean_ratios"] = {"vs_tuned_adam_1x": one("adam", h1, "train_loss"),
                                "vs_tuned_adam_10x": one("adam", h10, "train_loss"),
@@ -367,12 +372,11 @@ def summarize(cfg: Config, prov: dict, fams: tuple, runs: Runs, fam_out: dict, b
     h1, h10 = horizons(cfg)
     seeds, tuned = runs.seeds, runs.tuned
     summary = {"config": asdict(cfg), "provenance": prov, "seeds": seeds, "families_evaluated": list(fams)}
-    for prefix, bounds in (("heldout", (1.0, 1.2, 1.0, 0.5)), ("meta", (None,) * 4)):
+    for prefix, bounds in (("heldout", cfg.bounds), ("meta", (None,) * 4)):
         group = [f for f in fams if SUITE[f].role == prefix]
 
         def g(method, h, metric, group=group):
-            return family_ratio({f: (runs.values(f, "learned", h, metric), runs.values(f, method, h, metric))
-                                 for f in group}, floor=LOSS_FLOOR, n_boot=cfg.n_boot)
+            return checks.group_ratio(runs, group, method, h, metric, floor=cfg.loss_floor, n_boot=cfg.n_boot)
 
         for key, rec, bound in ((f"{prefix}_gmean_ratio_vs_tuned_adam_1x", g("adam", h1, "train_loss"), bounds[0]),
                                 (f"{prefix}_gmean_ratio_vs_tuned_adam_10x", g("adam", h10, "train_loss"), bounds[1]),
@@ -405,7 +409,7 @@ def summarize(cfg: Config, prov: dict, fams: tuple, runs: Runs, fam_out: dict, b
         horizons=[h1, h10], learned_runs="separately at each horizon (its scheduler reads the fraction done)",
         ratio="geometric mean over families of the family's geometric mean over seeds x tasks of per-task ratios; "
               "nested bootstrap over families, tasks within each family and seeds within each task (families_fixed: "
-              "the same with the families held fixed)", loss_floor=LOSS_FLOOR)
+              "the same with the families held fixed)", loss_floor=cfg.loss_floor)
     summary["tuned"] = {f: {n: {f"{h}/{m}": {"hparams": tb.hparams, "score": tb.score, "edges": tb.edges,
                                               "at_grid_edge": any(v == "grid" for v in tb.edges.values()),
                                               "points_searched": len(tb.table)}
@@ -483,12 +487,14 @@ def main(argv=None) -> dict:
     # the step-time benchmark first, alone on its thread (no worker competes with it)
     bench = step_time_bench(cfg, paths[seeds[0]])
     timing["step_time_bench"] = time.perf_counter() - timing["start"]
+    read = final_test_read(cfg, preregistered(cfg, checks.PREREGISTERED), weights=[paths[s] for s in seeds])
     runs = tune_and_evaluate(cfg, fams, seeds, timing)
     methods = ["learned", *cfg.baselines, DEFAULT_NAME] + ([cfg.flagship] if cfg.flagship else [])
     fam_out, curves = family_statistics(cfg, runs, fams, methods)
     summary = summarize(cfg, prov, fams, runs, fam_out, bench, timing)
-    text = report(cfg, summary, fams, methods)
-    save_report(cfg.out_dir, text, summary)
+    extra = checks.add_checks(cfg, summary, runs, fams, paths, checks.headlines(*horizons(cfg), DEFAULT_NAME))
+    text = report(cfg, summary, fams, methods) + "\n" + extra
+    save_report(cfg.out_dir, text, record_test_read(summary, read))
     plot_families(os.path.join(cfg.out_dir, "curves.png"), curves, {f: SUITE[f].role for f in curves},
                   f"mean minibatch train loss over {cfg.test_tasks} tasks ({test_split_name(cfg)}); baselines tuned "
                   f"for {h10} steps on the train loss")

@@ -120,3 +120,53 @@ def test_experiment_final_twice_refuses_then_force_counts(tmp_path):
     assert third.returncode == 0, third.stderr[-2000:]
     summary = json.load(open(out / "summary.json"))
     assert summary["protocol"]["test_reads"] == 2 and summary["protocol"]["ledger_key"] == key
+
+
+# ------------------------------------------------------------------ general.py's floors and shipped-seed rows
+def _checks():
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import general_checks
+    return general_checks
+
+
+def test_shipped_seed_is_found_by_the_weights_hash(tmp_path):
+    checks = _checks()
+    shipped = os.path.join(ROOT, "learned_opt", "pretrained", "general.pt")
+    other = _weights(tmp_path, "seed0/lopt.pt", b"not the shipped weights")
+    copy = _weights(tmp_path, "seed7/lopt.pt", open(shipped, "rb").read())
+    found = checks.shipped_seed({0: other, 7: copy})
+    assert found is not None and found["seed"] == 7
+    assert checks.shipped_seed({0: other}) is None
+
+
+class _Runs:
+    """Two families' per-task losses: learned (2 seeds x 3 tasks) and adam (3 tasks), some below 1e-6."""
+    seeds = [3, 5]
+
+    def values(self, f, method, h, metric):
+        import numpy as np
+        if method == "learned":
+            return np.array([[1e-9, 0.5, 0.2], [4e-9, 1.0, 0.4]]) * (2 if f == "b" else 1)
+        return np.array([1e-8, 0.5, 0.2])[None]
+
+
+def test_floors_and_shipped_rows(monkeypatch):
+    import numpy as np
+    checks = _checks()
+    monkeypatch.setattr(checks, "role_families", lambda fams, role: list(fams) if role == "heldout" else [])
+
+    class Cfg:
+        floors, loss_floor, n_boot = (0.0, 1e-6), 1e-6, 200
+    specs = [("gmean_ratio_vs_tuned_adam_1x", "adam", 5, "train_loss")]
+    floors = checks.floors_section(Cfg, _Runs(), ["a", "b"], specs)
+    key = "heldout_gmean_ratio_vs_tuned_adam_1x"
+    assert set(floors) == {"0", "1e-06"}
+    # at floor 0 the sub-floor tasks count with their own ratios (0.1x .. 0.8x), at 1e-6 as 1x
+    assert floors["0"][key]["ratio"] < floors["1e-06"][key]["ratio"]
+    sec = checks.shipped_section(Cfg, _Runs(), ["a", "b"], specs, {"seed": 5, "sha256": "x", "name": "general"})
+    # seed 5 is the second row: per family its geometric-mean ratio over the three tasks, at the 1e-6 floor
+    want_a = float(np.exp(np.mean(np.log([1e-6 / 1e-6, 1.0 / 0.5, 0.4 / 0.2]))))
+    assert abs(sec["per_family"]["a"]["gmean_ratio_vs_tuned_adam_1x"] - want_a) < 1e-9
+    avg_a = float(np.exp(np.mean(np.log([1, 1, 1, 2, 1, 2]))))
+    assert abs(sec["seed_average_per_family"]["a"]["gmean_ratio_vs_tuned_adam_1x"] - avg_a) < 1e-9
+    assert checks.shipped_section(Cfg, _Runs(), ["a"], specs, None)["seed"] is None
