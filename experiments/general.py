@@ -51,7 +51,7 @@ import general_checks as checks  # noqa: E402
 from figures import plot_families  # noqa: E402
 from stats_common import ci, diverged, families_fixed_ci, target  # noqa: E402
 
-from learned_opt.evaluate import (bootstrap, default_lr_axis, evaluate, protocol_record,  # noqa: E402
+from learned_opt.evaluate import (bootstrap_interval, default_lr_axis, evaluate, protocol_record,  # noqa: E402
                                   require_final_seeds, tune_baseline)
 from learned_opt.optim import get_optimizer  # noqa: E402
 from learned_opt.tasks.suite import SUITE, suite_family  # noqa: E402
@@ -204,8 +204,8 @@ def step_time_bench(cfg: Config, lopt_path: str) -> dict:
         for name in (("learned", "adam") if r % 2 == 0 else ("adam", "learned")):
             times[name].append(per_step(name))
     L, A = np.array(times["learned"]), np.array(times["adam"])
-    lo, hi = bootstrap(np.stack([L, A], 1), lambda b: np.median(b[..., 0], 1) / np.median(b[..., 1], 1),
-                       n_boot=cfg.n_boot)
+    lo, hi = bootstrap_interval(np.stack([L, A], 1), lambda b: np.median(b[..., 0], 1) / np.median(b[..., 1], 1),
+                                n_boot=cfg.n_boot)
     return {"ratio": float(np.median(L) / np.median(A)), "ci_low": lo, "ci_high": hi,
             "learned_ms": 1e3 * float(np.median(L)), "adam_ms": 1e3 * float(np.median(A)),
             "params": sum(p.numel() for p in m_a.parameters()), "reps": cfg.bench_reps, "steps": cfg.bench_steps,

@@ -32,14 +32,15 @@ from .ledger import LEDGER_FILE, LedgerError, TestReadRefused, open_test_read, r
 from .run import METRICS, EvalResult, checkpoint_metrics, evaluate
 from .search import AXIS_KINDS, Axis, SearchResult, coordinate_search, lr_grid
 from .splits import SPLITS, TEST_DRAW, split_of, task_seed
-from .bootstrap import bootstrap, hierarchical_bootstrap, percentile_interval
+from .bootstrap import bootstrap_interval, hierarchical_bootstrap, percentile_interval
 from .stats import (MIN_FINAL_SEEDS, envelope_speedup, family_ratio, log_ratios, mean_ci, paired, protocol_record,
                     require_final_seeds, robust_mean, steps_to_reach, t_quantile, verdict, wilcoxon_floor)
 from .tuning import MIN_TUNING_TASKS, TuneResult, tune, tune_baseline, tune_lr
 
 __all__ = ["AXIS_KINDS", "Axis", "BASELINE_AXES", "EvalResult", "METRICS", "MIN_FINAL_SEEDS", "MIN_TUNING_TASKS",
-           "SPLITS", "SearchResult", "TEST_DRAW", "TuneResult", "TunedBaseline", "baseline_kwargs", "bootstrap",
-           "checkpoint_metrics", "coordinate_search", "default_lr_axis", "envelope_speedup", "evaluate",
+           "SPLITS", "SearchResult", "TEST_DRAW", "TuneResult", "TunedBaseline", "baseline_kwargs",
+           "bootstrap_interval", "checkpoint_metrics", "coordinate_search", "default_lr_axis", "envelope_speedup",
+           "evaluate",
            "family_ratio", "hierarchical_bootstrap", "log_ratios", "lr_grid", "make_baseline", "mean_ci", "paired",
            "percentile_interval", "protocol_record", "require_final_seeds", "robust_mean", "split_of",
            "steps_to_reach", "t_quantile", "task_seed", "tune", "tune_baseline", "tune_lr", "verdict",

@@ -95,8 +95,8 @@ def hierarchical_bootstrap(per_family: Mapping[Any, Any], statistic: Optional[Ca
             "resampled": [name for name, v in zip(LEVELS, varied) if v]}
 
 
-def bootstrap(values, statistic: Callable, *, n_boot: int = 4000, seed: int = 0,
-              level: float = 0.95) -> Tuple[float, float]:
+def bootstrap_interval(values, statistic: Callable, *, n_boot: int = 4000, seed: int = 0,
+                       level: float = 0.95) -> Tuple[float, float]:
     """Percentile interval of ``statistic`` over units drawn with replacement along axis 0 of ``values`` (one level:
     independent repetitions, e.g. interleaved timing runs). ``statistic`` maps ``(n_boot, units, ...)`` to
     ``(n_boot,)``."""
