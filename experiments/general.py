@@ -35,7 +35,6 @@ Writes ``{out_dir}/{summary.json, table.md, curves.png}``; tuning scores are cac
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +47,7 @@ from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_
                     paired, parallel_map, run_main, test_split_name, save_report, floored, LOSS_FLOOR,
                     final_test_read, preregistered, record_test_read)
 import general_checks as checks  # noqa: E402
+from general_checks import seed_paths  # noqa: E402  (the seeds of train_dir, also the shipped seed's candidates)
 from figures import plot_families  # noqa: E402
 from stats_common import ci, diverged, families_fixed_ci, target  # noqa: E402
 
@@ -107,17 +107,6 @@ def family_names(cfg: Config) -> tuple:
 def horizons(cfg: Config) -> tuple:
     """(h1, h10)."""
     return cfg.horizon, LONG * cfg.horizon
-
-
-def seed_paths(train_dir: str) -> dict:
-    """``{seed: path}`` of every ``seed{N}/lopt.pt`` in ``train_dir``."""
-    found = {}
-    if os.path.isdir(train_dir):
-        for d in os.listdir(train_dir):
-            m = re.fullmatch(r"seed(\d+)", d)
-            if m and os.path.isfile(os.path.join(train_dir, d, "lopt.pt")):
-                found[int(m.group(1))] = os.path.join(train_dir, d, "lopt.pt")
-    return dict(sorted(found.items()))
 
 
 def lr_axis(cfg: Config):

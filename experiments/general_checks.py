@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from typing import Any, Dict, List, Optional, Sequence
 
 from learned_opt.evaluate import family_ratio
@@ -26,6 +28,17 @@ def headlines(h1: int, h10: int, default_name: str) -> List[tuple]:
             ("gmean_ratio_vs_tuned_adam_10x", "adam", h10, "train_loss"),
             ("test_loss_gmean_ratio_vs_tuned_adam", "adam", h1, "test_loss"),
             ("gmean_ratio_vs_adam_default", default_name, h1, "train_loss")]
+
+
+def seed_paths(train_dir: str) -> dict:
+    """``{seed: path}`` of every ``seed{N}/lopt.pt`` in ``train_dir``."""
+    found = {}
+    if os.path.isdir(train_dir):
+        for d in os.listdir(train_dir):
+            m = re.fullmatch(r"seed(\d+)", d)
+            if m and os.path.isfile(os.path.join(train_dir, d, "lopt.pt")):
+                found[int(m.group(1))] = os.path.join(train_dir, d, "lopt.pt")
+    return dict(sorted(found.items()))
 
 
 def role_families(fams: Sequence[str], role: str) -> List[str]:
