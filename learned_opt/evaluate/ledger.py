@@ -20,7 +20,7 @@ LEDGER_FILE = "test_reads.json"
 FORMAT = "learned_opt test-read ledger v1"
 REFUSED_EXIT = 2  # exit status of a refused second read (1 stays for bad input)
 # Config fields that say where or how fast a run goes, not what it computes: left out of the config hash.
-UNHASHED_FIELDS = ("out_dir", "workers", "threads", "device", "force_test_read", "progress")
+UNHASHED_FIELDS = ("out_dir", "workers", "threads", "device", "force_test_read", "progress", "estimators_summary")
 SOURCE_FOLDERS = ("learned_opt", "experiments")
 
 
