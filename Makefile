@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: demo test test-slow reproduce promote bench clean
+.PHONY: demo test test-slow test-mutations reproduce promote bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# Each recorded protocol bug (tests/mutations/) applied to a copy of HEAD: the guard named beside it must fail.
+test-mutations: $(STAMP)
+	$(PY) tests/mutations/run.py
 
 # Every number and figure in README.md and results/, on the final-test split (see README for the time it takes on
 # 2 CPUs). Each script pins portable numerics and runs its independent jobs in two processes. It writes only under

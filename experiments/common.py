@@ -146,8 +146,10 @@ def floored(x, floor: float = LOSS_FLOOR) -> np.ndarray:
 
 
 def fmt_paired(p: Dict[str, Any]) -> str:
-    """``0.812 [0.771, 0.856], p=1e-05, wins 87%`` for a :func:`paired` record."""
-    return (f"{p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}], p={p['wilcoxon_p']:.2g}, "
+    """``0.812 [0.771, 0.856], p=1e-05, wins 87%`` for a :func:`paired` record; a Wilcoxon p that cannot reach
+    0.05 with this few tasks says so (``p=0.062 (no claim: floor 0.062)``)."""
+    floor = "" if p.get("wilcoxon_claim", True) else f" (no claim: floor {p['wilcoxon_floor']:.2g})"
+    return (f"{p['ratio']:.3f} [{p['ci_low']:.3f}, {p['ci_high']:.3f}], p={p['wilcoxon_p']:.2g}{floor}, "
             f"wins {100 * p['win_rate']:.0f}%")
 
 
