@@ -46,7 +46,7 @@ class Config:
     sigma: float = 0.1
     pes_truncation: int = 1
     tbptt_truncations: tuple = (1, 10, 100)
-    seeds: int = 3  # PES seeds (its noise); TBPTT is deterministic
+    seeds: int = 5  # PES seeds (its noise; the protocol's minimum of 5); TBPTT is deterministic
     target_rel_error: float = 0.05
     throughput: bool = True  # part 2 (spawns processes)
     tp_particles: int = 32
