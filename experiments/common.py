@@ -30,6 +30,8 @@ class ProtocolConfig:
     workers: int = 1  # processes for independent runs (tuning of different baselines, meta-training seeds)
     force_test_read: bool = False  # read the final-test split of weights whose test split was read before (the
     # summary counts every read: protocol.test_reads)
+    check_run: bool = False  # a reproducibility check (experiments/reproduce_check.py): one seed may run final, in
+    # its own out_dir; its numbers are checked against a committed interval, never reported as a result
 
 
 def eval_split(cfg: ProtocolConfig) -> Dict[str, Any]:

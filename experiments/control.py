@@ -304,7 +304,7 @@ def check(cfg: Config) -> None:
     problems = []
     if cfg.seeds < 1 or cfg.eval_tasks < 1 or cfg.val_tasks < 1 or cfg.select_tasks < 1:
         problems.append("--seeds, --eval_tasks, --val_tasks and --select_tasks must be >= 1")
-    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke)
+    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke or cfg.check_run)
     if not cfg.lambdas or any(not (lam >= 0) for lam in cfg.lambdas):
         problems.append(f"--lambdas must be numbers >= 0, got {cfg.lambdas!r}")
     if not cfg.thresholds or any(not (0 < t < 1) for t in cfg.thresholds):

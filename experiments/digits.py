@@ -232,7 +232,7 @@ def check(cfg: Config) -> None:
     """Raise ``ValueError`` naming the first bad setting, before any work starts."""
     if cfg.seeds < 1 or cfg.test_tasks < 1 or cfg.val_tasks < 1:
         raise ValueError("--seeds, --test_tasks and --val_tasks must be >= 1")
-    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke)
+    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke or cfg.check_run)
     build_learned(cfg.net, **net_args(cfg))
     meta_config(cfg, 0).validate()
     bad = [a for a in cfg.unseen if a not in UNSEEN]

@@ -238,7 +238,7 @@ def check(cfg: Config) -> None:
         sys.exit("error: --val_tasks is not used; --tune_tasks says how many validation tasks tune Adam")
     if min(cfg.seeds, cfg.tune_tasks, cfg.test_tasks, cfg.iterations) < 1:
         sys.exit("error: --seeds, --tune_tasks, --test_tasks and --iterations must be >= 1")
-    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke)
+    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke or cfg.check_run)
     if not cfg.multiples or cfg.multiples[0] != 1 or list(cfg.multiples) != sorted(set(cfg.multiples)):
         sys.exit("error: --multiples must be increasing integers starting at 1")
 

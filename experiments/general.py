@@ -260,7 +260,7 @@ def check(cfg: Config) -> None:
                  "--bench_steps must be >= 1")
     if "adam" not in cfg.baselines:
         sys.exit("error: the targets compare with tuned Adam: --baselines must include adam")
-    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke)
+    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke or cfg.check_run)
 
 
 def configure_run(argv=None) -> tuple:

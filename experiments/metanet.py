@@ -90,7 +90,7 @@ def check(cfg: Config) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke)
+    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke or cfg.check_run)
     if not cfg.baselines:
         raise ValueError("baselines must name at least one hand-coded optimizer")
     for name in cfg.baselines:

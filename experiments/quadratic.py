@@ -109,7 +109,7 @@ def check(cfg: Config) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke)
+    require_final_seeds(cfg.seeds, cfg.final, smoke=cfg.smoke or cfg.check_run)
     if cfg.eval_steps < cfg.horizon:
         raise ValueError(f"eval_steps {cfg.eval_steps} is shorter than the horizon {cfg.horizon}")
     if not 0 < cfg.lr_low < cfg.lr_high:

@@ -22,6 +22,19 @@ from typing import FrozenSet, List, Optional, Sequence
 
 PORTABLE_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 NATIVE_SWITCH = "LEARNED_OPT_NATIVE_NUMERICS"
+# CPU kernel paths one x86-64 machine with AVX-512 can select, by the environment torch and MKL read at start; the
+# first is PORTABLE_ENV. tools/numerics_trace.py traces where they depart, experiments/reproduce_check.py re-runs
+# under one of them. "native" leaves every choice to this CPU (another CPU's default).
+KERNEL_PATHS = {
+    "pinned_avx2": dict(PORTABLE_ENV),
+    "pinned_avx2_strict": {**PORTABLE_ENV, "MKL_CBWR": "AVX2,STRICT"},
+    "aten_default": {**PORTABLE_ENV, "ATEN_CPU_CAPABILITY": "default"},
+    "aten_avx512": {**PORTABLE_ENV, "ATEN_CPU_CAPABILITY": "avx512"},
+    "mkl_compatible": {**PORTABLE_ENV, "MKL_CBWR": "COMPATIBLE"},
+    "mkl_avx512": {**PORTABLE_ENV, "MKL_CBWR": "AVX512"},
+    "native": {},
+    "pinned_2_threads": {**PORTABLE_ENV, "OMP_NUM_THREADS": "2"},
+}
 
 
 def _cpuinfo_field(name: str) -> Optional[str]:

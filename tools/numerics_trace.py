@@ -25,19 +25,9 @@ from typing import Any, Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from learned_opt.repro import PORTABLE_ENV  # noqa: E402  (no torch import)
+from learned_opt.repro import KERNEL_PATHS  # noqa: E402  (no torch import)
 
-# Kernel paths this machine can select (name -> environment); the first is the project's pinned "portable" path.
-PATHS: Dict[str, Dict[str, str]] = {
-    "pinned_avx2": dict(PORTABLE_ENV),
-    "pinned_avx2_strict": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "aten_default": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "aten_avx512": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "mkl_compatible": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "mkl_avx512": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX512", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "native": {},
-    "pinned_2_threads": {**PORTABLE_ENV, "OMP_NUM_THREADS": "2"},
-}
+PATHS = KERNEL_PATHS  # the kernel paths this machine can select; the first is the project's pinned path
 # In-place ops that overwrite their first argument whatever it held (often memory fresh from ``empty``).
 OVERWRITING = ("uniform_", "normal_", "random_", "bernoulli_", "exponential_", "fill_", "zero_", "copy_")
 CLEARED = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -1,0 +1,63 @@
+"""experiments/reproduce_check.py: a one-seed re-run under another kernel path, checked against the committed seeds'
+prediction interval; the statistics on known numbers, then a smoke run end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import reproduce_check as rc  # noqa: E402
+
+
+def test_prediction_interval_for_one_new_seed():
+    lo, hi = rc.prediction_interval([1.0, 2.0, 3.0], 0.95)
+    half = 4.302652729911275 * 1.0 * math.sqrt(1 + 1 / 3)  # t(0.975, 2) * sd * sqrt(1 + 1/n)
+    assert lo == pytest.approx(2.0 - half) and hi == pytest.approx(2.0 + half)
+    assert rc.prediction_interval([1.0], 0.95) == (-math.inf, math.inf)  # one seed says nothing about the spread
+
+
+def test_check_pairs_records_by_path_and_judges_the_one_seed_value():
+    committed = {"paired": {"a": {"ratio": 1.0, "ci_low": 0.99, "ci_high": 1.01, "per_seed_ratio": [0.98, 1.0, 1.02]},
+                            "b": {"ratio": 0.5, "per_seed_ratio": [0.5, 0.5, 0.51]}},
+                 "other": {"ratio": 3.0}}  # no per-seed values: not a headline
+    again = {"paired": {"a": {"ratio": 1.05, "per_seed_ratio": [1.05]}, "b": {"ratio": 0.9, "per_seed_ratio": [0.9]}}}
+    out = rc.check(committed, again, 0.95)
+    assert set(out) == {"paired/a", "paired/b"}
+    assert out["paired/a"]["within"] and not out["paired/b"]["within"]
+    assert out["paired/a"]["committed_interval"] == [0.99, 1.01]  # reported beside, not used
+
+
+def test_unknown_kernel_path_and_experiment_are_refused():
+    with pytest.raises(ValueError, match="--kernel_path 'avx9'"):
+        rc.Config(kernel_path="avx9")
+    with pytest.raises(ValueError, match="--experiments: unknown nope"):
+        rc.Config(experiments=("nope",))
+
+
+def test_smoke_check_reruns_one_seed_under_another_kernel_path(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    committed = tmp_path / "results" / "quadratic"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "quadratic.py"), "--preset", "smoke",
+                           "--final", "true", "--seeds", "2", "--out_dir", str(committed)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kp = tmp_path / "kernel_paths.json"
+    kp.write_text(json.dumps({"reference_path": "pinned_avx2",
+                              "pairs": {"native": {"bitwise": False}, "mkl_avx512": {"bitwise": True}}}))
+    summary = rc.main(["--preset", "smoke", "--experiments", "quadratic", "--kernel_path", "aten_avx512",
+                       "--results_dir", str(tmp_path / "results"), "--out_dir", str(tmp_path / "rerun"),
+                       "--summary", str(tmp_path / "summary.json"), "--kernel_paths_file", str(kp)])
+    assert summary["kernel_paths"] == ["pinned_avx2", "native", "mkl_avx512"]
+    assert summary["bitwise_across_kernel_paths"] is False
+    assert summary["headlines"] and all(k.startswith("quadratic:paired/at_") for k in summary["headlines"])
+    for h in summary["headlines"].values():
+        assert len(h["committed_per_seed"]) == 2 and isinstance(h["within"], bool)
+    assert summary["headlines_within_interval"] == all(h["within"] for h in summary["headlines"].values())
+    rerun = json.loads((tmp_path / "rerun" / "quadratic" / "summary.json").read_text())
+    assert rerun["config"]["seeds"] == 1 and rerun["config"]["check_run"] is True
+    assert rerun["protocol"]["test_reads"] == 1  # its own ledger, beside the re-run
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
