@@ -30,18 +30,20 @@ class ProtocolConfig:
     workers: int = 1  # processes for independent runs (tuning of different baselines, meta-training seeds)
     force_test_read: bool = False  # read the final-test split of weights whose test split was read before (the
     # summary counts every read: protocol.test_reads)
+    test_draw: int = TEST_DRAW  # the final-test draw: a script whose test results were seen before its final run
+    # takes a new one (pre-registered; the ledger keys on it)
     check_run: bool = False  # a reproducibility check (experiments/reproduce_check.py): one seed may run final, in
     # its own out_dir; its numbers are checked against a committed interval, never reported as a result
 
 
 def eval_split(cfg: ProtocolConfig) -> Dict[str, Any]:
     """Keyword arguments of :func:`learned_opt.evaluate.evaluate` for the evaluation tasks of this run."""
-    return {"split": "test"} if cfg.final else {"split": "val", "stream": "dev"}
+    return {"split": "test", "draw": cfg.test_draw} if cfg.final else {"split": "val", "stream": "dev"}
 
 
 def test_split_name(cfg: ProtocolConfig) -> str:
     """How the summary names the evaluation tasks."""
-    return f"test (draw {TEST_DRAW})" if cfg.final else "val/dev (development run: no test task touched)"
+    return f"test (draw {cfg.test_draw})" if cfg.final else "val/dev (development run: no test task touched)"
 
 
 def preregistered(cfg: ProtocolConfig, fields: Sequence[str], constants: Optional[Dict[str, Any]] = None) -> Dict:
@@ -49,7 +51,7 @@ def preregistered(cfg: ProtocolConfig, fields: Sequence[str], constants: Optiona
     the test draw, and their hash; the hash is the same for a development and a final run of one setting, so a
     reader can check that nothing deciding a verdict moved between them (the ledger entry stores it too)."""
     block = {"fields": {f: getattr(cfg, f) for f in fields}, "constants": dict(constants or {}),
-             "test_draw": TEST_DRAW}
+             "test_draw": cfg.test_draw}
     return {**block, "sha256": ledger.digest(block)}
 
 
@@ -65,7 +67,7 @@ def final_test_read(cfg: ProtocolConfig, prereg: Dict[str, Any], *, weights: Seq
     git = git_state()
     code = {"git_commit": git["git_commit"], "git_dirty": git["git_dirty"],
             "sources_sha256": ledger.sources_digest(ROOT)}
-    key = ledger.read_key(split="test", draw=TEST_DRAW, weights=weights, states=states, configs=configs)
+    key = ledger.read_key(split="test", draw=cfg.test_draw, weights=weights, states=states, configs=configs)
     script = os.path.basename(getattr(sys.modules.get(type(cfg).__module__), "__file__", "") or "")
     try:
         read = ledger.open_test_read(os.path.join(cfg.out_dir, ledger.LEDGER_FILE), key, code=code,
@@ -86,6 +88,8 @@ def record_test_read(summary: Dict[str, Any], read: Dict[str, Any]) -> Dict[str,
     summary.setdefault("protocol", {}).update(
         test_reads=read["test_reads"], ledger_key=read["ledger_key"],
         forced_test_reads=read.get("forced_reads", 0))
+    if read["ledger_key"] is not None:  # a final run: the draw it read (a script may take a new one)
+        summary["protocol"]["test_draw"] = read["preregistered"]["test_draw"]
     summary["preregistered"] = read["preregistered"]
     return summary
 

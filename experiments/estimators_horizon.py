@@ -91,6 +91,7 @@ class Config(ProtocolConfig):
     loss_floor: float = LOSS_FLOOR  # losses below it count as it in ratios (pre-registered: see the summary)
     train_dir: str = ""  # meta-training runs (default: out_dir/train); shared by the development and final runs
     smoke: bool = False  # a smoke run (seconds, for the tests): may run final with fewer than 5 seeds; no result
+    test_draw: int = 3  # draw 2 of this experiment's test tasks was read three times before (issue 23): a new draw
     out_dir: str = "results/estimators/horizon"
     estimators_summary: str = "results/estimators/summary.json"  # where the issue's target keys go
     val_tasks: int = 0  # not used: --tune_tasks says how many validation tasks tune Adam

@@ -170,3 +170,28 @@ def test_floors_and_shipped_rows(monkeypatch):
     avg_a = float(np.exp(np.mean(np.log([1, 1, 1, 2, 1, 2]))))
     assert abs(sec["seed_average_per_family"]["a"]["gmean_ratio_vs_tuned_adam_1x"] - avg_a) < 1e-9
     assert checks.shipped_section(Cfg, _Runs(), ["a"], specs, None)["seed"] is None
+
+
+def test_a_script_can_take_a_new_test_draw_and_the_ledger_keys_on_it(tmp_path):
+    """estimators_horizon read draw 2 three times before the ledger existed: its final run takes draw 3, which
+    reaches the evaluation's task seeds, the summary's name of the split, the pre-registration and the ledger key."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import common
+    import estimators_horizon
+    from learned_opt.evaluate import TEST_DRAW, task_seed
+
+    cfg = estimators_horizon.Config(final=True, out_dir=str(tmp_path))
+    assert cfg.test_draw == 3 != TEST_DRAW
+    split = common.eval_split(cfg)
+    assert split == {"split": "test", "draw": 3}
+    assert task_seed("test", 0, draw=split["draw"]) != task_seed("test", 0)  # other tasks than draw 2's
+    assert common.test_split_name(cfg) == "test (draw 3)"
+    prereg = common.preregistered(cfg, ("seeds",))
+    assert prereg["test_draw"] == 3
+    assert prereg["sha256"] != common.preregistered(estimators_horizon.Config(test_draw=2), ("seeds",))["sha256"]
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    read = common.final_test_read(cfg, prereg, weights=[str(weights)])
+    summary = common.record_test_read({}, read)
+    assert summary["protocol"]["test_draw"] == 3 and summary["protocol"]["test_reads"] == 1
+    assert read["ledger_key"] != ledger.read_key(split="test", draw=2, weights=[str(weights)])
