@@ -39,7 +39,8 @@ def draw(rng: np.random.Generator, n: int, shape: tuple) -> np.ndarray:
     return rng.integers(0, n, size=(*shape, n))
 
 
-def _seeds_tasks(x) -> np.ndarray:
+def seeds_tasks(x) -> np.ndarray:
+    """Values as ``(seeds, tasks, ...)``: a ``(tasks,)`` array is one seed."""
     a = np.asarray(x, dtype=float)
     if a.ndim == 1:
         a = a[None, :]  # one seed
@@ -73,7 +74,7 @@ def hierarchical_bootstrap(per_family: Mapping[Any, Any], statistic: Optional[Ca
         raise ValueError("hierarchical_bootstrap needs at least one family")
     if n_boot < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot!r}")
-    xs = [_seeds_tasks(v) for v in per_family.values()]
+    xs = [seeds_tasks(v) for v in per_family.values()]
     trail = xs[0].shape[2:]
     if any(x.shape[2:] != trail for x in xs):
         raise ValueError("every family's values need the same trailing shape")

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .bootstrap import hierarchical_bootstrap
+from .bootstrap import hierarchical_bootstrap, seeds_tasks
 from .splits import TEST_DRAW
 
 
@@ -42,11 +42,6 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple:
         return (m, m, m) if x.size == 1 else (m, -math.inf if not np.isfinite(m) else m, math.inf)
     half = t_quantile(level, x.size - 1) * float(x.std(ddof=1)) / math.sqrt(x.size)
     return m, m - half, m + half
-
-
-def _as_seeds_tasks(x) -> np.ndarray:
-    a = np.asarray(x, dtype=float)
-    return a[None, :] if a.ndim == 1 else a
 
 
 MIN_FINAL_SEEDS = 5  # meta-training seeds a final (reported) run needs: 3 seeds gave intervals that missed a re-run
@@ -99,8 +94,8 @@ def paired(learned, baseline, *, level: float = 0.95, n_boot: int = 4000, seed: 
     reported, no claim may rest on it); ``favours`` (the side of their median); ``win_rate`` (fraction of seed-task
     pairs where learned is lower); the per-seed mean ratios and their t interval (``per_seed_t_ci``).
     """
-    L = _as_seeds_tasks(learned)
-    B = _as_seeds_tasks(baseline)
+    L = seeds_tasks(learned)
+    B = seeds_tasks(baseline)
     if B.shape[1] != L.shape[1]:
         raise ValueError(f"learned {L.shape} and baseline {B.shape} must cover the same tasks")
     if B.shape[0] == 1:
@@ -108,9 +103,8 @@ def paired(learned, baseline, *, level: float = 0.95, n_boot: int = 4000, seed: 
     if L.shape != B.shape:
         raise ValueError(f"learned {L.shape} and baseline {B.shape} must cover the same tasks")
     S, T = L.shape
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        R = np.where(np.isfinite(L), L, np.inf) / np.where(B > 0, B, np.nan)
-        R = np.where(np.isnan(R), np.where(L <= B, 1.0, np.inf), R)  # baseline at exactly 0: tie or loss
+    R = ratios(L, B)
+    with np.errstate(divide="ignore"):
         logr = np.log(R)
     # the same seed gives the same draws: both intervals come from one set of nested resamples
     ratio_ci = hierarchical_bootstrap({"": R}, n_boot=n_boot, seed=seed, level=level)
@@ -135,6 +129,14 @@ def paired(learned, baseline, *, level: float = 0.95, n_boot: int = 4000, seed: 
     return out
 
 
+def ratios(L: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Per-task ratios learned / baseline (lower is better): a non-finite learned value is an infinite ratio, and a
+    baseline at exactly 0 is a tie when learned is at 0 too, else an infinite ratio."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        R = np.where(np.isfinite(L), L, np.inf) / np.where(B > 0, B, np.nan)
+        return np.where(np.isnan(R), np.where(L <= B, 1.0, np.inf), R)
+
+
 def log_ratios(learned, baseline, *, floor: float) -> np.ndarray:
     """Per-task log(learned / baseline), ``(seeds, tasks)``: a non-finite learned value is an infinite ratio, 0 / 0
     a tie (the convention of :func:`paired`). Finite values below ``floor`` count as ``floor`` (the experiment
@@ -144,10 +146,8 @@ def log_ratios(learned, baseline, *, floor: float) -> np.ndarray:
     if floor > 0:
         L = np.where(np.isfinite(L), np.maximum(L, floor), L)
         B = np.where(np.isfinite(B), np.maximum(B, floor), B)
-    with np.errstate(all="ignore"):
-        R = np.where(np.isfinite(L), L, np.inf) / B
-        R = np.where(np.isnan(R), np.where(L <= B, 1.0, np.inf), R)
-        return np.log(R)
+    with np.errstate(divide="ignore"):
+        return np.log(ratios(L, B))
 
 
 def _nan_inf(v: float) -> float:
