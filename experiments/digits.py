@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from shipped import add_shipped_row, not_shipped, shipped_seed  # noqa: E402
 from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_table, open_run,  # noqa: E402
                     paired, parallel_map, run_main, test_split_name, verdict, save_report, final_test_read,
                     preregistered, record_test_read)
@@ -319,7 +320,9 @@ def new_summary(cfg: Config, prov: dict, tuned: dict, per_seed: list) -> dict:
                                                          "optimizer)"),
                "heldout_images": bool(cfg.final),
                "meta_train_seconds": [s["meta_seconds"] for s in per_seed],
-               "skipped_meta_steps": [s["skipped"] for s in per_seed],
+               "skipped_meta_steps": [s["skipped"] for s in per_seed], "seeds_run": [s["seed"] for s in per_seed],
+               "shipped_seed": shipped_seed({s["seed"]: lopt_file(cfg, s["seed"]) for s in per_seed}, "digits_lstm")
+               or not_shipped("digits_lstm"),
                "tuned": {}, "baselines": {}, "learned": {}, "paired": {}, "unseen": {}, "targets": {}}
     for (n, learner), t in tuned.items():
         summary["tuned"].setdefault(learner, {})[n] = {f"{h}/{m}": {"hparams": tb.hparams, "score": tb.score,
@@ -352,6 +355,8 @@ def compare_stage(cfg: Config, summary: dict, tuned, base_at, refs, ref_at, per_
                              float(np.median(vals)), "-"])
             rows.append([f"learned ({cfg.net}, {cfg.seeds} seeds)", h, report, float(learned.mean()),
                          float(np.median(learned)), fmt_paired(comp[best]) + f" vs {best}"])
+            add_shipped_row(summary, rows, f"{row}_at_{h}", learned, baseline_values(
+                tuned, base_at, "base", best, h, row)[0], [h, report], best, fmt_paired)
         acc = np.stack([s["at"][h]["accuracy"] for s in per_seed])
         summary["learned"][str(h)]["accuracy"] = float(acc.mean())
         for n in cfg.baselines:
@@ -450,7 +455,7 @@ def report_text(cfg: Config, summary: dict, rows: list, horizons: list) -> str:
         f"- mean loss never above the initial loss: {summary['never_above_initial_loss']} (max ratio "
         f"{summary['max_mean_loss_over_initial']:.3f}); diverged runs at {horizons[-1]} steps: "
         f"{summary['diverged_runs']}; meta-training {np.mean(summary['meta_train_seconds']):.0f} s per seed; whole "
-        f"script {summary['total_seconds']:.0f} s"]
+        f"script {summary['total_seconds']:.0f} s", "- " + summary["shipped_seed"].get("note", "shipped seed: above")]
     return "\n".join(lines)
 
 

@@ -8,12 +8,12 @@
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
 from learned_opt.evaluate import family_ratio
+from shipped import shipped_seed  # noqa: F401  (found by the weights' hash; re-exported)
 from learned_opt.tasks.suite import SUITE
 
 ROLES = ("heldout", "meta")
@@ -68,23 +68,6 @@ def floors_section(cfg, runs, fams, specs) -> Dict[str, Dict[str, Any]]:
                                                                    floor=floor, n_boot=cfg.n_boot))
                              for role in ROLES if role_families(fams, role) for suffix, m, h, metric in specs}
     return out
-
-
-def shipped_seed(paths: Dict[int, str], name: str = "general", directory: Optional[str] = None
-                 ) -> Optional[Dict[str, Any]]:
-    """``{"seed", "sha256", "name"}`` of the seed whose ``lopt.pt`` is byte-identical to the shipped ``name``
-    (the manifest's SHA-256), or None when no seed of ``paths`` is the shipped one."""
-    from learned_opt import pretrained
-
-    try:
-        want = pretrained.info(name, directory)["sha256"]
-    except (KeyError, ValueError, FileNotFoundError):
-        return None
-    for seed, path in paths.items():
-        with open(path, "rb") as f:
-            if hashlib.sha256(f.read()).hexdigest() == want:
-                return {"seed": seed, "sha256": want, "name": name}
-    return None
 
 
 def shipped_section(cfg, runs, fams, specs, shipped: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from learned_opt.evaluate import ledger
@@ -195,3 +196,22 @@ def test_a_script_can_take_a_new_test_draw_and_the_ledger_keys_on_it(tmp_path):
     summary = common.record_test_read({}, read)
     assert summary["protocol"]["test_draw"] == 3 and summary["protocol"]["test_reads"] == 1
     assert read["ledger_key"] != ledger.read_key(split="test", draw=2, weights=[str(weights)])
+
+
+def test_shipped_row_is_the_shipped_seeds_own_comparison():
+    _checks()
+    import shipped
+    rng = np.random.default_rng(0)
+    learned, base = rng.uniform(0.5, 2.0, (3, 6)), rng.uniform(0.5, 2.0, 6)
+    summary = {"seeds_run": [4, 9, 2], "shipped_seed": {"seed": 9, "name": "digits_lstm", "sha256": "x"}}
+    rows = []
+    shipped.add_shipped_row(summary, rows, "train_at_10", learned, base, [10, "train_loss"], "adam", str)
+    one = shipped.paired(learned[1:2], base)
+    rec = summary["shipped_seed"]["paired"]["train_at_10"]
+    assert rec["ratio"] == one["ratio"] and rec["baseline"] == "adam"
+    assert rec["ratio"] != shipped.paired(learned, base)["ratio"]
+    assert rows[0][0].startswith("shipped seed 9") and rows[0][3] == learned[1].mean()
+    rows.clear()
+    summary["shipped_seed"] = shipped.not_shipped("digits_lstm")
+    shipped.add_shipped_row(summary, rows, "train_at_10", learned, base, [10, "train_loss"], "adam", str)
+    assert rows == [] and "paired" not in summary["shipped_seed"]
