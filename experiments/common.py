@@ -267,3 +267,41 @@ def save_report(out_dir: str, text: str, summary: Dict[str, Any]) -> None:
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
     write_json(os.path.join(out_dir, "summary.json"), summary)
+
+
+# ------------------------------------------------------------------ finished meta-training seeds
+DONE = "done.json"  # beside a seed's lopt.pt: what it was meta-trained with, its weights' SHA-256 and its record
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def seed_ident(mcfg, net, family) -> Dict[str, Any]:
+    """What decides a seed's meta-training: its MetaConfig (the seed included), the meta-network's configuration
+    and the task family (its repr holds every setting). Two runs with the same ident train the same weights."""
+    return json.loads(json.dumps({"meta_config": dataclasses.asdict(mcfg), "net": dict(net.config),
+                                  "family": repr(family)}, default=repr))
+
+
+def finished_seed(lopt_path: str, ident: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The record of a seed that finished meta-training into ``lopt_path`` with this ``ident``, or None (no
+    ``done.json``, another ident, or weights that are no longer the ones it recorded: then it trains again).
+    Checkpoints are not kept in git, the weights and this marker are: a finished seed is not re-trained."""
+    done = os.path.join(os.path.dirname(lopt_path), DONE)
+    if not (os.path.exists(done) and os.path.exists(lopt_path)):
+        return None
+    with open(done) as f:
+        rec = json.load(f)
+    if rec.get("ident") != ident or rec.get("sha256") != _sha256(lopt_path):
+        return None
+    return {**rec["record"], "reused": True}
+
+
+def mark_finished(lopt_path: str, ident: Dict[str, Any], record: Dict[str, Any], **note: Any) -> None:
+    """Write ``done.json`` beside ``lopt_path`` once its seed has finished (see :func:`finished_seed`)."""
+    write_json(os.path.join(os.path.dirname(lopt_path), DONE),
+               {"ident": ident, "sha256": _sha256(lopt_path), "record": record, **note})

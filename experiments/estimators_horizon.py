@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, configure, eval_split, fmt_paired, markdown_table, open_run,  # noqa: E402
                     paired, parallel_map, run_main, save_report, test_split_name, verdict, write_json, LOSS_FLOOR,
-                    floored, final_test_read, preregistered, record_test_read)
+                    floored, final_test_read, preregistered, record_test_read, finished_seed, mark_finished, seed_ident)
 from figures import horizon_plot  # noqa: E402
 
 from learned_opt.evaluate import default_lr_axis, evaluate, require_final_seeds, tune  # noqa: E402
@@ -95,6 +95,7 @@ class Config(ProtocolConfig):
     out_dir: str = "results/estimators/horizon"
     estimators_summary: str = "results/estimators/summary.json"  # where the issue's target keys go
     val_tasks: int = 0  # not used: --tune_tasks says how many validation tasks tune Adam
+    train_only: bool = False  # meta-train every (estimator, seed) not finished yet and stop: no tuning, no test
 
 
 PRESETS = {
@@ -145,16 +146,22 @@ def lopt_path(cfg: Config, estimator: str, seed: int) -> str:
 def train_job(cfg: Config, estimator: str, seed: int) -> dict:
     """Meta-train one (estimator, seed); an interrupted run continues from its checkpoint (exactly)."""
     torch.set_num_threads(1)
-    net = new_net(cfg, seed)
-    run_dir = os.path.dirname(lopt_path(cfg, estimator, seed))
-    trainer = MetaTrainer(net, meta_family(cfg), meta_config(cfg, estimator, seed), run_dir=run_dir, progress=False)
+    net, lopt = new_net(cfg, seed), lopt_path(cfg, estimator, seed)
+    ident = seed_ident(meta_config(cfg, estimator, seed), net, meta_family(cfg))
+    done = finished_seed(lopt, ident)  # finished before (its done.json): not trained again
+    if done is not None:
+        return done
+    trainer = MetaTrainer(net, meta_family(cfg), meta_config(cfg, estimator, seed), run_dir=os.path.dirname(lopt),
+                          progress=False)
     resumed = trainer.resume()
     trainer.run()
-    save_lopt(lopt_path(cfg, estimator, seed), net)
+    save_lopt(lopt, net)
     per_run = 1 + (cfg.particles if estimator == "pes" else 0)  # unrolls of every inner step
-    return {"estimator": estimator, "seed": seed, "train_seconds": trainer.train_seconds, "resumed": resumed,
-            "meta_steps": trainer.meta_step, "skipped": trainer.skipped,
-            "inner_steps": cfg.iterations * cfg.horizon * per_run, "best_select_score": trainer.best_score}
+    record = {"estimator": estimator, "seed": seed, "train_seconds": trainer.train_seconds, "resumed": resumed,
+              "meta_steps": trainer.meta_step, "skipped": trainer.skipped,
+              "inner_steps": cfg.iterations * cfg.horizon * per_run, "best_select_score": trainer.best_score}
+    mark_finished(lopt, ident, record)
+    return record
 
 
 def eval_steps(cfg: Config) -> list:
@@ -339,6 +346,9 @@ def main(argv=None) -> dict:
     ten = 10 if 10 in cfg.multiples else cfg.multiples[len(cfg.multiples) // 2]
     last = cfg.multiples[-1]
     jobs = [("pes", s) for s in seeds] + [("tbptt", s) for s in seeds]
+    if cfg.train_only:
+        return {"train_runs": parallel_map(run_job, [("train", cfg, e, s) for e, s in jobs], cfg.workers,
+                                           context="spawn")}
     train, tuned, learned, adam, read = train_tune_evaluate(cfg, jobs)
     L = {e: {h: np.stack([np.asarray(r["at"][h], float) for (ee, _), r in zip(jobs, learned) if ee == e])
              for h in [0, *steps]} for e in ESTIMATORS}  # (seeds, tasks)

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import parallel_map, parse_config, provenance, run_main, write_json  # noqa: E402
+from common import (finished_seed, mark_finished, parallel_map, parse_config, provenance, run_main,  # noqa: E402
+                    seed_ident, write_json)
 
 from learned_opt.evaluate import evaluate, require_final_seeds  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer, load_lopt, save_lopt  # noqa: E402
@@ -90,14 +91,21 @@ def seed_job(cfg: Config, seed: int) -> dict:
                       val_every=cfg.val_every, val_tasks=cfg.val_tasks, val_horizon=cfg.val_horizon,
                       val_metric="mean_log_final", seed=seed)
     run_dir = os.path.join(cfg.out_dir, f"seed{seed}")
+    lopt, ident = os.path.join(run_dir, "lopt.pt"), seed_ident(meta, net, family(cfg))
+    done = finished_seed(lopt, ident)
+    if done is not None:  # finished before (its done.json): not trained again
+        print(f"seed {seed}: finished before ({lopt})", flush=True)
+        return done
     start = time.time()
     trainer = MetaTrainer(net, family(cfg), meta, run_dir=run_dir)
     if trainer.resume():
         print(f"seed {seed}: resumed at iteration {trainer.iteration}", flush=True)
     trainer.run()
-    save_lopt(os.path.join(run_dir, "lopt.pt"), net)
-    return {"seed": seed, "wall_s": time.time() - start, "train_seconds": trainer.train_seconds,
-            "meta_steps": trainer.meta_step, "skipped": trainer.skipped, "best_select_score": trainer.best_score}
+    save_lopt(lopt, net)
+    record = {"seed": seed, "wall_s": time.time() - start, "train_seconds": trainer.train_seconds,
+              "meta_steps": trainer.meta_step, "skipped": trainer.skipped, "best_select_score": trainer.best_score}
+    mark_finished(lopt, ident, record)
+    return record
 
 
 def ship_score(cfg: Config, seed: int) -> float:
