@@ -78,18 +78,29 @@ def family(cfg: Config) -> MixtureFamily:
     return MixtureFamily(meta_families(), augment_scale=cfg.augment)
 
 
+def new_net(cfg: Config, seed: int):
+    """The meta-network of ``seed`` before meta-training (its initial weights drawn from ``seed``)."""
+    import torch
+
+    torch.manual_seed(seed)
+    return build_learned("norm_mlp", **net_args(cfg))
+
+
+def meta_config(cfg: Config, seed: int) -> MetaConfig:
+    """Meta-training settings of one seed."""
+    return MetaConfig(horizon=max(cfg.sample_horizons), truncation=cfg.truncation, iterations=cfg.iterations,
+                      tasks_per_step=cfg.tasks_per_step, meta_lr=cfg.meta_lr, meta_loss="mean_log",
+                      second_order=cfg.second_order, control="learned", sample_horizons=tuple(cfg.sample_horizons),
+                      val_every=cfg.val_every, val_tasks=cfg.val_tasks, val_horizon=cfg.val_horizon,
+                      val_metric="mean_log_final", seed=seed)
+
+
 def seed_job(cfg: Config, seed: int) -> dict:
     """Meta-train one seed; returns its record (the run directory holds checkpoint.pt, lopt.pt, metrics.jsonl)."""
     import torch
 
     torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    net = build_learned("norm_mlp", **net_args(cfg))
-    meta = MetaConfig(horizon=max(cfg.sample_horizons), truncation=cfg.truncation, iterations=cfg.iterations,
-                      tasks_per_step=cfg.tasks_per_step, meta_lr=cfg.meta_lr, meta_loss="mean_log",
-                      second_order=cfg.second_order, control="learned", sample_horizons=tuple(cfg.sample_horizons),
-                      val_every=cfg.val_every, val_tasks=cfg.val_tasks, val_horizon=cfg.val_horizon,
-                      val_metric="mean_log_final", seed=seed)
+    net, meta = new_net(cfg, seed), meta_config(cfg, seed)
     run_dir = os.path.join(cfg.out_dir, f"seed{seed}")
     lopt, ident = os.path.join(run_dir, "lopt.pt"), seed_ident(meta, net, family(cfg))
     done = finished_seed(lopt, ident)

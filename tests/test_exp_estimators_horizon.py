@@ -131,3 +131,19 @@ def test_ratios_floor_tiny_losses_and_keep_infinite_ones():
     import estimators_horizon as H
     x = H.floored([1e-9, 0.5, np.inf, np.nan])
     assert x[0] == H.LOSS_FLOOR and x[1] == 0.5 and np.isinf(x[2]) and np.isnan(x[3])
+
+
+def test_train_only_meta_trains_each_seed_once_and_reads_no_task(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import estimators_horizon as H
+
+    tuned = []
+    monkeypatch.setattr(H, "tune", lambda *a, **k: tuned.append(a) or {})
+    args = ["--preset", "smoke", "--workers", "1", "--out_dir", str(tmp_path), "--train_only", "true"]
+    first = H.main(args)["train_runs"]
+    assert sorted((r["estimator"], r["seed"]) for r in first) == [(e, s) for e in ("pes", "tbptt") for s in (0, 1)]
+    assert not any(r.get("reused") for r in first)
+    again = H.main(args)["train_runs"]
+    assert all(r["reused"] for r in again) and [r["train_seconds"] for r in again] == \
+        [r["train_seconds"] for r in first]
+    assert tuned == [] and sorted(os.listdir(tmp_path)) == ["train"]  # no summary, no test read, no tuning

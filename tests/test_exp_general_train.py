@@ -48,3 +48,32 @@ def test_bad_flag_is_refused(capsys):
     with pytest.raises(SystemExit):
         general_train.main(["--seeds", "x"])
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_a_finished_seed_is_reused_and_a_changed_one_trains_again(tmp_path, monkeypatch):
+    """done.json: a second run with the same settings does not meta-train again (checkpoints are not in git, the
+    weights are); other settings, or weights that changed since, train again."""
+    import general_train
+    from learned_opt.meta import MetaTrainer
+
+    out = tmp_path / "train"
+    args = ["--preset", "smoke", "--workers", "1", "--out_dir", str(out)]
+    first = general_train.main(args)
+    assert all((out / f"seed{s}" / "done.json").exists() for s in (0, 1))
+    trained = []
+    real_run = MetaTrainer.run
+    monkeypatch.setattr(MetaTrainer, "run", lambda self: trained.append(self.cfg.seed) or real_run(self))
+    for s in (0, 1):  # without its checkpoint, as in a fresh clone
+        os.remove(out / f"seed{s}" / "checkpoint.pt")
+    again = general_train.main(args)
+    assert trained == [] and all(r["reused"] for r in again["seeds"])
+    assert [r["train_seconds"] for r in again["seeds"]] == [r["train_seconds"] for r in first["seeds"]]
+    assert [r["ship_score_mean_log_ratio"] for r in again["seeds"]] == \
+        [r["ship_score_mean_log_ratio"] for r in first["seeds"]]
+    with open(out / "seed1" / "lopt.pt", "ab") as f:  # weights changed since: seed 1 trains again
+        f.write(b"\0")
+    general_train.main(args)
+    assert trained == [1]
+    os.remove(out / "seed1" / "checkpoint.pt")  # (a checkpoint of other settings is refused on its own)
+    general_train.main(args + ["--meta_lr", "0.01"])  # other settings: every seed trains again
+    assert trained == [1, 0, 1]
