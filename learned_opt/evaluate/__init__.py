@@ -30,6 +30,7 @@ from __future__ import annotations
 from .baselines import BASELINE_AXES, TunedBaseline, baseline_kwargs, default_lr_axis, make_baseline
 from .ledger import LEDGER_FILE, LedgerError, TestReadRefused, open_test_read, read_key
 from .run import METRICS, EvalResult, checkpoint_metrics, evaluate
+from .batched import coordinatewise, evaluate_batched
 from .search import AXIS_KINDS, Axis, SearchResult, coordinate_search, lr_grid
 from .splits import SPLITS, TEST_DRAW, split_of, task_seed
 from .bootstrap import bootstrap_interval, hierarchical_bootstrap, percentile_interval
@@ -45,4 +46,5 @@ __all__ = ["AXIS_KINDS", "Axis", "BASELINE_AXES", "EvalResult", "METRICS", "MIN_
            "percentile_interval", "protocol_record", "require_final_seeds", "robust_mean", "split_of",
            "steps_to_reach", "t_quantile", "task_seed", "tune", "tune_baseline", "tune_lr", "verdict",
            "wilcoxon_floor"]
+__all__ += ["coordinatewise", "evaluate_batched"]  # many tasks in one inner loop (tuning scores)
 __all__ += ["LEDGER_FILE", "LedgerError", "TestReadRefused", "open_test_read", "read_key"]  # the test-read ledger

@@ -89,6 +89,29 @@ def checkpoint_metrics(task, params) -> Dict[str, np.ndarray]:
     return out
 
 
+def run_task(task, g: torch.Generator, optimizer, ctrl, steps: int, marks: List[int], val_every: int = 0):
+    """One evaluation run of ``task`` (drawing from ``g``, which built it): ``(curve, stop step, metrics per mark)``,
+    the curve ``(problems, steps + 1)`` of minibatch losses (``inf`` after a divergence), the metrics those of
+    :func:`checkpoint_metrics` at each of ``marks`` (after a stop or divergence: the end-of-run values)."""
+    seen: Dict[int, Dict[str, np.ndarray]] = {}
+
+    def observe(t, params):
+        if t in marks and t != steps:
+            seen[t] = checkpoint_metrics(task, params)
+
+    res = unroll(task, optimizer, ctrl, steps=steps, generator=g, val_every=val_every,
+                 observe=observe if len(marks) > 1 else None)
+    m = res.problem_loss_matrix().double().numpy()
+    fill = np.inf if res.diverged else m[-1]
+    pad = np.broadcast_to(fill, (steps + 1 - m.shape[0], m.shape[1]))
+    curve = np.nan_to_num(np.concatenate([m, pad], 0), nan=np.inf, posinf=np.inf).T
+    end = checkpoint_metrics(task, res.params)
+    if res.diverged:
+        end = _inf_like(end)
+    # checkpoints after a stop (or a divergence) take the end-of-run values
+    return curve, (res.stop_step if res.stopped else steps), {mark: seen.get(mark, end) for mark in marks}
+
+
 def evaluate(family, optimizer, controller_fn: Optional[Callable[[], object]] = None, *, num_tasks: int,
              steps: int, split: str, seed: int = 0, stream: str = "", val_every: int = 0,
              checkpoints: Iterable[int] = (), draw: Optional[int] = None, stop_metrics: bool = True) -> EvalResult:
@@ -110,30 +133,19 @@ def evaluate(family, optimizer, controller_fn: Optional[Callable[[], object]] = 
         seeds.append(s)
         g = generator(s)
         task = family(g)
-        ctrl = controller_fn() if controller_fn is not None else None
-        seen: Dict[int, Dict[str, np.ndarray]] = {}
-
-        def observe(t, params, task=task, seen=seen):
-            if t in at and t != steps:
-                seen[t] = checkpoint_metrics(task, params)
-
-        res = unroll(task, optimizer, ctrl, steps=steps, generator=g, val_every=val_every,
-                     observe=observe if len(marks) > 1 else None)
-        m = res.problem_loss_matrix().double().numpy()
-        fill = np.inf if res.diverged else m[-1]
-        pad = np.broadcast_to(fill, (steps + 1 - m.shape[0], m.shape[1]))
-        curves.append(np.nan_to_num(np.concatenate([m, pad], 0), nan=np.inf, posinf=np.inf).T)
-        stops.append(res.stop_step if res.stopped else steps)
-        end = checkpoint_metrics(task, res.params)
-        if res.diverged:
-            end = _inf_like(end)
-        for mark in marks:  # checkpoints after a stop (or a divergence) take the end-of-run values
-            at[mark].append(seen.get(mark, end))
-    def gather(vals):
-        # a family mixing classification and regression tasks: accuracy is NaN for the tasks without one
-        keys = list(dict.fromkeys(k for v in vals for k in v))
-        return {k: np.concatenate([v[k] if k in v else np.full(len(v["train_loss"]), np.nan) for v in vals])
-                for k in keys}
-
+        curve, stop, metrics = run_task(task, g, optimizer, controller_fn() if controller_fn is not None else None,
+                                        steps, marks, val_every)
+        curves.append(curve)
+        stops.append(stop)
+        for mark in marks:
+            at[mark].append(metrics[mark])
     return EvalResult(np.concatenate(curves, 0), {mark: gather(vals) for mark, vals in at.items()}, stops, split,
                       seeds)
+
+
+def gather(vals: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Per-task metric dicts joined into one array per metric; a family mixing classification and regression
+    tasks gets NaN accuracy for the tasks without one."""
+    keys = list(dict.fromkeys(k for v in vals for k in v))
+    return {k: np.concatenate([v[k] if k in v else np.full(len(v["train_loss"]), np.nan) for v in vals])
+            for k in keys}

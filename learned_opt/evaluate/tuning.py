@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..validate import check_positive_int
+from .batched import coordinatewise, evaluate_batched
 from .baselines import BASELINE_AXES, TunedBaseline, default_lr_axis, make_baseline
 from .run import METRICS, evaluate
 from .search import Axis, coordinate_search, point_key
@@ -49,12 +50,14 @@ def tune(name: str, make: Callable[[Dict[str, float]], Tuple[object, Optional[Ca
          family, axes: Sequence[Axis], *, horizons: Sequence[int], metrics: Sequence[str] = ("train_loss",),
          num_tasks: int = MIN_TUNING_TASKS, seed: int = 0, stream: str = "tune", val_every: int = 0,
          horizon_independent: bool = True, cache_dir: Optional[str] = None, resolution: float = 0.125,
-         max_widen: int = 8) -> Dict[Tuple[int, str], TunedBaseline]:
+         max_widen: int = 8, batched: bool = False) -> Dict[Tuple[int, str], TunedBaseline]:
     """Tune ``make(hparams) -> (optimizer, controller_fn or None)`` on ``num_tasks`` *validation* tasks, separately
     for every ``(horizon, metric)``: each target gets its own :func:`coordinate_search` over ``axes``, scored by
     the mean over tasks of the whole-split ``metric`` at that horizon (:func:`checkpoint_metrics`; ``accuracy``
     is maximised). With ``horizon_independent`` (no schedule that depends on the horizon), one run to the
     longest horizon serves every horizon. ``name`` must identify ``make`` (it keys the cache in ``cache_dir``).
+    ``batched``: score a coordinatewise optimizer without a controller with :func:`evaluate_batched` (the same
+    tasks, several times faster, equal to float32 rounding); its scores are cached apart from evaluate()'s.
     """
     for m in metrics:
         if m not in METRICS:
@@ -67,7 +70,7 @@ def tune(name: str, make: Callable[[Dict[str, float]], Tuple[object, Optional[Ca
         warnings.warn(f"{name}: tuned on {num_tasks} validation tasks, fewer than the protocol's "
                       f"{MIN_TUNING_TASKS}")
     ident = repr((name, repr(family), num_tasks, seed, stream, val_every, horizons, horizon_independent,
-                  [asdict(a) for a in axes]))
+                  [asdict(a) for a in axes]) + (("batched",) if batched else ()))
     digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
     cache = _ScoreCache(os.path.join(cache_dir, f"tune-{_safe(name)}-{digest}.json") if cache_dir else None)
 
@@ -77,9 +80,12 @@ def tune(name: str, make: Callable[[Dict[str, float]], Tuple[object, Optional[Ca
         got = cache.get(key)
         if got is None:
             opt, ctrl_fn = make(dict(point))
-            res = evaluate(family, opt, ctrl_fn, num_tasks=num_tasks, steps=runs[0], split="val", seed=seed,
-                           stream=stream, val_every=val_every,
-                           checkpoints=horizons if horizon_independent else ())
+            kw = dict(num_tasks=num_tasks, steps=runs[0], split="val", seed=seed, stream=stream,
+                      checkpoints=horizons if horizon_independent else ())
+            if batched and ctrl_fn is None and not val_every and coordinatewise(opt):
+                res = evaluate_batched(family, opt, **kw)
+            else:
+                res = evaluate(family, opt, ctrl_fn, val_every=val_every, **kw)
             got = {}
             for hh in (horizons if horizon_independent else [h]):
                 for m in METRICS:
@@ -106,7 +112,7 @@ def _safe(name: str) -> str:
 def tune_baseline(name: str, family, *, horizons: Sequence[int], metrics: Sequence[str] = ("train_loss",),
                   num_tasks: int = MIN_TUNING_TASKS, seed: int = 0, lr_axis: Optional[Axis] = None,
                   extra: Optional[Sequence[Axis]] = None, cache_dir: Optional[str] = None,
-                  resolution: float = 0.125) -> Dict[Tuple[int, str], TunedBaseline]:
+                  resolution: float = 0.125, batched: bool = False) -> Dict[Tuple[int, str], TunedBaseline]:
     """Tune the hand-coded optimizer ``name`` (its learning rate and the axes of :data:`BASELINE_AXES`, or
     ``extra``) for every horizon and metric, on validation tasks (see :func:`tune`)."""
     from ..optim import OPTIMIZERS
@@ -115,7 +121,8 @@ def tune_baseline(name: str, family, *, horizons: Sequence[int], metrics: Sequen
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(sorted(OPTIMIZERS))}")
     axes = (lr_axis or default_lr_axis(),) + tuple(BASELINE_AXES.get(name, ()) if extra is None else extra)
     return tune(name, lambda hp: (make_baseline(name, hp), None), family, axes, horizons=horizons,
-                metrics=metrics, num_tasks=num_tasks, seed=seed, cache_dir=cache_dir, resolution=resolution)
+                metrics=metrics, num_tasks=num_tasks, seed=seed, cache_dir=cache_dir, resolution=resolution,
+                batched=batched)
 
 
 @dataclass

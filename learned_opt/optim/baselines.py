@@ -40,6 +40,7 @@ class SGDState(NamedTuple):
 class SGD:
     """Stochastic gradient descent with optional heavy-ball or Nesterov momentum, dampening and L2 decay."""
     per_tensor: ClassVar[bool] = True  # each tensor's update reads that tensor only (optim/base.py)
+    coordinatewise: ClassVar[bool] = True  # each coordinate's update reads that coordinate only (batched tuning)
     lr: Scalar = 0.01
     momentum: Scalar = 0.0
     dampening: Scalar = 0.0
@@ -104,6 +105,7 @@ class AdamState(NamedTuple):
 class Adam:
     """Adam (Kingma & Ba 2015) with bias correction, optional L2 weight decay and optional AMSGrad."""
     per_tensor: ClassVar[bool] = True  # each tensor's update reads that tensor only (optim/base.py)
+    coordinatewise: ClassVar[bool] = True  # each coordinate's update reads that coordinate only (batched tuning)
     lr: Scalar = 1e-3
     betas: Tuple[Scalar, Scalar] = (0.9, 0.999)
     eps: float = 1e-8
@@ -175,6 +177,7 @@ class RMSpropState(NamedTuple):
 class RMSprop:
     """RMSprop (Tieleman & Hinton 2012) with optional momentum, centering and L2 weight decay."""
     per_tensor: ClassVar[bool] = True  # each tensor's update reads that tensor only (optim/base.py)
+    coordinatewise: ClassVar[bool] = True  # each coordinate's update reads that coordinate only (batched tuning)
     lr: Scalar = 1e-2
     alpha: float = 0.99
     eps: float = 1e-8
