@@ -32,6 +32,7 @@ def _run(tmp_path_factory, final, train_dir=None):
             return real_eval(family, optimizer, controller_fn, **kwargs)
 
         mp.setattr(E.run, "task_seed", spy_seed)
+        mp.setattr(E.batched, "task_seed", spy_seed)  # the tuning runs (evaluate_batched)
         mp.setattr(H, "evaluate", spy_eval)
         argv = ["--preset", "smoke", "--out_dir", str(out), "--estimators_summary", str(out / "est.json"),
                 "--final", str(final), "--workers", "1"]
