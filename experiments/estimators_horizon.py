@@ -99,6 +99,7 @@ class Config(ProtocolConfig):
     estimators_summary: str = "results/estimators/summary.json"  # where the target keys go
     val_tasks: int = 0  # not used: --tune_tasks says how many validation tasks tune Adam
     train_only: bool = False  # meta-train every (estimator, seed) not finished yet and stop: no tuning, no test
+    tune_only: bool = False  # tune Adam for every horizon (validation tasks; scores cached in out_dir) and stop
 
 
 PRESETS = {
@@ -349,6 +350,8 @@ def main(argv=None) -> dict:
     ten = 10 if 10 in cfg.multiples else cfg.multiples[len(cfg.multiples) // 2]
     last = cfg.multiples[-1]
     jobs = [("pes", s) for s in seeds] + [("tbptt", s) for s in seeds]
+    if cfg.tune_only:
+        return {"tuned_adam": tune_job(cfg)}
     if cfg.train_only:
         return {"train_runs": parallel_map(run_job, [("train", cfg, e, s) for e, s in jobs], cfg.workers,
                                            context="spawn")}

@@ -148,3 +148,19 @@ def test_train_only_meta_trains_each_seed_once_and_reads_no_task(tmp_path, monke
     assert all(r["reused"] for r in again) and [r["train_seconds"] for r in again] == \
         [r["train_seconds"] for r in first]
     assert tuned == [] and sorted(os.listdir(tmp_path)) == ["train"]  # no summary, no test read, no tuning
+
+
+def test_tune_only_tunes_on_validation_tasks_and_trains_nothing(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import estimators_horizon as H
+    import learned_opt.evaluate as E
+
+    splits = []
+    real = E.task_seed
+    monkeypatch.setattr(E.batched, "task_seed", lambda split, *a, **k: splits.append(split) or real(split, *a, **k))
+    monkeypatch.setattr(E.run, "task_seed", lambda split, *a, **k: splits.append(split) or real(split, *a, **k))
+    out = H.main(["--preset", "smoke", "--workers", "1", "--out_dir", str(tmp_path), "--tune_only", "true",
+                  "--final", "true"])
+    assert set(out["tuned_adam"]) == {20, 40, 60} and all(r["lr"] > 0 for r in out["tuned_adam"].values())
+    assert set(splits) == {"val"}
+    assert sorted(os.listdir(tmp_path)) == ["tuning_cache"]  # no meta-training, no summary, no test read
