@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -52,7 +53,7 @@ class Config:
     kernel_path: str = "native"  # a name of learned_opt.repro.KERNEL_PATHS ("native": this CPU's own kernels)
     experiments: Tuple[str, ...] = tuple(EXPERIMENTS)
     results_dir: str = "results"  # the committed summaries checked against
-    out_dir: str = "runs/reproduce_check"  # the re-runs (never under results/)
+    out_dir: str = "runs/reproduce_check"  # the re-runs, in out_dir/<kernel_path>/<experiment> (never under results/)
     summary: str = "results/reproducibility/summary.json"
     kernel_paths_file: str = "results/reproducibility/kernel_paths.json"  # tools/numerics_trace.py's output
     script_preset: str = ""  # --preset passed on to every script ("smoke": seconds, for the tests)
@@ -86,10 +87,13 @@ def run_script(cfg: Config, script: str, flags: List[str]) -> None:
 def rerun(cfg: Config, name: str) -> str:
     """The one-seed final re-run of experiment ``name``; returns its summary's path."""
     script, extra = EXPERIMENTS[name]
-    out = os.path.join(cfg.out_dir, name)
+    out = os.path.join(cfg.out_dir, cfg.kernel_path, name)
+    # always a fresh re-run: weights left by an earlier check (its done.json) would be reused, not re-trained
+    for old in (out, os.path.join(cfg.out_dir, cfg.kernel_path, "general_train")):
+        shutil.rmtree(old, ignore_errors=True)
     one_seed = ["--final", "true", "--seeds", "1", "--check_run", "true", *extra]
     if name == "general":
-        train = os.path.join(cfg.out_dir, "general_train")
+        train = os.path.join(cfg.out_dir, cfg.kernel_path, "general_train")
         run_script(cfg, "general_train.py", ["--seeds", "1", "--out_dir", train])
         one_seed += ["--train_dir", train]
     run_script(cfg, script, one_seed + ["--out_dir", out])

@@ -57,7 +57,12 @@ def test_smoke_check_reruns_one_seed_under_another_kernel_path(tmp_path):
     for h in summary["headlines"].values():
         assert len(h["committed_per_seed"]) == 2 and isinstance(h["within"], bool)
     assert summary["headlines_within_interval"] == all(h["within"] for h in summary["headlines"].values())
-    rerun = json.loads((tmp_path / "rerun" / "quadratic" / "summary.json").read_text())
+    rerun_dir = tmp_path / "rerun" / "aten_avx512" / "quadratic"
+    rerun = json.loads((rerun_dir / "summary.json").read_text())
     assert rerun["config"]["seeds"] == 1 and rerun["config"]["check_run"] is True
     assert rerun["protocol"]["test_reads"] == 1  # its own ledger, beside the re-run
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    (rerun_dir / "stale").write_text("left by an earlier check")
+    rc.rerun(rc.Config(script_preset="smoke", kernel_path="aten_avx512", out_dir=str(tmp_path / "rerun")),
+             "quadratic")
+    assert not (rerun_dir / "stale").exists()  # a check never reuses an earlier check's runs
