@@ -17,7 +17,7 @@ import torch
 
 from . import pretrained
 from .optim.adapter import ProtocolOptimizer
-from .validate import check_positive
+from .validate import check_nonnegative
 
 
 def _materialise(params: Iterable[Any]) -> List[Any]:
@@ -78,17 +78,29 @@ class LearnedOptimizer(ProtocolOptimizer):
     meta-network's update times its learned LR multiplier, so ``lr=0.5`` halves every update and ``lr=2``
     doubles it. A parameter group may set its own ``lr`` (the same kind of multiplier, ``0`` freezes it), and
     ``torch.optim.lr_scheduler`` schedulers scale it as usual (``StepLR(opt, 100, gamma=0.5)`` halves the updates
-    every 100 steps). **total_steps**, the number of steps you mean to run, reaches the learned scheduler as its
-    horizon (the fraction of the run done); ``None``: unknown. ``controller='auto'`` runs the meta-network's own
-    LR and stop heads (``opt.should_stop`` says whether the stop head would halt now); ``None`` turns them off;
-    any controller object replaces them. Everything else (parameters without gradients, parameter groups,
-    ``step(closure)`` / ``step(loss=...)``, ``state_dict``) is as in
+    every 100 steps); ``lr=0`` is accepted (every group starts frozen; warm-up schedulers that set
+    ``group['lr']`` start there). ``OneCycleLR`` runs with ``cycle_momentum=False``: the learned rule has no
+    momentum hyper-parameter to cycle.
+
+    **weight_decay** (default 0; per group too, e.g. ``{'params': biases, 'weight_decay': 0.0}``) is decoupled,
+    as in AdamW: each step first multiplies a parameter by ``1 - lr * base_rate * s * weight_decay``, where
+    ``lr * base_rate * s`` is that step's size: the group's ``lr``, the network's learned base rate
+    (``exp(log_lr)``, 3.7e-4 for ``'general'``) and its learned LR multiplier ``s``. That is the quantity AdamW's
+    ``lr`` is, so a recipe's ``weight_decay`` keeps its meaning.
+
+    **total_steps**, the number of steps you mean to run, reaches the learned scheduler as its horizon (the
+    fraction of the run done); ``None``: unknown. ``controller='auto'`` runs the meta-network's own LR and stop
+    heads (``opt.should_stop`` says whether the stop head would halt now); ``None`` turns them off; any
+    controller object replaces them. The learned scheduler reads the training loss: pass it with
+    ``opt.step(loss=loss)`` or ``opt.step(closure)`` (a step without it warns once; the HF Trainer and
+    accelerate do not pass it). Everything else (parameters without gradients, parameter groups, per-parameter
+    ``optimizer.state[p]``, ``state_dict``) is as in
     :class:`~learned_opt.optim.adapter.ProtocolOptimizer`.
     """
 
     def __init__(self, params: Iterable[Any], name: Any = None, total_steps: Optional[int] = None,
-                 lr: float = 1.0, controller: Any = "auto", device: Any = None):
-        check_positive("lr", lr)
+                 lr: float = 1.0, controller: Any = "auto", device: Any = None, weight_decay: float = 0.0):
+        check_nonnegative("lr", lr)
         params = _materialise(params)
         if device is None:
             first = _first_tensor(params)
@@ -101,7 +113,8 @@ class LearnedOptimizer(ProtocolOptimizer):
         if params and not any(isinstance(p, dict) for p in params):
             params = [{"params": params}]
         params = [dict(p, lr=lr) if isinstance(p, dict) and "lr" not in p else p for p in params]
-        super().__init__(params, net, lr=1.0, controller=controller, total_steps=total_steps)
+        super().__init__(params, net, lr=1.0, controller=controller, total_steps=total_steps,
+                         weight_decay=weight_decay)
         self.defaults["lr"] = lr  # and so do groups added later with add_param_group
 
     def __getstate__(self):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from learned_opt.control import Constant, EarlyStopping
-from learned_opt.optim import SGD, Adam, Momentum, ProtocolOptimizer
+from learned_opt.optim import SGD, Adam, AdamW, Momentum, ProtocolOptimizer
 from learned_opt.optim.learned import CoordLSTM, CoordMLP
 from learned_opt.optim.normmlp import NormMLP
 from learned_opt.tasks.supervised import SupervisedTask
@@ -160,11 +161,32 @@ def test_adapter_passes_closure_loss_and_only_tensors_with_gradients():
 
 
 def test_adapter_rejects_bad_arguments():
-    """A non-optimizer is refused with a TypeError naming its type; a zero base lr with a ValueError."""
+    """A non-optimizer is refused with a TypeError naming its type; a negative lr or weight decay with a
+    ValueError naming it."""
     with pytest.raises(TypeError, match="str"):
         ProtocolOptimizer([nn.Parameter(torch.ones(1))], "adam")
-    with pytest.raises(ValueError, match=r"lr.*0\.0"):
-        ProtocolOptimizer([nn.Parameter(torch.ones(1))], SGD(), lr=0.0)
+    with pytest.raises(ValueError, match=r"^lr .*-0\.1"):
+        ProtocolOptimizer([nn.Parameter(torch.ones(1))], SGD(), lr=-0.1)
+    with pytest.raises(ValueError, match=r"parameter group 0: weight_decay .*-1"):
+        ProtocolOptimizer([nn.Parameter(torch.ones(1))], SGD(), weight_decay=-1.0)
+
+
+def test_lr_zero_is_accepted_and_its_groups_read_lr_as_a_plain_multiplier():
+    """lr=0 (torch.optim accepts it): nothing moves; the reference of the multiplier is then 1, so a warm-up
+    that raises group['lr'] to 0.5 takes half of the wrapped optimizer's update. lr > 0 keeps its reference."""
+    c = torch.tensor([1.0, -2.0])
+    w = nn.Parameter(torch.zeros(2))
+    opt = ProtocolOptimizer([w], SGD(lr=0.1), lr=0.0)
+    assert opt.param_groups[0]["lr"] == 0.0 and opt.param_groups[0]["lr_ref"] == 1.0
+    for lr, expected in ((0.0, torch.zeros(2)), (0.5, -0.05 * c)):
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        (w * c).sum().backward()
+        before = w.detach().clone()
+        opt.step()
+        torch.testing.assert_close(w.detach() - before, expected)
+    assert int(opt.state[w]["step"]) == 2  # the frozen step still counted, as in torch.optim
+    assert ProtocolOptimizer([w], SGD(lr=0.1), lr=0.1).param_groups[0]["lr_ref"] == 0.1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,46 +287,106 @@ def test_hand_coded_state_of_a_skipped_tensor_is_kept_like_torch_optim(name, mak
             o.step()
         for pa, pb in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(pa, pb, atol=1e-12, rtol=1e-12)
-    counts = [s.count for s in opt_a.group_states[0]["opt"]]
+    counts = [int(opt_a.state[p]["step"]) for p in a.parameters()]
     assert counts == [20 - len(s) for s in skip]
+    if "step" in opt_b.state[next(b.parameters())]:  # torch.optim's own count (SGD keeps none)
+        assert counts == [int(opt_b.state[p]["step"]) for p in b.parameters()]
 
 
-@pytest.mark.parametrize("kind", sorted(LEARNED))
-def test_learned_state_restarts_when_the_set_of_tensors_with_gradients_changes(kind):
-    """A meta-network's state spans the tensors of a step; when that set changes (with a warning) it restarts
-    over the new set: the next steps equal those of a fresh optimizer on the new set, the others stay put."""
+SPLIT = {**LEARNED, "norm_mlp": lambda: NormMLP(hidden=4)}
+
+
+def _two_losses(a, b, x, use_b):
+    """A loss in which ``a`` always takes part and ``b`` only when ``use_b`` (a conditional branch): ``a``'s
+    gradient does not depend on ``b``."""
+    loss = ((x @ a - 1.0) ** 2).mean()
+    return loss + ((x @ b + 1.0) ** 2).mean() if use_b else loss
+
+
+@pytest.mark.parametrize("kind", sorted(SPLIT))
+def test_learned_state_is_kept_per_parameter_when_others_lose_their_gradients(kind):
+    """A meta-network's state is kept per parameter: when a branch's parameter has no gradient, the others carry
+    on with theirs (they used to restart, the branch's included). Without a controller (whose global features
+    would see the branch), the always-used parameter follows exactly an optimizer of its own, and the branch's
+    parameter that of an optimizer stepped only when it is used (its own step count)."""
     torch.manual_seed(0)
-    proto = LEARNED[kind]()
-    x, y = _regression(2)
-    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
-    opt = ProtocolOptimizer(model.parameters(), proto)
+    proto = SPLIT[kind]()
+    x = torch.randn(16, 3)
+    a, b = nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(3, 2))
+    a1, b1 = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+    opt = ProtocolOptimizer([a, b], proto, controller=None)
+    only_a, only_b = ProtocolOptimizer([a1], proto, controller=None), ProtocolOptimizer([b1], proto, controller=None)
+    used = [t % 3 != 1 for t in range(10)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no restart warning
+        for use_b in used:
+            opt.zero_grad()
+            _two_losses(a, b, x, use_b).backward()
+            opt.step()
+            for o, loss, on in ((only_a, lambda: ((x @ a1 - 1.0) ** 2).mean(), True),
+                                (only_b, lambda: ((x @ b1 + 1.0) ** 2).mean(), use_b)):
+                if on:  # the same gradients as a's and b's in the joint run
+                    o.zero_grad()
+                    loss().backward()
+                    o.step()
+            torch.testing.assert_close(a, a1, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(b, b1, rtol=1e-6, atol=1e-7)
+    assert int(opt.state[a]["step"]) == 10 and int(opt.state[b]["step"]) == sum(used)
 
-    def step(m, o, only=None):
-        o.zero_grad()
-        loss = nn.functional.mse_loss(m(x), y)
-        loss.backward()
-        if only is not None:
-            for p in m.parameters():
-                if all(p is not q for q in only):
-                    p.grad = None
-        o.step(lambda: loss)
 
-    for _ in range(3):
-        step(model, opt)
-    assert opt.group_states[0]["active"] == [0, 1, 2, 3]
-    twin = copy.deepcopy(model)
-    fresh = ProtocolOptimizer(list(twin[2].parameters()), proto)
-    first = [p.detach().clone() for p in model[0].parameters()]
-    with pytest.warns(UserWarning, match=r"parameter group 0 changed \(4 -> 2 of 4\).*restarts"):
-        step(model, opt, only=list(model[2].parameters()))
-    step(twin, fresh)
-    for _ in range(3):
-        step(model, opt, only=list(model[2].parameters()))
-        step(twin, fresh)
-    assert opt.group_states[0]["active"] == [2, 3]
-    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), first))
-    assert all(torch.equal(p, q) for p, q in zip(model[2].parameters(), twin[2].parameters()))
-    assert opt.group_states[0]["step"] == 7  # the group's step count (the controller's clock) carries on
+@pytest.mark.parametrize("kind", ["lstm_heads", "norm_mlp"])
+def test_tensors_of_different_step_counts_resume_exactly(tmp_path, kind):
+    """With a branch used every other step the tensors' step counts differ and the network runs in one call per
+    count, the learned heads reading all of them: a state dict saved there resumes bit for bit."""
+    torch.manual_seed(0)
+    proto = _heads_lstm() if kind == "lstm_heads" else NormMLP(hidden=4)
+    x = torch.randn(16, 3)
+
+    def run(opt, a, b, steps):
+        for t in steps:
+            opt.zero_grad()
+            loss = _two_losses(a, b, x, t % 2 == 0)
+            loss.backward()
+            opt.step(loss=loss)
+
+    params = [nn.Parameter(torch.randn(3, 2)) for _ in range(2)]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = ProtocolOptimizer(params, proto)
+    run(opt, *params, range(9))
+    half = ProtocolOptimizer(twins, proto)
+    run(half, *twins, range(5))
+    assert [int(half.state[p]["step"]) for p in twins] == [5, 3]
+    torch.save(half.state_dict(), tmp_path / "opt.pt")
+    resumed = ProtocolOptimizer(twins, proto)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    run(resumed, *twins, range(5, 9))
+    assert all(torch.equal(p, q) for p, q in zip(params, twins))
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def test_a_state_that_cannot_be_split_restarts_per_group_with_a_warning():
+    """An optimizer whose state the adapter does not know how to split per tensor keeps one state per group;
+    when the set of tensors with gradients changes it restarts over the new set, and says so."""
+    class Concat:  # a state over all tensors at once: the running sum of the flattened gradients
+        def init(self, params):
+            return torch.zeros(sum(p.numel() for p in params))
+
+        def update(self, grads, state, params, *, loss=None):
+            state = state + torch.cat([g.reshape(-1) for g in grads])
+            return [-0.1 * s.reshape(g.shape) for s, g in zip(state.split([g.numel() for g in grads]), grads)], state
+
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(3))
+    opt = ProtocolOptimizer([a, b], Concat())
+    for use_b in (True, True, False):
+        opt.zero_grad()
+        (a.sum() + (b.sum() if use_b else 0.0)).backward()
+        if use_b:
+            opt.step()
+        else:
+            with pytest.warns(UserWarning, match=r"parameter group 0 changed \(2 -> 1\).*restarts"):
+                opt.step()
+    torch.testing.assert_close(a.detach(), torch.full((2,), -0.4))  # -0.1, -0.2, then -0.1 again (restarted)
+    assert [int(opt.state[p]["step"]) for p in (a, b)] == [3, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -350,7 +432,7 @@ def test_parameter_groups_of_a_learned_optimizer_have_their_own_state_and_lr():
         o.zero_grad()
         nn.functional.mse_loss(m(x), y).backward()
         o.step()
-    assert [s["opt"].layout.sizes for s in opt.group_states] == [(20, 5), (10, 2)]
+    assert [opt.state[p]["h"].shape[1] for p in model.parameters()] == [20, 5, 10, 2]  # one slice per tensor
     for i, (p, p0, q) in enumerate(zip(model.parameters(), start, ref.parameters())):
         factor = 0.25 if i < 2 else 0.5
         torch.testing.assert_close(p - p0, factor * (q - p0), rtol=1e-5, atol=1e-7)
@@ -401,7 +483,8 @@ def test_add_param_group_is_stepped_by_a_learned_optimizer():
     nn.functional.mse_loss(model(x), y).backward()
     opt.step()
     assert not any(torch.equal(p, q) for p, q in zip(model[0].parameters(), start))
-    assert opt.group_states[1]["opt"].layout.sizes == (20, 5)
+    assert [opt.state[p]["h"].shape[1] for p in model[0].parameters()] == [20, 5]
+    assert [int(opt.state[p]["step"]) for p in model.parameters()] == [1, 1, 1, 1]
 
 
 def test_bad_group_lr_names_the_group():
@@ -758,9 +841,126 @@ def test_state_dict_with_groups_skipped_tensors_and_heads_resumes_exactly(tmp_pa
 def test_load_state_dict_refuses_other_formats_and_group_counts():
     w, v = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(1))
     opt = ProtocolOptimizer([w], Adam())
-    old = {**opt.state_dict(), "proto_state": None}  # what an older adapter saved: one bare protocol state
-    with pytest.raises(ValueError, match="not a state dict of this ProtocolOptimizer version"):
-        opt.load_state_dict(old)
+    older = {**opt.state_dict(), "proto_state": None}  # what the first adapter saved: one bare protocol state
+    with pytest.raises(ValueError, match="no format version"):
+        opt.load_state_dict(older)
+    with pytest.raises(ValueError, match="no format version"):
+        opt.load_state_dict(T.Adam([w]).state_dict())  # torch.optim's own
     two = ProtocolOptimizer([{"params": [w]}, {"params": [v]}], Adam())
     with pytest.raises(ValueError, match="2 parameter groups, this optimizer 1"):
         opt.load_state_dict(two.state_dict())
+
+
+def test_an_old_format_state_dict_is_refused_naming_the_versions():
+    """Format 2 kept a meta-network's state per parameter group (in ``proto_state``): loading it into the
+    per-parameter layout would misplace it, so it is refused with both versions named, not misloaded."""
+    w = nn.Parameter(torch.ones(4))
+    net = NormMLP(hidden=4)
+    opt = ProtocolOptimizer([w], net)
+    w.grad = torch.ones(4)
+    opt.step()
+    state = opt.state_dict()
+    old = {"state": {}, "param_groups": [{k: v for k, v in state["param_groups"][0].items() if k != "weight_decay"}],
+           "proto_state": {"format": "learned_opt.adapter/2",
+                           "groups": [{"step": 1, "active": [0], "opt": None, "ctrl": None}]}}
+    fresh = ProtocolOptimizer([w], net)
+    with pytest.raises(ValueError, match=r"format 'learned_opt\.adapter/2'.*reads 'learned_opt\.adapter/3'"):
+        fresh.load_state_dict(old)
+    assert not fresh.state and fresh.group_states[0]["step"] == 0  # nothing half-loaded
+    assert state["proto_state"]["format"] == "learned_opt.adapter/3"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weight decay, schedulers that cycle momentum, the missing-loss warning.
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda: AdamW(lr=1e-2, weight_decay=0.1), lambda groups: T.AdamW(groups, lr=1e-2, weight_decay=0.1,
+                                                                       foreach=False)),
+    (lambda: Adam(lr=1e-2, weight_decay=0.1), lambda groups: T.Adam(groups, lr=1e-2, weight_decay=0.1,
+                                                                     foreach=False)),
+    (lambda: Momentum(lr=0.05), lambda groups: T.SGD(groups, lr=0.05, momentum=0.9, foreach=False)),
+], ids=["adamw", "adam_l2", "momentum"])
+def test_a_baseline_takes_each_groups_weight_decay_like_torch_optim(ours, theirs):
+    """A hand-coded baseline runs in each group with the group's weight_decay in its own field (its own kind of
+    decay): a no-decay group for the biases and a stronger one for a layer step like torch.optim with the same
+    groups; the default is the baseline's own value, visible in the groups."""
+    x, y = _regression(7, dtype=torch.float64)
+    a = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    b = copy.deepcopy(a)
+
+    def groups(m):
+        return [{"params": [m[0].weight]}, {"params": [m[0].bias, m[2].bias], "weight_decay": 0.0},
+                {"params": [m[2].weight], "weight_decay": 0.3}]
+
+    opt_a, opt_b = ProtocolOptimizer(groups(a), ours()), theirs(groups(b))
+    assert opt_a.param_groups[0]["weight_decay"] == opt_b.param_groups[0]["weight_decay"]
+    for _ in range(10):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-12, rtol=1e-12)
+
+
+def test_a_network_without_a_base_step_refuses_weight_decay():
+    """Decoupled decay is scaled by the network's base step; a CoordMLP has none, so weight_decay > 0 is refused
+    (an accepted key must be honoured), and 0 is fine."""
+    w = nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match=r"parameter group 0: weight_decay must be 0 for CoordMLP"):
+        ProtocolOptimizer([w], CoordMLP(hidden=4), weight_decay=0.01)
+    opt = ProtocolOptimizer([w], CoordMLP(hidden=4))
+    with pytest.raises(ValueError, match=r"parameter group 1: weight_decay must be 0"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(1))], "weight_decay": 0.1})
+
+
+def test_network_weight_decay_is_decoupled_and_scaled_by_the_step_size():
+    """The adapter's decay for a NormMLP: p <- p (1 - factor * exp(log_lr) * s * wd) + factor * s * u, exactly
+    (s = 1 without a controller)."""
+    torch.manual_seed(0)
+    net = NormMLP(hidden=4)
+    w0 = torch.randn(3, 2)
+    grad = torch.randn(3, 2)
+    moved = []
+    for wd in (0.0, 0.5):
+        w = nn.Parameter(w0.clone())
+        opt = ProtocolOptimizer([{"params": [w], "lr": 0.5}], net, lr=2.0, controller=None, weight_decay=wd)
+        w.grad = grad.clone()
+        opt.step()
+        moved.append(w.detach())
+    u = (moved[0] - w0) / 0.25  # the update at factor 0.5 / 2
+    expected = w0 * (1 - 0.25 * torch.exp(net.log_lr.detach()) * 0.5) + 0.25 * u
+    torch.testing.assert_close(moved[1], expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(moved[0], moved[1])
+
+
+def test_one_cycle_with_cycle_momentum_says_to_turn_it_off():
+    """OneCycleLR's default cycle_momentum=True needs a momentum hyper-parameter; there is none, and the error
+    says what to do. Other lookups of the defaults behave as a dict's."""
+    opt = ProtocolOptimizer([nn.Parameter(torch.ones(2))], NormMLP(hidden=4))
+    with pytest.raises(ValueError, match="cycle_momentum=False"):
+        T.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10)
+    assert "momentum" not in opt.defaults and "betas" not in opt.defaults and "lr" in opt.defaults
+    T.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10, cycle_momentum=False)
+
+
+def test_a_controller_that_reads_the_loss_warns_once_when_it_gets_none():
+    """Trained heads read the loss: a step without one warns once, naming the fix; untouched heads (their output
+    ignores the loss) and optimizers without a controller do not warn, nor does a step given the loss."""
+    def steps(opt, w, n, **kw):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(n):
+                opt.zero_grad()
+                loss = (w ** 2).sum()
+                loss.backward()
+                opt.step(**({"loss": loss} if kw.get("with_loss") else {}))
+        return [str(m.message) for m in seen]
+
+    w = nn.Parameter(torch.ones(3))
+    seen = steps(ProtocolOptimizer([w], _heads_lstm()), w, 3)
+    assert len(seen) == 1 and "opt.step(loss=loss)" in seen[0] and "HF Trainer" in seen[0]
+    assert steps(ProtocolOptimizer([w], _heads_lstm()), w, 2, with_loss=True) == []
+    assert steps(ProtocolOptimizer([w], CoordLSTM(hidden=4)), w, 2) == []  # untouched heads
+    assert steps(ProtocolOptimizer([w], Adam()), w, 2) == []

@@ -300,7 +300,7 @@ def test_total_steps_reaches_the_controller_as_the_horizon():
     (dict(total_steps=0), "total_steps"), (dict(total_steps=-5), "total_steps"),
     (dict(total_steps=2.5), "total_steps"), (dict(total_steps=True), "total_steps"),
     (dict(total_steps="100"), "total_steps"),
-    (dict(lr=0), "lr"), (dict(lr=-1.0), "lr"), (dict(lr=math.nan), "lr"), (dict(lr=math.inf), "lr"),
+    (dict(lr=-1.0), "lr"), (dict(lr=math.nan), "lr"), (dict(lr=math.inf), "lr"),
     (dict(name="nope"), "name"), (dict(name=3), "name"), (dict(device="nodevice"), "device"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, argument):

@@ -1,139 +1,103 @@
 """Turn any optimizer of our protocol (hand-coded or a trained meta-network) into a ``torch.optim.Optimizer``.
 
-:class:`ProtocolOptimizer` keeps the protocol state between ``step`` calls and applies ``p += (group['lr'] / lr) *
-u`` in place, so that ``torch.optim.lr_scheduler`` schedulers work on top of it; it behaves like ``torch.optim``
-for parameters without gradients, parameter groups and dtypes, and runs a meta-network's learned LR and stop
-heads through the same step as :func:`learned_opt.unroll.unroll`. Its ``state_dict`` stores the protocol state as
-plain containers (dicts, lists, tensors, numbers), so a checkpoint loads with ``torch.load(...,
-weights_only=True)``.
+:class:`ProtocolOptimizer` keeps the protocol state per parameter (``optimizer.state[p]``, see
+:mod:`~learned_opt.optim.adapter_state`) and applies ``p += (group['lr'] / group['lr_ref']) * u`` in place, so that
+``torch.optim.lr_scheduler`` schedulers work on top of it; it behaves like ``torch.optim`` for parameters without
+gradients, parameter groups, weight decay and dtypes, and runs a meta-network's learned LR and stop heads through
+the same step as :func:`learned_opt.unroll.unroll`. Its ``state_dict`` is plain containers (dicts, lists,
+tensors, numbers) with a format version, so a checkpoint loads with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
-import importlib
+import dataclasses
 import numbers
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 
-_NT = "__namedtuple__"
-
-
-def to_plain(x: Any) -> Any:
-    """NamedTuples (the protocol states) -> tagged dicts, recursively; ``torch.Size`` -> list."""
-    if isinstance(x, torch.Size):
-        return {"__size__": list(x)}
-    if isinstance(x, tuple) and hasattr(x, "_fields"):
-        cls = type(x)
-        return {_NT: f"{cls.__module__}:{cls.__qualname__}", "fields": {k: to_plain(v) for k, v in
-                                                                      zip(x._fields, x)}}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_plain(v) for v in x)
-    if isinstance(x, dict):
-        return {k: to_plain(v) for k, v in x.items()}
-    return x
-
-
-def from_plain(x: Any) -> Any:
-    """Inverse of :func:`to_plain`; only classes defined in ``learned_opt`` are rebuilt."""
-    if isinstance(x, dict) and "__size__" in x:
-        return torch.Size(x["__size__"])
-    if isinstance(x, dict) and _NT in x:
-        module, _, name = x[_NT].partition(":")
-        if not (module == "learned_opt" or module.startswith("learned_opt.")):
-            raise ValueError(f"refusing to rebuild {x[_NT]!r}: not a learned_opt state")
-        cls = getattr(importlib.import_module(module), name)
-        return cls(**{k: from_plain(v) for k, v in x["fields"].items()})
-    if isinstance(x, (list, tuple)):
-        return type(x)(from_plain(v) for v in x)
-    if isinstance(x, dict):
-        return {k: from_plain(v) for k, v in x.items()}
-    return x
-
 from ..control import Constant, Decision
-from ..validate import check_nonnegative, check_positive
+from ..validate import check_nonnegative
+from .adapter_state import (STATE_FORMAT, Defaults, PerParameterState, decay_rate, from_plain, own_weight_decay,
+                            reads_loss, to_plain)
 from .base import Optimizer
 
-STATE_FORMAT = "learned_opt.adapter/2"
+__all__ = ["ProtocolOptimizer", "STATE_FORMAT", "to_plain", "from_plain"]
 
 
-class _PerTensor:
-    """A ``per_tensor`` optimizer run on every tensor alone; its state is a tuple of one state per tensor."""
-
-    def __init__(self, opt: Optimizer):
-        self.opt = opt
-
-    def update(self, grads, state, params, *, loss=None):
-        """Each tensor's update from its own gradient, parameter and state."""
-        out = [self.opt.update([g], s, [p], loss=loss) for g, s, p in zip(grads, state, params)]
-        return [u[0] for u, _ in out], tuple(s for _, s in out)
-
-
-class ProtocolOptimizer(torch.optim.Optimizer):
+class ProtocolOptimizer(PerParameterState, torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` driven by a protocol optimizer ``opt`` (``init`` / ``update``).
 
     Use it like any ``torch.optim`` optimizer: ``zero_grad()``, ``loss.backward()``, ``step()`` (or
     ``step(closure)``, or ``step(loss=loss)`` to pass the loss on without a closure).
 
-    **lr.** ``lr`` multiplies the update of the wrapped protocol optimizer, relative to the ``lr`` given to the
-    constructor: every step adds ``(group['lr'] / lr) * u`` to the parameters, where ``u`` is the update that
-    ``opt`` proposes (times the learned LR multiplier when a controller runs, see below). A hand-coded
-    baseline's own rate is already inside ``u``: ``ProtocolOptimizer(params, Adam(lr=1e-3))`` steps exactly like
-    ``torch.optim.Adam(params, lr=1e-3)``, and so does ``ProtocolOptimizer(params, Adam(lr=1e-3), lr=1e-3)``:
-    the constructor's ``lr`` is only the reference that the groups' rates are measured against (kept in every
-    group as ``group['lr_ref']``). With the default ``lr=1.0`` it reads as a plain multiplier. A group with its
-    own rate, ``{'params': head, 'lr': 0.1}``, takes ``0.1 / lr`` times the update. ``torch.optim.lr_scheduler``
-    schedulers change ``group['lr']`` and hence the multiplier: ``StepLR(opt, 10, gamma=0.5)`` halves the
-    updates every 10 steps; rates a scheduler sets in absolute terms (``CosineAnnealingLR``'s ``eta_min``,
-    ``OneCycleLR``'s ``max_lr``) are read in the same units, relative to the constructor's ``lr``.
-    ``group['lr'] = 0`` freezes a group (its state still advances, as in ``torch.optim``).
+    **lr.** Every step adds ``(group['lr'] / group['lr_ref']) * u`` to the parameters, where ``u`` is the update
+    that ``opt`` proposes (times the learned LR multiplier when a controller runs, see below). ``lr_ref`` is fixed
+    at construction: the constructor's ``lr`` when it is > 0, and 1 when it is 0 (``lr=0`` is accepted, as in
+    ``torch.optim``: every group starts frozen and ``group['lr']`` then reads as a plain multiplier of ``u``). A
+    hand-coded baseline's own rate is already inside ``u``: ``ProtocolOptimizer(params, Adam(lr=1e-3))`` steps
+    like ``torch.optim.Adam(params, lr=1e-3)``, and so does ``ProtocolOptimizer(params, Adam(lr=1e-3),
+    lr=1e-3)``; with the default ``lr=1.0`` the group lr is a plain multiplier. ``torch.optim.lr_scheduler``
+    schedulers change ``group['lr']`` and hence the multiplier (``StepLR(opt, 10, gamma=0.5)`` halves the
+    updates every 10 steps); rates a scheduler sets in absolute terms (``eta_min``, ``max_lr``) are read in the
+    same units. ``group['lr'] = 0`` freezes a group (its state still advances, as in ``torch.optim``).
+    ``OneCycleLR`` / ``CyclicLR`` need ``cycle_momentum=False``: there is no momentum hyper-parameter to cycle (a
+    meta-network's momentum decays are part of what it was trained with), and saying so is the error otherwise.
 
-    **Parameters without gradients.** As in ``torch.optim``, a step moves only the parameters whose ``.grad``
-    is not ``None`` (``requires_grad=False`` parameters never have one); the others are left exactly as they
-    are. An optimizer marked ``per_tensor`` (every hand-coded baseline) keeps one state per tensor: a tensor
-    skipped at a step keeps its state (Adam's moments and step count) unchanged, exactly like ``torch.optim``.
-    Any other optimizer (a learned meta-network, whose state is laid out over all the tensors it updates at
-    once) keeps one state per parameter group over the tensors that take part in the step. While that set
-    stays the same (the usual case, frozen parameters included), the state carries on; when it changes, the
-    state restarts, ``opt.init`` over the new set (a warning says so), while the group's step count and
-    controller statistics carry on. Sparse gradients raise ``ValueError`` naming the parameter.
+    **Weight decay** (``weight_decay``, per group, default: the baseline's own ``weight_decay`` field, else 0).
+    A hand-coded baseline (a dataclass with that field) runs in each group with the group's value in its field,
+    so its own kind of decay applies (L2 for ``Adam`` / ``SGD``, decoupled for ``AdamW``) and groups with
+    ``weight_decay=0`` (biases, norms) step exactly like ``torch.optim`` with the same groups. Any other ``opt``
+    gets decoupled decay from the adapter, applied with the update (AdamW's order): ``p <- p * (1 - factor *
+    rate * s * wd) + factor * s * u`` with ``factor = group['lr'] / group['lr_ref']``, ``s`` the learned LR
+    multiplier (per tensor in ``per_tensor`` LR mode) and ``rate`` the network's base step, ``exp(log_lr)`` for a
+    NormMLP (the rate of its unit-RMS direction). ``factor * rate * s`` is the step size of that step, the
+    quantity AdamW's ``lr`` is, so a recipe's ``weight_decay`` keeps its meaning (``wd * step size`` per step)
+    and follows both the schedulers and the learned schedule. A network without a base step (a CoordMLP, a plain
+    CoordLSTM) refuses ``weight_decay > 0``. No decay on a stopping step or for a parameter without a gradient.
 
-    **Parameter groups.** Every group (including those added by :meth:`add_param_group`) has its own ``lr``,
-    its own protocol state and its own controller state.
+    **Per-parameter state.** ``optimizer.state[p]`` holds each parameter's state and its ``step`` count (the
+    updates it took part in, a float32 tensor as in ``torch.optim``). A parameter without a gradient at a step is
+    left exactly as it is and keeps its state; the others carry on with theirs: a per-tensor baseline's fields
+    (Adam's ``mu`` / ``nu``), a meta-network's per-coordinate state, flattened (a NormMLP's ``momenta``
+    ``(k, numel)`` and ``v`` ``(numel,)``, and its ``pooled`` hidden row). A meta-network's update of one
+    tensor reads that tensor's gradient, parameter and state only (:mod:`~learned_opt.optim.adapter_state`): the
+    tensors of a step run in one call, as before (with the same tensors every step, bitwise the same updates),
+    those of different step counts in one call per count. What reads across tensors, the LR and stop heads (mean pooled
+    state, global gradient norm, loss) and their step clock, stays per parameter group. A meta-network whose
+    state the adapter cannot split keeps one state per group, restarted (with a warning) when the set of tensors
+    with gradients changes. Sparse gradients raise ``ValueError`` naming the parameter.
 
     **dtype.** A meta-network (an ``nn.Module``) runs in the dtype of its own weights: gradients and parameters
     are cast to it on the way in, and each update is added to its parameter in the parameter's dtype, so
-    float64 and bfloat16 models work with a float32 meta-network as it is. A hand-coded baseline computes in
-    each parameter's own dtype, as ``torch.optim`` does. The meta-network must be on the parameters' device.
+    float64 and bfloat16 models work with a float32 meta-network as it is (its state stays float32). A
+    hand-coded baseline computes in each parameter's own dtype, as ``torch.optim`` does. The meta-network must be
+    on the parameters' device.
 
-    **Learned LR and stop decisions.** ``controller`` drives the LR and stop decisions exactly as
-    :func:`learned_opt.unroll.unroll` does (the same :func:`~learned_opt.unroll.propose`). ``"auto"`` (the
-    default) uses the meta-network's own decision heads (``opt.as_controller()``) when ``opt`` has them, and
-    none otherwise. A meta-network meta-trained without a controller has untouched heads, whose LR multiplier is
-    exactly 1 and whose stop probability stays at its initial ``sigmoid(stop_bias)`` (about 0.0025), so ``"auto"``
-    changes nothing for it; one meta-trained with ``control='learned'`` gets its learned step-size schedule.
-    ``None`` turns decisions off; any controller object (``LearnedController``, ``EarlyStopping``,
-    ``ReduceOnPlateau``, ...) can be given instead. The controller observes the step (counted per group from 0),
-    the loss (from ``closure`` or ``loss=``; without one the loss features read as "no information"), the
-    global gradient norm of the group, and ``val_loss=`` when given. After each step ``should_stop`` says
-    whether a controller decided to stop (the update of that step is then not applied, as in ``unroll``);
-    ``stop_prob`` is the stop probability (``1 - prod(1 - p)`` over groups) and ``decisions`` the last
+    **Learned LR and stop decisions.** ``controller`` drives them exactly as :func:`learned_opt.unroll.unroll`
+    does (the same :func:`~learned_opt.unroll.propose`). ``"auto"`` (the default) uses the meta-network's own
+    decision heads (``opt.as_controller()``) when ``opt`` has them, and none otherwise; a network meta-trained
+    without a controller has untouched heads (multiplier exactly 1, stop probability about 0.0025). ``None``
+    turns decisions off; any controller object can be given instead. The controller observes the group's step
+    (from 0), the loss (from ``closure`` or ``loss=``; without one the loss features read as "no information",
+    and a controller whose trained heads read it warns once), the group's global gradient norm and
+    ``val_loss=``. After each step ``should_stop`` says whether a controller decided to stop (that step's update
+    is then not applied); ``stop_prob`` is ``1 - prod(1 - p)`` over groups and ``decisions`` the last
     :class:`~learned_opt.control.Decision` of every group (``None`` for a group that did not step).
+    ``total_steps`` (``None`` or an integer >= 1) reaches the controller as the horizon (0: unknown); it is a
+    setting, not state: give it again when resuming.
 
-    **Run length.** ``total_steps`` (``None`` or an integer >= 1) is the number of steps the caller means to
-    run; it reaches the controller as the observation's ``horizon``, so that a learned scheduler can read the
-    fraction of the run done (``step / horizon``). Without it the horizon is 0, "unknown". It is a constructor
-    setting, not state: give it again when resuming from a ``state_dict``.
-
-    ``state_dict`` stores the protocol and controller states as plain containers (dicts, lists, tensors,
-    numbers), so a checkpoint loads with ``torch.load(..., weights_only=True)``.
+    ``state_dict`` is ``torch.optim``'s (per-parameter ``state``, ``param_groups``) plus ``proto_state``, the
+    per-group controller states and a format version (:data:`STATE_FORMAT`); a state dict of another format is
+    refused with the versions named. Everything is plain containers: it loads with ``torch.load(...,
+    weights_only=True)``.
     """
 
     def __init__(self, params: Iterable[Any], opt: Optimizer, lr: float = 1.0, controller: Any = "auto",
-                 total_steps: Optional[int] = None):
+                 total_steps: Optional[int] = None, weight_decay: Optional[float] = None):
         if not (hasattr(opt, "init") and hasattr(opt, "update")):
             raise TypeError(f"expected an optimizer with init() and update(), got {type(opt).__name__}")
-        check_positive("lr", lr)  # the reference of every group's multiplier group['lr'] / lr: never 0
+        check_nonnegative("lr", lr)
         if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral)
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be None or an integer >= 1, got {total_steps!r}")
@@ -146,31 +110,43 @@ class ProtocolOptimizer(torch.optim.Optimizer):
         self.opt = opt
         self.controller = controller
         self.per_tensor = bool(getattr(opt, "per_tensor", False))
+        self.own_decay = own_weight_decay(opt)
+        self.reads_loss = reads_loss(controller, opt)
         self.total_steps = None if total_steps is None else int(total_steps)
-        # Per group: step count, the tensors of the last step (shared state only), protocol and controller state.
+        if weight_decay is None:
+            weight_decay = opt.weight_decay if self.own_decay else 0.0
+        # Per group: the controller's step clock and state (and, for a state kept per group, that state).
         self.group_states: List[Dict[str, Any]] = []
         self.should_stop = False
         self.stop_prob = 0.0
         self.decisions: List[Optional[Decision]] = []
-        super().__init__(params, {"lr": lr, "lr_ref": lr})
+        # lr_ref: the constructor's lr, or 1 when it is 0 (group lr then a plain multiplier)
+        super().__init__(params, Defaults(lr=lr, lr_ref=float(lr) if float(lr) > 0 else 1.0,
+                                          weight_decay=weight_decay))
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        """Add a group (its own ``lr``, protocol and controller state); it takes part from the next step."""
+        """Add a group (its own ``lr``, ``weight_decay`` and controller state); it takes part from the next step."""
         index = len(self.param_groups)
-        if "lr" in param_group:
-            try:
+        try:
+            if "lr" in param_group:
                 check_nonnegative("lr", param_group["lr"])
-            except ValueError as e:
-                raise ValueError(f"parameter group {index}: {e}") from None
+            wd = param_group.get("weight_decay", self.defaults["weight_decay"])
+            check_nonnegative("weight_decay", wd)
+            if float(wd) > 0 and not self.own_decay and decay_rate(self.opt) is None:
+                raise ValueError(f"weight_decay must be 0 for {type(self.opt).__name__}, got {wd!r}: it has no base "
+                                 f"step size to scale decoupled weight decay by")
+        except ValueError as e:
+            raise ValueError(f"parameter group {index}: {e}") from None
         super().add_param_group(param_group)
-        self.group_states.append({"step": 0, "active": None, "opt": None, "ctrl": None})
+        self.group_states.append({"step": 0, "ctrl": None, "active": None, "opt": None})
         self.decisions.append(None)
 
     def __getstate__(self):
         # torch.optim pickles only defaults, state and param_groups; the protocol states must travel too
         state = super().__getstate__()
-        state.update({k: self.__dict__[k] for k in ("opt", "controller", "per_tensor", "total_steps",
-                                                    "group_states", "should_stop", "stop_prob", "decisions")})
+        state.update({k: self.__dict__[k] for k in ("opt", "controller", "per_tensor", "own_decay", "reads_loss",
+                                                    "total_steps", "group_states", "should_stop", "stop_prob",
+                                                    "decisions")})
         return state
 
     @torch.no_grad()
@@ -187,10 +163,15 @@ class ProtocolOptimizer(torch.optim.Optimizer):
                 result = closure()
             if loss is None:
                 loss = result
+        if loss is None and self.reads_loss and not self.__dict__.get("_warned_no_loss"):
+            self._warned_no_loss = True
+            warnings.warn(f"{type(self).__name__}.step() got no loss, but its learned controller reads it (its loss "
+                          f"features then read as 'no information'): call opt.step(loss=loss) or opt.step(closure). "
+                          f"The HF Trainer and accelerate never pass the loss. (Shown once.)", stacklevel=4)
         loss_t = None if loss is None else torch.as_tensor(loss).detach()
         val_t = None if val_loss is None else torch.as_tensor(val_loss).detach()
         # Check every group before touching any, so that a bad gradient leaves the model as it was.
-        active = [self._active(gi, group) for gi, group in enumerate(self.param_groups)]
+        active = [_active(gi, group) for gi, group in enumerate(self.param_groups)]
         keep = 1.0
         self.should_stop = False
         for gi, (group, idx) in enumerate(zip(self.param_groups, active)):
@@ -205,35 +186,6 @@ class ProtocolOptimizer(torch.optim.Optimizer):
         self.stop_prob = 1.0 - keep
         return result
 
-    def _active(self, gi: int, group: Dict[str, Any]) -> List[int]:
-        """Indices of the group's tensors that have a gradient and at least one element (an empty tensor has
-        nothing to update, and its per-tensor statistics would be 0 / 0 for a meta-network); a sparse gradient
-        raises ``ValueError``."""
-        idx = []
-        for i, p in enumerate(group["params"]):
-            if p.grad is None or p.numel() == 0:
-                continue
-            if p.grad.layout != torch.strided:
-                names = group.get("param_names")
-                name = repr(names[i]) if names else f"{i} of parameter group {gi}"
-                raise ValueError(f"parameter {name} (shape {tuple(p.shape)}) has a sparse gradient "
-                                 f"({p.grad.layout}); ProtocolOptimizer needs dense gradients (e.g. "
-                                 f"nn.Embedding(..., sparse=False))")
-            idx.append(i)
-        return idx
-
-    def _compute_as(self, p: torch.Tensor) -> Optional[torch.dtype]:
-        """The dtype a meta-network computes in (that of its weights); ``None``: the parameter's own."""
-        if self.per_tensor or not isinstance(self.opt, torch.nn.Module):
-            return None
-        for w in self.opt.parameters():
-            if w.is_floating_point():
-                if w.device != p.device:
-                    raise ValueError(f"the meta-network is on {w.device} but the parameters are on {p.device}; "
-                                     f"move it there with .to({str(p.device)!r})")
-                return w.dtype
-        return None
-
     def _step_group(self, gi: int, group: Dict[str, Any], idx: List[int], loss, val_loss) -> Decision:
         """Update the group's tensors ``idx`` (those with a gradient) and return the controller's decision."""
         # Imported here: the inner loop sits above the optimizers (it runs them), so this arrow points upwards.
@@ -241,21 +193,13 @@ class ProtocolOptimizer(torch.optim.Optimizer):
 
         gs = self.group_states[gi]
         live = [group["params"][i] for i in idx]
-        dtype = self._compute_as(live[0])
+        dtype = _compute_as(self.opt, self.per_tensor, live[0])
         params = [p.detach() if dtype is None else p.detach().to(dtype) for p in live]
         grads = [p.grad.detach() if dtype is None else p.grad.detach().to(dtype) for p in live]
-        optimizer: Any = self.opt
         if self.per_tensor:
-            optimizer = _PerTensor(self.opt)
-            states = gs["opt"] if gs["opt"] is not None else [None] * len(group["params"])
-            state = tuple(states[i] if states[i] is not None else self.opt.init([p]) for i, p in zip(idx, params))
+            optimizer, state, commit = self._tensor_states(self._variant(group), live, params)
         else:
-            if gs["opt"] is not None and gs["active"] != idx:
-                warnings.warn(f"ProtocolOptimizer: the tensors with gradients in parameter group {gi} changed "
-                              f"({len(gs['active'])} -> {len(idx)} of {len(group['params'])}); "
-                              f"{type(self.opt).__name__} restarts its state over the new set", stacklevel=3)
-                gs["opt"] = None
-            state = gs["opt"] if gs["opt"] is not None else self.opt.init(params)
+            optimizer, state, commit = self._network_state(self._variant(group), gi, idx, live, params)
         controller = self.controller if self.controller is not None else Constant()
         ctrl_state = controller.init() if gs["step"] == 0 else gs["ctrl"]
         gnorm = global_norm(grads) if self.controller is not None else None
@@ -264,37 +208,112 @@ class ProtocolOptimizer(torch.optim.Optimizer):
         updates, state, decision, ctrl_state = propose(optimizer, controller, grads, params, state, ctrl_state,
                                                        step=gs["step"], horizon=horizon, loss=loss,
                                                        val_loss=val_loss, grad_norm=gnorm, training=False)
-        if self.per_tensor:
-            states = list(states)
-            for i, s in zip(idx, state):
-                states[i] = s
-            state = states
-        gs.update(step=gs["step"] + 1, active=idx, opt=state, ctrl=ctrl_state)
+        commit(state)
+        gs.update(step=gs["step"] + 1, ctrl=ctrl_state)
         if not decision.stop:
             factor = float(group["lr"]) / float(group["lr_ref"])
+            updates = apply_scale(updates, decision.lr_scale)
+            self._decay(group, live, decision.lr_scale, factor)
             # add_ in the parameter's dtype from an update in the computation's: one rounding (bfloat16 too)
-            for p, u in zip(live, apply_scale(updates, decision.lr_scale)):
+            for p, u in zip(live, updates):
                 p.add_(u, alpha=factor)
         return decision
 
+    def _variant(self, group: Dict[str, Any]) -> Any:
+        """The protocol optimizer of this group: a baseline with the group's ``weight_decay`` in its field."""
+        wd = group["weight_decay"]
+        if not self.own_decay or wd is self.opt.weight_decay or float(wd) == float(self.opt.weight_decay):
+            return self.opt
+        variants = self._derived()["variants"]
+        if float(wd) not in variants:
+            variants[float(wd)] = dataclasses.replace(self.opt, weight_decay=float(wd))
+        return variants[float(wd)]
+
+    def _decay(self, group: Dict[str, Any], live: List[torch.Tensor], lr_scale: Any, factor: float) -> None:
+        """Decoupled weight decay of a group's stepped tensors (optimizers without a ``weight_decay`` field)."""
+        wd = float(group["weight_decay"])
+        if self.own_decay or wd == 0 or factor == 0:
+            return
+        rate = decay_rate(self.opt)
+        scales = lr_scale if isinstance(lr_scale, (list, tuple)) else [lr_scale] * len(live)
+        for p, s in zip(live, scales):
+            p.mul_(1 - factor * wd * rate * s)
+
     def state_dict(self):
-        """torch.optim's state dict plus every group's protocol and controller state (plain containers)."""
+        """torch.optim's state dict (per-parameter state) plus the per-group controller states and the format."""
         out = super().state_dict()
+        out["state"] = {k: to_plain(v) for k, v in out["state"].items()}
         out["proto_state"] = {"format": STATE_FORMAT, "groups": to_plain(self.group_states)}
         return out
 
     def load_state_dict(self, state_dict):
-        """Restore the param groups and the protocol and controller states saved by :meth:`state_dict`."""
+        """Restore the param groups, the per-parameter states and the controller states saved by
+        :meth:`state_dict` (of this format only)."""
         state_dict = dict(state_dict)
         saved = state_dict.pop("proto_state", None)
-        if not (isinstance(saved, dict) and saved.get("format") == STATE_FORMAT):
-            raise ValueError("not a state dict of this ProtocolOptimizer version (no "
-                             f"{STATE_FORMAT!r} protocol state); it cannot be resumed exactly")
+        found = saved.get("format") if isinstance(saved, dict) else None
+        if found != STATE_FORMAT:
+            what = f"format {found!r}" if found is not None else "no format version (not a ProtocolOptimizer's)"
+            raise ValueError(f"cannot load this state dict: it has {what}, this version reads {STATE_FORMAT!r} "
+                             f"(format 2 kept a meta-network's state per parameter group, format 3 per parameter); "
+                             f"resuming it would not continue the run exactly. Resume with the learned_opt version "
+                             f"that saved it, or start the optimizer afresh from the model's weights")
         groups = from_plain(saved["groups"])
         if len(groups) != len(self.param_groups):
             raise ValueError(f"the state dict has {len(groups)} parameter groups, this optimizer "
                              f"{len(self.param_groups)}")
-        super().load_state_dict(state_dict)
+        per_param = state_dict.get("state", {})
+        # torch.optim would cast every state tensor to its parameter's dtype; a meta-network's state keeps its own
+        super().load_state_dict({**state_dict, "state": {}})
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        by_id = dict(zip(ids, (p for g in self.param_groups for p in g["params"])))
+        for k, v in per_param.items():  # the step counts stay on the CPU, as torch.optim's
+            if k in by_id:
+                self.state[by_id[k]] = {name: x if name == "step" else _to_device(x, by_id[k].device)
+                                        for name, x in from_plain(v).items()}
         self.group_states = [dict(g) for g in groups]
         self.decisions = [None] * len(groups)
         self.should_stop, self.stop_prob = False, 0.0
+        self.__dict__.pop("_derived_state", None)
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    """``x`` with every tensor moved to ``device`` (dtype kept), containers rebuilt."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
+def _active(gi: int, group: Dict[str, Any]) -> List[int]:
+    """Indices of the group's tensors that have a gradient and at least one element (an empty tensor has
+    nothing to update, and its per-tensor statistics would be 0 / 0 for a meta-network); a sparse gradient
+    raises ``ValueError``."""
+    idx = []
+    for i, p in enumerate(group["params"]):
+        if p.grad is None or p.numel() == 0:
+            continue
+        if p.grad.layout != torch.strided:
+            names = group.get("param_names")
+            name = repr(names[i]) if names else f"{i} of parameter group {gi}"
+            raise ValueError(f"parameter {name} (shape {tuple(p.shape)}) has a sparse gradient "
+                             f"({p.grad.layout}); ProtocolOptimizer needs dense gradients (e.g. "
+                             f"nn.Embedding(..., sparse=False))")
+        idx.append(i)
+    return idx
+
+
+def _compute_as(opt: Any, per_tensor: bool, p: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype a meta-network computes in (that of its weights); ``None``: the parameter's own."""
+    if per_tensor or not isinstance(opt, torch.nn.Module):
+        return None
+    for w in opt.parameters():
+        if w.is_floating_point():
+            if w.device != p.device:
+                raise ValueError(f"the meta-network is on {w.device} but the parameters are on {p.device}; "
+                                 f"move it there with .to({str(p.device)!r})")
+            return w.dtype
+    return None
