@@ -39,15 +39,27 @@ def test_batched_digits_runs_match_evaluate(name, hp):
     _same(a, b, rtol=1e-4)
 
 
-def test_tasks_of_different_shapes_run_in_their_own_groups_and_match():
+def test_tasks_of_different_shapes_run_in_their_own_groups_and_match(monkeypatch):
+    from learned_opt.evaluate import batched
+
+    sizes = []
+    real = batched._run_group
+    monkeypatch.setattr(batched, "_run_group", lambda tasks, *a: sizes.append(len(tasks)) or real(tasks, *a))
     fam = LinearRegressionFamily(dims=(3, 5), sizes=(96, 32, 32), batch_size=16)
-    a, b = _both(fam, get_optimizer("adam", lr=3e-2), num_tasks=8, steps=30, checkpoints=[10])
+    a, b = _both(fam, get_optimizer("adam", lr=3e-2), num_tasks=16, steps=30, checkpoints=[10])
     _same(a, b, rtol=1e-4)
+    assert len(sizes) == 3 and all(n >= batched.MIN_GROUP for n in sizes)  # one batch per dimension (3, 4, 5)
 
 
-def test_a_diverging_task_stops_as_in_evaluate_and_the_others_go_on():
-    fam = LinearRegressionFamily(dims=(3, 12), feature_scale=10.0, sizes=(96, 32, 32), batch_size=16)
-    a, b = _both(fam, get_optimizer("sgd", lr=0.15), num_tasks=8, steps=60, checkpoints=[5])
+def test_a_diverging_task_stops_as_in_evaluate_and_the_others_go_on(monkeypatch):
+    from learned_opt.evaluate import batched
+
+    sizes = []
+    real = batched._run_group
+    monkeypatch.setattr(batched, "_run_group", lambda tasks, *a: sizes.append(len(tasks)) or real(tasks, *a))
+    fam = LinearRegressionFamily(dims=(3, 4), feature_scale=10.0, sizes=(96, 32, 32), batch_size=16)
+    a, b = _both(fam, get_optimizer("sgd", lr=0.1), num_tasks=10, steps=60, checkpoints=[5])
+    assert sum(sizes) == 10  # every task in a batch
     died = np.isinf(a.curves[:, -1])
     assert died.any() and not died.all()  # the test needs both kinds
     _same(a, b, rtol=1e-3)

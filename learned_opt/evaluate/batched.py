@@ -17,8 +17,8 @@ not bitwise, and a long run may drift further on a chaotic trajectory. It theref
 pick a setting; the reported runs use :func:`evaluate`) and its cache entries are keyed apart.
 
 Tasks are batched only when that is safe: :class:`~learned_opt.tasks.supervised.SupervisedTask` learners with no
-buffers and the same architecture, loss and batch size. Anything else (and any task the vectorised forward
-refuses, e.g. dropout) runs through :func:`evaluate` one task at a time, so the result never depends on it.
+buffers and the same architecture, loss and batch size, at least :data:`MIN_GROUP` of them. Anything else (and any
+task the vectorised forward refuses, e.g. dropout) runs through evaluate()'s own :func:`run_task`, one at a time.
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ from ..tasks.supervised import SupervisedTask
 from ..validate import check_positive_int
 from .run import EvalResult, _inf_like, checkpoint_metrics, gather, run_task
 from .splits import task_seed
+
+
+MIN_GROUP = 4  # fewer tasks of one shape than this run one at a time: a batch of 1-3 costs more than it saves
 
 
 class _Alone(Exception):
@@ -177,7 +180,7 @@ def evaluate_batched(family, optimizer, *, num_tasks: int, steps: int, split: st
     at_rows: Dict[int, List[Optional[Dict[str, np.ndarray]]]] = {m: [None] * num_tasks for m in marks}
     for key, members in groups.items():
         try:
-            if key[0] == "alone":
+            if key[0] == "alone" or len(members) < MIN_GROUP:
                 raise _Alone
             c, seen, ends = _run_group([tasks[i] for i in members], [gens[i] for i in members], optimizer,
                                        steps, marks)
