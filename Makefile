@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: demo test test-slow test-mutations reproduce reproduce-check promote bench clean
+.PHONY: demo test test-slow test-integrations test-mutations reproduce reproduce-check promote bench clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,21 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The learned optimizer in the HF Trainer, accelerate, Lightning, timm and DDP (tests/integrations, examples/): the
+# `integrations` extra at the exact versions of constraints-integrations.txt, torch kept at constraints.txt's CPU build.
+# timm requires torchvision, and the registry's torchvision for torch 2.13.0 (0.28.0) is a CUDA build that cannot load
+# beside the CPU torch (it needs libtorch_cuda.so) and breaks `import timm`: it is removed, and the timm test skips
+# saying why (it runs where a torchvision matching torch loads).
+INTEGRATIONS_STAMP := $(VENV)/.integrations
+$(INTEGRATIONS_STAMP): $(STAMP) constraints-integrations.txt
+	$(PIP) install -q -c constraints.txt -c constraints-integrations.txt -e '.[integrations]'
+	$(PIP) uninstall -q -y torchvision
+	touch $(INTEGRATIONS_STAMP)
+
+test-integrations: $(INTEGRATIONS_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m integrations tests/integrations; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-integrations: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # Each recorded protocol bug (tests/mutations/) applied to a copy of HEAD: the guard named beside it must fail.
 test-mutations: $(STAMP)

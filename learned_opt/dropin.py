@@ -92,10 +92,10 @@ class LearnedOptimizer(ProtocolOptimizer):
     fraction of the run done); ``None``: unknown. ``controller='auto'`` runs the meta-network's own LR and stop
     heads (``opt.should_stop`` says whether the stop head would halt now); ``None`` turns them off; any
     controller object replaces them. The learned scheduler reads the training loss: pass it with
-    ``opt.step(loss=loss)`` or ``opt.step(closure)`` (a step without it warns once; the HF Trainer and
-    accelerate do not pass it). Everything else (parameters without gradients, parameter groups, per-parameter
-    ``optimizer.state[p]``, ``state_dict``) is as in
-    :class:`~learned_opt.optim.adapter.ProtocolOptimizer`.
+    ``opt.step(loss=loss)``, ``opt.step(closure)`` or ``opt.set_loss(loss)`` before ``step()`` (a step without it
+    warns once; the HF Trainer and accelerate do not pass it: :mod:`learned_opt.integrations` hands it over).
+    Everything else (parameters without gradients, parameter groups, per-parameter ``optimizer.state[p]``,
+    ``state_dict``) is as in :class:`~learned_opt.optim.adapter.ProtocolOptimizer`.
     """
 
     def __init__(self, params: Iterable[Any], name: Any = None, total_steps: Optional[int] = None,

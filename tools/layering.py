@@ -28,7 +28,7 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("meta",),  # meta-training: config, losses, checkpoints, estimators, trainer
     ("pretrained",),  # shipped meta-networks and their manifest
     ("dropin",),  # LearnedOptimizer, the torch.optim face of a shipped network
-    ("cli",),  # the learned-opt command
+    ("cli", "integrations"),  # the learned-opt command; the loss hand-over to training frameworks
 )
 # Size limits of issue 22, for learned_opt/ and experiments/.
 MAX_FILE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 500, 250, 100

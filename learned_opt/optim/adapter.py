@@ -25,11 +25,29 @@ from .base import Optimizer
 __all__ = ["ProtocolOptimizer", "STATE_FORMAT", "to_plain", "from_plain"]
 
 
+def _set_loss(self, loss: Any) -> None:
+    """Hand the training loss to the next ``step()``, for loops that call ``step()`` themselves without it (the
+    HF Trainer, accelerate: see :mod:`learned_opt.integrations`).
+
+    The next ``step()`` reads ``loss`` (detached) as if given ``step(loss=loss)``: it wins over a closure's
+    result (a loss set while the closure runs counts too), an explicit ``loss=`` wins over it, and that step
+    consumes it in any case, so a stale loss never reaches a later step. ``None`` clears it. It is not part of
+    ``state_dict``.
+    """
+    self._pending_loss = None if loss is None else torch.as_tensor(loss).detach()
+
+
+_NO_LOSS = ("{}.step() got no loss, but its learned controller reads it (its loss features then read as 'no "
+            "information'): call opt.step(loss=loss), opt.step(closure) or opt.set_loss(loss) before step(). The HF "
+            "Trainer and accelerate never pass the loss: use learned_opt.integrations.feed_loss(trainer) with the HF "
+            "Trainer and learned_opt.integrations.step_with_loss(optimizer, loss) with accelerate. (Shown once.)")
+
+
 class ProtocolOptimizer(PerParameterState, torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` driven by a protocol optimizer ``opt`` (``init`` / ``update``).
 
     Use it like any ``torch.optim`` optimizer: ``zero_grad()``, ``loss.backward()``, ``step()`` (or
-    ``step(closure)``, or ``step(loss=loss)`` to pass the loss on without a closure).
+    ``step(closure)``, or ``step(loss=loss)`` / ``set_loss(loss)`` to pass the loss on without a closure).
 
     **lr.** Every step adds ``(group['lr'] / group['lr_ref']) * u`` to the parameters, where ``u`` is the update
     that ``opt`` proposes (times the learned LR multiplier when a controller runs, see below). ``lr_ref`` is fixed
@@ -149,25 +167,25 @@ class ProtocolOptimizer(PerParameterState, torch.optim.Optimizer):
                                                     "decisions")})
         return state
 
+    set_loss = _set_loss  # the loss of the next step(), for loops that call it without one (defined above)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None, *, loss: Any = None,
              val_loss: Any = None):
         """One update of every group's parameters that have a gradient; returns the closure's loss.
 
-        The loss (from ``closure``, or ``loss=`` when there is none) reaches ``opt.update(..., loss=)`` and the
-        controller; ``val_loss=`` reaches the controller only.
+        The loss (``loss=``, else the one given to :meth:`set_loss`, else the closure's result) reaches
+        ``opt.update(..., loss=)`` and the controller; ``val_loss=`` reaches the controller only.
         """
         result = None
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
-            if loss is None:
-                loss = result
+        pending = self.__dict__.pop("_pending_loss", None)  # set_loss's (also one set in the closure), consumed
+        loss = loss if loss is not None else (pending if pending is not None else result)
         if loss is None and self.reads_loss and not self.__dict__.get("_warned_no_loss"):
             self._warned_no_loss = True
-            warnings.warn(f"{type(self).__name__}.step() got no loss, but its learned controller reads it (its loss "
-                          f"features then read as 'no information'): call opt.step(loss=loss) or opt.step(closure). "
-                          f"The HF Trainer and accelerate never pass the loss. (Shown once.)", stacklevel=4)
+            warnings.warn(_NO_LOSS.format(type(self).__name__), stacklevel=4)
         loss_t = None if loss is None else torch.as_tensor(loss).detach()
         val_t = None if val_loss is None else torch.as_tensor(val_loss).detach()
         # Check every group before touching any, so that a bad gradient leaves the model as it was.

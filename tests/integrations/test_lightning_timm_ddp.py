@@ -1,0 +1,82 @@
+"""The learned optimizer in PyTorch Lightning (examples/lightning_module.py), on a timm ViT (examples/timm_vit.py)
+and under DDP with 2 CPU ranks (examples/ddp.py), with the real packages."""
+import pytest
+import torch
+
+import learned_opt
+from conftest import load_example, record_losses, require
+
+pytestmark = pytest.mark.integrations
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every LearnedOptimizer built during the test, with the list of losses its steps received."""
+    from learned_opt.dropin import LearnedOptimizer as real
+
+    made = []
+
+    def build(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        made.append((opt, record_losses(opt)))
+        return opt
+
+    monkeypatch.setattr(learned_opt, "LearnedOptimizer", build, raising=False)
+    yield made
+
+
+@pytest.fixture
+def lightning_example():
+    require("lightning")
+    return load_example("lightning_module")
+
+
+def test_lightning_closure_hands_the_loss_to_every_step(recorded, lightning_example):
+    """Automatic optimization without our callback: the closure's result (the batch's loss) reaches every step,
+    with gradient clipping on; the MLP trains."""
+    out = lightning_example.run(epochs=2, accumulate=1, callback=False)
+    (opt, seen), = recorded
+    losses = out["module"].losses
+    assert len(seen) == len(losses) == 58 and seen == pytest.approx(losses, rel=1e-6)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_lightning_gradient_accumulation_hands_the_mean_of_the_micro_batches(recorded, lightning_example):
+    """accumulate_grad_batches=2 with clipping: with LightningLossToOptimizer every step gets the mean loss of its
+    micro-batches; without it, Lightning's closure gives the last micro-batch's loss / 2."""
+    for callback in (True, False):
+        out = lightning_example.run(epochs=1, accumulate=2, callback=callback)
+        opt, seen = recorded[-1]
+        losses = out["module"].losses  # 29 micro-batches: 14 pairs and a last one alone
+        pairs = [losses[i:i + 2] for i in range(0, len(losses), 2)]
+        assert len(seen) == len(pairs) == 15
+        if callback:
+            assert out["callback"].handed == 15
+            assert seen == pytest.approx([sum(p) / 2 for p in pairs], rel=1e-5)
+        else:
+            assert seen == pytest.approx([p[-1] / 2 for p in pairs], rel=1e-5)
+
+
+def test_lightning_resume_at_an_epoch_boundary_is_bitwise_the_uninterrupted_run(lightning_example):
+    """Two epochs, a checkpoint, a new Trainer and module resumed from it for two more: the parameters are bitwise
+    those of four uninterrupted epochs (accumulation, clipping and the loss callback on)."""
+    straight = lightning_example.run(epochs=4, accumulate=2)["params"]
+    resumed = lightning_example.run(epochs=4, accumulate=2, resume_at=2)["params"]
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+def test_timm_vit_trains():
+    """A tiny timm VisionTransformer (8x8 digits, 2x2 patches, width 32, depth 2) trained 150 steps: the mean of
+    its last 5 losses is below 0.7x the first."""
+    require("timm")
+    losses = load_example("timm_vit").run()["losses"]
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0], losses
+
+
+def test_ddp_two_cpu_ranks_stay_bitwise_identical_and_train():
+    """DDP, 2 gloo ranks, each on its own shard, the LearnedOptimizer stepped through step_with_loss (the loss
+    averaged over the ranks): after 40 steps the parameters are bitwise identical on both ranks, and rank 0's loss
+    fell below 0.3x its start."""
+    ranks = load_example("ddp").run(steps=40)
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[1]["params"]))
+    assert ranks[0]["losses"][-1] < 0.3 * ranks[0]["losses"][0]
