@@ -215,3 +215,25 @@ def test_shipped_row_is_the_shipped_seeds_own_comparison():
     summary["shipped_seed"] = shipped.not_shipped("digits_lstm")
     shipped.add_shipped_row(summary, rows, "train_at_10", learned, base, [10, "train_loss"], "adam", str)
     assert rows == [] and "paired" not in summary["shipped_seed"]
+
+
+def test_shipped_rows_find_every_shipped_seed_of_the_committed_results(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import shipped_rows
+
+    out = shipped_rows.rows()
+    for name in ("quadratic_lstm", "metanet_lstm"):
+        assert out[name]["seed"] is not None, out[name]
+        summary = json.load(open(os.path.join(ROOT, "results", out[name]["results"], "summary.json")))
+        i = 0 if out[name]["seed"] == 0 else None  # the committed runs ship their seed 0
+        rec = out[name]["records"]
+        assert rec and all(v["best_seed"] <= v["shipped_seed"] <= v["worst_seed"] for v in rec.values())
+        first = next(iter(rec))
+        node = summary
+        for k in first.split("/"):
+            node = node[k]
+        assert rec[first]["shipped_seed"] == node["per_seed_ratio"][i]
+    # weights that match no seed are said to be unmatched, never guessed
+    (tmp_path / "quadratic" / "run" / "seed0").mkdir(parents=True)
+    (tmp_path / "quadratic" / "run" / "seed0" / "lopt.pt").write_bytes(b"other weights")
+    assert shipped_rows.rows(str(tmp_path))["quadratic_lstm"]["seed"] is None
