@@ -10,7 +10,7 @@ evaluation tasks are validation tasks of their own stream and no test task is to
 
     python experiments/quadratic.py --out_dir runs/quad_dev   # development run (validation tasks only)
     python experiments/quadratic.py --final true              # the reported numbers (final-test split)
-    python experiments/quadratic.py --preset demo             # `make demo`: one seed, a few minutes
+    python experiments/quadratic.py --preset demo             # one seed, a few minutes (`make demo` until issue 25)
 """
 from __future__ import annotations
 
