@@ -55,7 +55,7 @@ def _signature(task):
     module = task.fn.module
     if any(True for _ in module.buffers()):
         return None
-    shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in task.data.items() for v in v)
+    shapes = tuple((split, tuple(t.shape), t.dtype) for split, pair in task.data.items() for t in pair)
     return (repr(module), task.loss_name, task.batch_size, shapes)
 
 
