@@ -282,7 +282,9 @@ def _sha256(path: str) -> str:
 
 def seed_ident(mcfg, net, family) -> Dict[str, Any]:
     """What decides a seed's meta-training: its MetaConfig (the seed included), the meta-network's configuration
-    and the task family (its repr holds every setting). Two runs with the same ident train the same weights."""
+    and the task family (its repr holds every setting). Two runs with the same ident train the same weights, as
+    long as the code is the same: the ident does not hash the sources, so after a change to a task family's or the
+    trainer's code, delete the seeds' ``done.json`` to re-train them."""
     return json.loads(json.dumps({"meta_config": dataclasses.asdict(mcfg), "net": dict(net.config),
                                   "family": repr(family)}, default=repr))
 
