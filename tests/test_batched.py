@@ -116,3 +116,24 @@ def test_batched_tuning_picks_what_sequential_tuning_picks_and_caches_apart(tmp_
     for k in seq:
         assert bat[k].score == pytest.approx(seq[k].score, rel=1e-4)
     assert len(list(tmp_path.iterdir())) == 2  # one cache file each: scores of the two engines never mix
+
+
+def test_a_learner_with_a_plain_tensor_attribute_is_never_batched():
+    """Its repr would not show a per-task tensor, and the batch runs every task through the first task's module."""
+    from torch import nn
+
+    from learned_opt.evaluate.batched import _signature
+    from learned_opt.tasks.supervised import SupervisedTask
+
+    class Projected(nn.Linear):
+        def __init__(self, proj):
+            super().__init__(3, 1)
+            self.proj = proj  # a plain attribute, not a buffer
+
+        def forward(self, x):
+            return super().forward(x @ self.proj)
+
+    data = {k: (torch.randn(8, 3), torch.randn(8, 1)) for k in ("train", "val", "test")}
+    plain = SupervisedTask(nn.Linear(3, 1), data, "mse", batch_size=4)
+    assert _signature(plain) is not None
+    assert _signature(SupervisedTask(Projected(torch.eye(3)), data, "mse", batch_size=4)) is None

@@ -53,7 +53,10 @@ def _signature(task):
                                                    for f in ("losses", "loss", "sample_batch", "init")):
         return None
     module = task.fn.module
-    if any(True for _ in module.buffers()):
+    # a buffer, or a plain tensor attribute (e.g. a fixed random projection), may differ between tasks whose reprs
+    # agree, and the batch runs every task through the first one's module: such tasks run alone
+    if any(True for _ in module.buffers()) or any(isinstance(v, torch.Tensor) for m in module.modules()
+                                                  for v in vars(m).values()):
         return None
     shapes = tuple((split, tuple(t.shape), t.dtype) for split, pair in task.data.items() for t in pair)
     return (repr(module), task.loss_name, task.batch_size, shapes)
