@@ -1,4 +1,5 @@
-"""Many tasks in one inner loop: :func:`evaluate` for hand-coded, coordinatewise optimizers, several times faster.
+"""Many tasks in one inner loop: :func:`evaluate` for hand-coded, coordinatewise or slicewise optimizers, several times
+faster.
 
 Tuning a baseline the protocol's way (20 validation tasks per family, every hyper-parameter, horizons up to tens of
 thousands of steps) runs the same small learner thousands of times; on a CPU the cost of such a step is Python
@@ -7,7 +8,11 @@ architecture (leading dimension: the task) and runs one step for all of them: th
 ``torch.func.vmap`` of the learner, one ``autograd.grad`` for every task (the tasks share no parameter, so each
 task's gradient is its own), and one update of the optimizer on the stacked tensors, which is exact when the
 update of every coordinate reads that coordinate only (:func:`coordinatewise`: SGD, momentum, Adam, AdamW,
-RMSprop; not Muon, not a learned optimizer, not a controller).
+RMSprop), or when the optimizer is told that its tensors carry a leading task dimension and treats every slice
+along it as a problem of its own (:func:`slicewise`: Muon, whose Newton–Schulz iteration becomes a batched matrix
+product with one norm per task; such an optimizer is a dataclass with an integer field ``batch_dims``, the number
+of leading batch dimensions, which the batched run raises by one with ``dataclasses.replace``). Not a learned
+optimizer, not a controller.
 
 What stays the same as :func:`evaluate`: the tasks (same seeds), each task's own minibatch stream, initial
 parameters and data, the divergence rule (a task whose loss is non-finite stops there: the rest of its curve and
@@ -23,6 +28,7 @@ task the vectorised forward refuses, e.g. dropout) runs through evaluate()'s own
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Dict, Iterable, List, Optional
 
 import numpy as np
@@ -45,6 +51,25 @@ class _Alone(Exception):
 def coordinatewise(optimizer) -> bool:
     """Whether every coordinate's update reads only that coordinate (its gradient, parameter and state)."""
     return bool(getattr(type(optimizer), "coordinatewise", False))
+
+
+def slicewise(optimizer) -> bool:
+    """Whether the optimizer updates every slice along its tensors' leading ``batch_dims`` dimensions as a problem
+    of its own (class attribute ``slicewise``; a dataclass field ``batch_dims``)."""
+    return bool(getattr(type(optimizer), "slicewise", False)) and dataclasses.is_dataclass(optimizer) and any(
+        f.name == "batch_dims" for f in dataclasses.fields(optimizer))
+
+
+def batchable(optimizer) -> bool:
+    """Whether :func:`evaluate_batched` can run ``optimizer`` on tasks stacked along a leading dimension."""
+    return coordinatewise(optimizer) or slicewise(optimizer)
+
+
+def _stacked(optimizer):
+    """The optimizer for tensors with one more leading (task) dimension."""
+    if coordinatewise(optimizer):
+        return optimizer
+    return dataclasses.replace(optimizer, batch_dims=optimizer.batch_dims + 1)
 
 
 def _signature(task):
@@ -74,7 +99,8 @@ def _group_loss(task):
         n = out.shape[0]
         if task.loss_name == "mse":
             return (out - y).pow(2).reshape(n, -1).mean(1)
-        per_row = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="none")
+        # classes on dimension 1 of each task's output: (N, C) for a classifier, (N, C, L) for a sequence model
+        per_row = torch.nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(0, 1), reduction="none")
         return per_row.reshape(n, -1).mean(1)
     return losses
 
@@ -162,11 +188,12 @@ def evaluate_batched(family, optimizer, *, num_tasks: int, steps: int, split: st
                      stream: str = "", checkpoints: Iterable[int] = (), draw: Optional[int] = None) -> EvalResult:
     """:func:`evaluate` (no controller, no validation checks) with the tasks that can share a batch run together.
 
-    ``optimizer`` must be :func:`coordinatewise` (``ValueError`` otherwise: batching it would mix the tasks).
+    ``optimizer`` must be :func:`coordinatewise` or :func:`slicewise` (``ValueError`` otherwise: batching it would
+    mix the tasks).
     """
-    if not coordinatewise(optimizer):
-        raise ValueError(f"{type(optimizer).__name__} is not coordinatewise: its tasks cannot share a batch; use "
-                         f"evaluate()")
+    if not batchable(optimizer):
+        raise ValueError(f"{type(optimizer).__name__} is not coordinatewise (nor slicewise): its tasks cannot share "
+                         f"a batch; use evaluate()")
     check_positive_int("num_tasks", num_tasks)
     check_positive_int("steps", steps)
     marks = sorted({int(c) for c in checkpoints} | {steps})
@@ -185,8 +212,8 @@ def evaluate_batched(family, optimizer, *, num_tasks: int, steps: int, split: st
         try:
             if key[0] == "alone" or len(members) < MIN_GROUP:
                 raise _Alone
-            c, seen, ends = _run_group([tasks[i] for i in members], [gens[i] for i in members], optimizer,
-                                       steps, marks)
+            c, seen, ends = _run_group([tasks[i] for i in members], [gens[i] for i in members],
+                                       _stacked(optimizer), steps, marks)
         except (_Alone, RuntimeError):  # not batchable, or the vectorised forward refuses (e.g. random ops)
             c, seen, ends = _one_by_one(family, optimizer, [seeds[i] for i in members], steps, marks)
         for j, i in enumerate(members):

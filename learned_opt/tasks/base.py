@@ -51,6 +51,12 @@ def sample_minibatch(x: Tensor, y: Tensor, batch_size: Optional[int], generator:
     return x[idx], y[idx]
 
 
+def random_rotation(generator: torch.Generator, dim: int) -> Tensor:
+    """A uniformly random ``dim x dim`` orthogonal matrix (QR of a Gaussian matrix, signs fixed), float64."""
+    q, r = torch.linalg.qr(torch.randn((dim, dim), generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
 def finite_or_inf(x: float) -> float:
     """``x`` if finite, else ``inf`` (diverged runs rank last)."""
     return x if math.isfinite(x) else math.inf

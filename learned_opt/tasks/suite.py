@@ -2,8 +2,10 @@
 only), and a uniform mixture over meta-training families with optional task augmentation.
 
 After the task suites of learned_optimization and Celo (Moudgil et al. 2025): meta-train on a varied set of
-small tasks, test on families whose architecture class (CNN, RNN, transformer) or data source (scikit-learn's
-wine and breast-cancer tables, the held-out digits pool) no meta-training family has. Every task is small: the
+small tasks, test on families whose architecture class (CNN, RNN, transformer, vision transformer, transformer language
+model) or data source (scikit-learn's wine, breast-cancer and diabetes tables, the held-out digits pool, a bundled
+text snapshot) no meta-training family has, or whose data distribution is shifted from a meta-training family's
+(``metanet_heldout``, ``quadratic_illcond``). Every task is small: the
 ``ms/step`` in each description is one forward + backward at the family's batch size through
 :class:`~learned_opt.tasks.supervised.SupervisedTask`, on one CPU thread (``OMP_NUM_THREADS=1``), measured on the
 development machine (median of 200 steps, ``higher`` backend, torch 2.13, a CPU shared with other jobs).
@@ -19,15 +21,17 @@ import torch
 from ..validate import check_choice
 from .augment import ReparamFamily
 from .digits import DigitsFamily
-from .metanet import MetaNetFamily
-from .quadratic import QuadraticFamily
+from .metanet import MetaNetFamily, ShiftedMetaNetFamily
+from .quadratic import IllConditionedQuadraticFamily, QuadraticFamily
 from .synthetic import LinearRegressionFamily, LogisticRegressionFamily, MarkovSequenceFamily, TeacherMLPFamily
-from .tabular import TabularFamily
-from .vision import DigitsAutoencoderFamily, DigitsCNNFamily
+from .tabular import TabularFamily, TabularRegressionFamily
+from .text import TextLMFamily
+from .vision import DigitsAutoencoderFamily, DigitsCNNFamily, DigitsViTFamily
 
 ROLES = ("meta", "heldout")
 KINDS = ("mlp", "cnn", "rnn", "transformer", "autoencoder", "linear", "quadratic")
-DATA = ("digits-meta", "digits-heldout", "synthetic", "sklearn-wine", "sklearn-breast_cancer")
+DATA = ("digits-meta", "digits-heldout", "synthetic", "sklearn-wine", "sklearn-breast_cancer", "sklearn-diabetes",
+        "text-cpython")
 LOSSES = ("mse", "cross_entropy", "sum_squares")
 DEFAULT_HORIZON = 200
 
@@ -90,6 +94,26 @@ _ENTRIES = (
                TabularFamily("breast_cancer", hidden=(16, 16), activation="tanh", batch_size=64), "mlp",
                "sklearn-breast_cancer",
                description="30-16-16-2 tanh MLP, standardised breast cancer, batch 64; 0.27 ms/step"),
+    SuiteEntry("text_transformer_lm", "heldout", TextLMFamily(), "transformer", "text-cpython",
+               description="causal char-level transformer LM, 1-2 pre-LN layers, d_model 24/32, 2 heads, context "
+                           "32, vocab 96, on a bundled CPython stdlib text snapshot (a task trains on one of 12 "
+                           "disjoint text regions; val / test text disjoint), batch 8; 1.5-2.7 ms/step"),
+    SuiteEntry("digits_vit", "heldout", DigitsViTFamily(pool="heldout"), "transformer", "digits-heldout",
+               description="vision transformer, 2x2 patches (16 tokens), 1 pre-LN layer, d_model 32, 2 heads, mean "
+                           "pooling, on held-out digits, batch 32; 1.8 ms/step"),
+    SuiteEntry("metanet_heldout", "heldout", ShiftedMetaNetFamily(), "mlp", "synthetic", loss="mse",
+               description="MetaNet 10-{20,32}-{20,32}-10 relu on shifted data: correlated, shifted inputs "
+                           "(covariance condition 100), sinusoidal teacher, Laplace noise (scale 0.05-0.3), 64 "
+                           "points, full batch (metanet: isotropic inputs, tanh-MLP teacher, Gaussian noise, 32 "
+                           "points, width 10); 0.27 ms/step"),
+    SuiteEntry("quadratic_illcond", "heldout", IllConditionedQuadraticFamily(), "quadratic", "synthetic",
+               loss="sum_squares",
+               description="rotated ||W theta - y||^2, dim 16-40, Hessian condition number log-uniform 1e4-1e6 with "
+                           "eigenvalues log-spaced, so max / median = sqrt(cond) >= 100 (the meta quadratic: median "
+                           "cond about 1e3, heavy-tailed, max / median < 30); 0.11 ms/step"),
+    SuiteEntry("diabetes_mlp", "heldout", TabularRegressionFamily("diabetes"), "mlp", "sklearn-diabetes",
+               loss="mse", description="10-{16,32,64}(x1-2)-1 tanh MLP regression, standardised diabetes features "
+                                       "and target, 80% of the training rows per task, batch 32; 0.21-0.29 ms/step"),
 )
 
 SUITE: Dict[str, SuiteEntry] = {e.name: e for e in _ENTRIES}

@@ -1,5 +1,5 @@
-"""More learners on scikit-learn's 8x8 digits: an MLP autoencoder (reconstruction, MSE) and a small CNN
-(classification). Both read one pool of :func:`~learned_opt.tasks.digits.digits_splits` (``meta`` for
+"""More learners on scikit-learn's 8x8 digits: an MLP autoencoder (reconstruction, MSE), a small CNN and a tiny
+vision transformer (classification). All read one pool of :func:`~learned_opt.tasks.digits.digits_splits` (``meta`` for
 meta-training, ``heldout`` for final test tasks only), like :class:`~learned_opt.tasks.digits.DigitsFamily`."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from ..validate import check_choice
 from .digits import POOLS, digits_splits
-from .models import ConvNet, build_module
+from .models import ConvNet, TinyViT, build_module
 from .supervised import MLP, SupervisedTask
 
 
@@ -76,3 +76,25 @@ class DigitsCNNFamily(_PoolFamily):
     def __call__(self, generator: torch.Generator) -> SupervisedTask:
         """A task (the generator is not drawn from: the data are fixed, the init comes at ``task.init``)."""
         return self._task(lambda: ConvNet(self.channels), "cross_entropy", autoencode=False)
+
+
+@dataclass(frozen=True)
+class DigitsViTFamily(_PoolFamily):
+    """A tiny vision transformer (:class:`~learned_opt.tasks.models.TinyViT`: ``patch x patch`` patches, ``layers``
+    blocks of width ``d_model``, mean pooling) classifying one pool's digits (``heldout`` by default: the vision
+    transformer is a held-out architecture); tasks differ by initialisation and data order."""
+    patch: int = 2
+    d_model: int = 32
+    heads: int = 2
+    layers: int = 1
+    batch_size: Optional[int] = 32
+    pool: str = "heldout"
+    split_seed: int = 0
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    backend: Optional[str] = None
+
+    def __call__(self, generator: torch.Generator) -> SupervisedTask:
+        """A task (the generator is not drawn from: the data are fixed, the init comes at ``task.init``)."""
+        return self._task(lambda: TinyViT(self.patch, self.d_model, self.heads, self.layers), "cross_entropy",
+                          autoencode=False)
