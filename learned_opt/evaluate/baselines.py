@@ -27,6 +27,29 @@ BASELINE_AXES: Dict[str, Tuple[Axis, ...]] = {
 }
 
 
+# Every hyper-parameter a reviewer expects tuned (besides the learning rate), for the protocol's baselines; the axes
+# of BASELINE_AXES are kept as they are (cached tuning results are keyed by them). Three values per axis, started
+# at the torch default, so that the coordinate search stays affordable; weight decay is a "log0" axis (its search
+# can end at 0), eps a "log" axis around 1e-8. Muon's ``adam_lr`` is the rate of its AdamW part (the tensors that
+# are not matrices), searched on its own: the two rates move disjoint sets of parameters, so a coordinate search
+# over them is nearly separable, which a ratio adam_lr / lr would not be.
+_BETA1 = Axis("beta1", (0.5, 0.9, 0.99), "log1m", start=0.9)
+_BETA2 = Axis("beta2", (0.99, 0.999, 0.9999), "log1m", start=0.999)
+_EPS = Axis("eps", (1e-9, 1e-8, 1e-7), "log", start=1e-8)
+_MOMENTUM = Axis("momentum", (0.5, 0.9, 0.99), "log1m", start=0.9)
+PROTOCOL_AXES: Dict[str, Tuple[Axis, ...]] = {
+    "sgd": (),
+    "momentum": (_MOMENTUM,),
+    "nesterov": (_MOMENTUM,),
+    "adam": (_BETA1, _BETA2, _EPS, Axis("weight_decay", (0.0, 1e-4, 1e-3), "log0", start=0.0)),  # L2
+    "adamw": (_BETA1, _BETA2, _EPS, Axis("weight_decay", (1e-3, 1e-2, 1e-1), "log0", start=1e-2)),  # decoupled
+    "rmsprop": (Axis("alpha", (0.9, 0.99, 0.999), "log1m", start=0.99), _EPS),
+    "muon": (Axis("momentum", (0.9, 0.95, 0.975), "log1m", start=0.95),
+             Axis("weight_decay", (1e-2, 1e-1, 1.0), "log0", start=0.1),
+             Axis("adam_lr", (10 ** -3.5, 1e-3, 10 ** -2.5), "log", start=1e-3)),
+}
+
+
 def baseline_kwargs(hparams: Dict[str, float]) -> Dict[str, Any]:
     """Search coordinates -> optimizer keyword arguments (``beta1, beta2 -> betas``)."""
     kw = {k: v for k, v in hparams.items() if k not in ("beta1", "beta2")}

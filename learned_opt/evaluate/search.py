@@ -20,7 +20,8 @@ def lr_grid(low: float, high: float, num: int) -> List[float]:
     check_positive_int("num", num)
     return [float(x) for x in np.logspace(math.log10(low), math.log10(high), num)]
 
-AXIS_KINDS = ("log", "log1m")
+AXIS_KINDS = ("log", "log1m", "log0")
+LOG0_FLOOR = 1e-6  # a "log0" axis widened below this value goes to 0 itself (weight decays this small do nothing)
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,10 @@ class Axis:
 
     ``kind='log'``: positive values, log-spaced, widened by the grid's own ratio (learning rates, step sizes).
     ``kind='log1m'``: values in [0, 1) whose ``1 - x`` is log-spaced (momenta, betas, decay rates), widened
-    towards 1 without limit and towards 0 down to 0 itself (a domain edge). ``start``: the value the other axes
+    towards 1 without limit and towards 0 down to 0 itself (a domain edge). ``kind='log0'``: values >= 0 whose
+    positive ones are log-spaced (weight decay), widened upwards by their ratio without limit and downwards by it
+    down to :data:`LOG0_FLOOR`, below which the next value is 0 itself (a domain edge, reachable as with
+    ``log1m``; a grid may also hold 0 from the start). ``start``: the value the other axes
     are searched at first (default: the middle of ``values``). ``refine``: after the search, halve the spacing
     around the best value until it is at most ``resolution`` decades (the learning rate).
     """
@@ -49,17 +53,19 @@ class Axis:
             raise ValueError(f"axis {self.name}: values must be finite and > 0, got {vals!r}")
         if self.kind == "log1m" and not all(0 <= v < 1 for v in vals):
             raise ValueError(f"axis {self.name}: values must lie in [0, 1), got {vals!r}")
+        if self.kind == "log0" and not (all(v >= 0 and math.isfinite(v) for v in vals) and max(vals) > 0):
+            raise ValueError(f"axis {self.name}: values must be finite and >= 0, one of them > 0, got {vals!r}")
 
     def _u(self, v: float) -> float:
-        return v if self.kind == "log" else 1.0 - v
+        return 1.0 - v if self.kind == "log1m" else v
 
     def _v(self, u: float) -> float:
-        return _clean(u if self.kind == "log" else 1.0 - u)
+        return _clean(1.0 - u if self.kind == "log1m" else u)
 
     def ratio(self, grid: Sequence[float]) -> float:
         """The grid's spacing as a factor (in ``x`` or ``1 - x``), from its two closest interior values."""
-        us = sorted(self._u(v) for v in grid if self._u(v) > 0 and self._u(v) < (math.inf if self.kind == "log"
-                                                                                  else 1.0))
+        us = sorted(self._u(v) for v in grid if self._u(v) > 0 and self._u(v) < (1.0 if self.kind == "log1m"
+                                                                                  else math.inf))
         if len(us) < 2:
             return 10.0
         return min(b / a for a, b in zip(us[:-1], us[1:]) if b > a)
@@ -70,6 +76,14 @@ class Axis:
         lo, hi = min(grid), max(grid)
         if self.kind == "log":
             new = lo / r if side == "low" else hi * r
+        elif self.kind == "log0":
+            if side == "high":
+                new = hi * r
+            elif lo == 0.0:
+                return None
+            else:
+                new = lo / r
+                new = 0.0 if new < LOG0_FLOOR * (1 - 1e-9) else new
         elif side == "low":  # smaller x: larger 1 - x; 0 is the domain edge
             if lo == 0.0:
                 return None
@@ -178,13 +192,13 @@ def coordinate_search(score: Callable[[Dict[str, float]], float], axes: Sequence
             step /= 2
             here = point[a.name]
             cand = [here, a._v(a._u(here) / 10 ** step), a._v(a._u(here) * 10 ** step)]
-            cand = [v for v in cand if (v > 0 if a.kind == "log" else 0 <= v < 1)]
+            cand = [v for v in cand if (v > 0 if a.kind == "log" else v >= 0 if a.kind == "log0" else 0 <= v < 1)]
             grids[a.name] = sorted(set(grids[a.name]) | set(cand))
             point[a.name] = min(cand, key=lambda v: (s({**point, a.name: v}), cand.index(v)))
     edges = {}
     for a in axes:
         g, v = grids[a.name], point[a.name]
-        if domain_edge[a.name] or (a.kind == "log1m" and v == 0.0 and v == g[0]):
+        if domain_edge[a.name] or (a.kind in ("log1m", "log0") and v == 0.0 and v == g[0]):
             edges[a.name] = "domain"
         elif v in (g[0], g[-1]):
             edges[a.name] = "grid"

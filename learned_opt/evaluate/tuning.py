@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from ..validate import check_positive_int
-from .batched import coordinatewise, evaluate_batched
+from .batched import batchable, evaluate_batched
 from .baselines import BASELINE_AXES, TunedBaseline, default_lr_axis, make_baseline
 from .run import METRICS, evaluate
 from .search import Axis, coordinate_search, point_key
@@ -56,8 +56,9 @@ def tune(name: str, make: Callable[[Dict[str, float]], Tuple[object, Optional[Ca
     the mean over tasks of the whole-split ``metric`` at that horizon (:func:`checkpoint_metrics`; ``accuracy``
     is maximised). With ``horizon_independent`` (no schedule that depends on the horizon), one run to the
     longest horizon serves every horizon. ``name`` must identify ``make`` (it keys the cache in ``cache_dir``).
-    ``batched``: score a coordinatewise optimizer without a controller with :func:`evaluate_batched` (the same
-    tasks, several times faster, equal to float32 rounding); its scores are cached apart from evaluate()'s.
+    ``batched``: score a coordinatewise or slicewise optimizer without a controller with :func:`evaluate_batched`
+    (the same tasks, several times faster, equal to float32 rounding; Muon's bfloat16 Newton–Schulz turns that
+    rounding into larger differences, see tests/test_muon.py); its scores are cached apart from evaluate()'s.
     """
     for m in metrics:
         if m not in METRICS:
@@ -82,7 +83,7 @@ def tune(name: str, make: Callable[[Dict[str, float]], Tuple[object, Optional[Ca
             opt, ctrl_fn = make(dict(point))
             kw = dict(num_tasks=num_tasks, steps=runs[0], split="val", seed=seed, stream=stream,
                       checkpoints=horizons if horizon_independent else ())
-            if batched and ctrl_fn is None and not val_every and coordinatewise(opt):
+            if batched and ctrl_fn is None and not val_every and batchable(opt):
                 res = evaluate_batched(family, opt, **kw)
             else:
                 res = evaluate(family, opt, ctrl_fn, val_every=val_every, **kw)
@@ -114,7 +115,8 @@ def tune_baseline(name: str, family, *, horizons: Sequence[int], metrics: Sequen
                   extra: Optional[Sequence[Axis]] = None, cache_dir: Optional[str] = None,
                   resolution: float = 0.125, batched: bool = False) -> Dict[Tuple[int, str], TunedBaseline]:
     """Tune the hand-coded optimizer ``name`` (its learning rate and the axes of :data:`BASELINE_AXES`, or
-    ``extra``) for every horizon and metric, on validation tasks (see :func:`tune`)."""
+    ``extra``, e.g. ``PROTOCOL_AXES[name]`` for every hyper-parameter) for every horizon and metric, on validation
+    tasks (see :func:`tune`)."""
     from ..optim import OPTIMIZERS
 
     if name not in OPTIMIZERS:

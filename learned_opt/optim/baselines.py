@@ -1,20 +1,24 @@
-"""Hand-coded optimizers: SGD, momentum (heavy ball, Nesterov), Adam, AdamW, RMSprop.
+"""Hand-coded optimizers: SGD, momentum (heavy ball, Nesterov), Adam, AdamW, RMSprop, Muon (with AdamW).
 
 Our own math, no ``torch.optim`` inside, written to reproduce the single-tensor ``torch.optim`` code paths
-step for step (tests check 200 steps within 1e-6 in float32 and 1e-12 in float64). Each optimizer is a frozen
-dataclass of hyper-parameters with a NamedTuple state, following the protocol in :mod:`learned_opt.optim.base`.
+step for step (tests check 200 steps within 1e-6 in float32 and 1e-12 in float64; Muon, whose torch iteration
+runs in bfloat16, is also checked step by step along torch's trajectory: tests/test_muon.py). Each optimizer is a
+frozen dataclass of hyper-parameters with a NamedTuple state, following the protocol in
+:mod:`learned_opt.optim.base`.
 Hyper-parameters may be tensors (e.g. a learning rate that requires grad, for meta-gradients).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from ..registry import from_registry
 from ..validate import _as_float, check_matching, check_nonnegative, check_positive, check_unit_interval
+from .muon import (ADJUST_LR_FNS, NS_COEFFICIENTS, NS_DTYPES, NS_EPS, NS_STEPS, as_matrix, is_matrix, lr_ratio,
+                   orthogonalize)
 
 Scalar = Union[float, Tensor]
 
@@ -218,6 +222,126 @@ class RMSprop:
         return updates, RMSpropState(sq, ga, bufs, state.count + 1)
 
 
+class MuonState(NamedTuple):
+    """One entry per parameter in each tuple: the momentum buffer of a matrix, AdamW's moments of another tensor,
+    and an empty tensor where a field does not apply (so that every tensor's state has the same fields, as the
+    torch.optim adapter's one state per tensor expects); the step count."""
+    momentum: Tuple[Tensor, ...]
+    mu: Tuple[Tensor, ...]
+    nu: Tuple[Tensor, ...]
+    count: int
+
+
+@dataclass(frozen=True)
+class Muon:
+    """Muon on the matrices, AdamW on every other tensor, as Muon is used in practice.
+
+    A tensor with two or more dimensions is a matrix; one with more than two (a convolution kernel) is
+    orthogonalised as ``(shape[0], prod(shape[1:]))``, and its learning-rate adjustment uses those two sizes.
+    The protocol passes no parameter names, so an output layer or an embedding (often left to AdamW by hand) is
+    a matrix here too. Scalars and vectors (biases, gains) go to AdamW.
+
+    Matrices follow ``torch.optim.Muon`` step for step: ``B <- lerp(B, g, 1 - momentum)`` (an exponential
+    average, from zero), the direction ``lerp(g, B, momentum)`` with ``nesterov`` (else ``B``),
+    ``O = orthogonalize(direction)`` (``ns_steps`` Newton–Schulz iterations in ``ns_dtype``: bfloat16 as in
+    torch, ``None`` for the parameter's own dtype; :mod:`.muon`), then
+    ``p <- p * (1 - lr * weight_decay) - lr * lr_ratio(adjust_lr_fn, rows, cols) * O``: decoupled decay scaled by
+    the *unadjusted* ``lr``. Other tensors follow :class:`AdamW` (``adam_lr``, ``betas``, ``eps``,
+    ``adam_weight_decay``). Defaults are the two torch classes' own.
+
+    ``batch_dims``: leading dimensions that index independent problems (set by
+    :func:`~learned_opt.evaluate.evaluate_batched` to stack tasks): a tensor is classified and orthogonalised by
+    its shape after them, each slice with its own norm. ``slicewise`` says the optimizer supports that.
+    """
+    per_tensor: ClassVar[bool] = True  # each tensor's update reads that tensor only (optim/base.py)
+    coordinatewise: ClassVar[bool] = False  # a matrix's update reads the whole matrix
+    slicewise: ClassVar[bool] = True  # ... and nothing beyond it: leading batch dims are safe (``batch_dims``)
+    lr: Scalar = 1e-3
+    momentum: Scalar = 0.95
+    nesterov: bool = True
+    weight_decay: Scalar = 0.1
+    ns_steps: int = NS_STEPS
+    adjust_lr_fn: Optional[str] = None
+    ns_coefficients: Tuple[float, float, float] = NS_COEFFICIENTS
+    ns_eps: float = NS_EPS
+    ns_dtype: Optional[str] = "bfloat16"
+    adam_lr: Scalar = 1e-3
+    betas: Tuple[Scalar, Scalar] = (0.9, 0.999)
+    eps: float = 1e-8
+    adam_weight_decay: Scalar = 1e-2
+    batch_dims: int = 0
+
+    def __post_init__(self):
+        check_positive("lr", self.lr)
+        check_unit_interval("momentum", self.momentum)
+        check_nonnegative("weight_decay", self.weight_decay)
+        if isinstance(self.ns_steps, bool) or not isinstance(self.ns_steps, int) or not 0 <= self.ns_steps < 100:
+            raise ValueError(f"ns_steps must be an integer in [0, 100), got {self.ns_steps!r}")
+        if self.adjust_lr_fn not in ADJUST_LR_FNS:
+            raise ValueError(f"unknown adjust_lr_fn {self.adjust_lr_fn!r}; known: None, 'original', "
+                             f"'match_rms_adamw'")
+        if len(self.ns_coefficients) != 3:
+            raise ValueError(f"ns_coefficients must be (a, b, c), got {self.ns_coefficients!r}")
+        check_positive("ns_eps", self.ns_eps)
+        if self.ns_dtype not in NS_DTYPES:
+            raise ValueError(f"unknown ns_dtype {self.ns_dtype!r}; known: {', '.join(map(repr, NS_DTYPES))}")
+        if isinstance(self.batch_dims, bool) or not isinstance(self.batch_dims, int) or self.batch_dims < 0:
+            raise ValueError(f"batch_dims must be an integer >= 0, got {self.batch_dims!r}")
+        check_positive("adam_lr", self.adam_lr)
+        check_nonnegative("adam_weight_decay", self.adam_weight_decay)
+        self._adamw()  # checks betas and eps
+
+    def _adamw(self) -> AdamW:
+        return AdamW(lr=self.adam_lr, betas=self.betas, eps=self.eps, weight_decay=self.adam_weight_decay)
+
+    def _matrices(self, params: Sequence[Tensor]) -> List[bool]:
+        return [is_matrix(p.shape, self.batch_dims) for p in params]
+
+    def init(self, params: Sequence[Tensor]) -> MuonState:
+        """Zero momentum buffers for the matrices, zero moments for the rest."""
+        zeros, mats = _zeros(params), self._matrices(params)
+        empty = [z.new_zeros(0) for z in zeros]
+        return MuonState(tuple(z if m else e for z, e, m in zip(zeros, empty, mats)),
+                         tuple(e if m else z for z, e, m in zip(zeros, empty, mats)),
+                         tuple(e if m else z.clone() for z, e, m in zip(zeros, empty, mats)), 0)
+
+    def update(self, grads, state: MuonState, params, *, loss: Optional[Tensor] = None):
+        """One step: Muon on the matrices, AdamW (:class:`AdamW`'s own update) on the rest."""
+        check_matching(grads, params)
+        mats = self._matrices(params)
+        rest = [i for i, m in enumerate(mats) if not m]
+        adam_updates, adam_state = self._adamw().update(
+            [grads[i] for i in rest], AdamState(tuple(state.mu[i] for i in rest), tuple(state.nu[i] for i in rest),
+                                                (), state.count), [params[i] for i in rest])
+        bufs, mu, nu = list(state.momentum), list(state.mu), list(state.nu)
+        for j, i in enumerate(rest):
+            mu[i], nu[i] = adam_state.mu[j], adam_state.nu[j]
+        it = iter(adam_updates)
+        updates: List[Optional[Tensor]] = [None if m else next(it) for m in mats]
+        for i in (i for i, m in enumerate(mats) if m):
+            bufs[i] = torch.lerp(bufs[i], grads[i], 1 - self.momentum)
+            updates[i] = self._matrix_update(grads[i], bufs[i], params[i])
+        return updates, MuonState(tuple(bufs), tuple(mu), tuple(nu), state.count + 1)
+
+    def _matrix_update(self, g: Tensor, buf: Tensor, p: Tensor) -> Tensor:
+        direction = torch.lerp(g, buf, self.momentum) if self.nesterov else buf
+        dtype = p.dtype if self.ns_dtype is None else getattr(torch, self.ns_dtype)
+        ortho = orthogonalize(as_matrix(direction, self.batch_dims), self.ns_coefficients, self.ns_steps,
+                              self.ns_eps, dtype).reshape(p.shape)
+        rows, cols = as_matrix(p, self.batch_dims).shape[-2:]
+        step = self.lr * lr_ratio(self.adjust_lr_fn, rows, cols)
+        # As in AdamW: the new parameter q the way torch.optim computes it (shrink, then one fused p + alpha * O),
+        # returned as q - p, so that the caller's p + (q - p) is q exactly whenever q - p is exact (q within a
+        # factor 2 of p) and q to rounding otherwise; a tensor lr (meta-gradients) cannot be a fused alpha, so it
+        # multiplies (rounding differently, at float precision).
+        q = p * (1 - self.lr * self.weight_decay)
+        if isinstance(step, Tensor):
+            q = q - step * ortho.to(q.dtype)
+        else:
+            q = torch.add(q, ortho, alpha=-step)
+        return q - p
+
+
 OPTIMIZERS = {
     "sgd": SGD,
     "momentum": Momentum,
@@ -225,6 +349,7 @@ OPTIMIZERS = {
     "adam": Adam,
     "adamw": AdamW,
     "rmsprop": RMSprop,
+    "muon": Muon,
 }
 
 
