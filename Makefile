@@ -64,7 +64,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/estimators_horizon.py --final true --workers 2
 	$(PY) experiments/estimators.py
 	$(PY) experiments/general_train.py --workers 3
-	$(PY) experiments/general.py --final true --workers 2
+	$(PY) experiments/general.py --final true --workers 2 --horizon 200
 	$(PY) experiments/demo.py --workers 2
 	$(PY) benchmarks/bench.py
 

@@ -43,7 +43,7 @@ EXPERIMENTS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     "digits": ("digits.py", ()),
     "control": ("control.py", ()),
     "estimators/horizon": ("estimators_horizon.py", ()),
-    "general": ("general.py", ()),
+    "general": ("general.py", ("--horizon", "200")),  # the horizon of the committed run (see the README)
 }
 
 

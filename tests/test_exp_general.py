@@ -1,9 +1,11 @@
-"""experiments/general.py: the smoke run writes every promised number, touches no test task unless final, and its
-targets' ``met`` flags follow their intervals.
+"""experiments/general.py: the smoke run writes every number issue #24 asks for, touches no test task unless final,
+resumes an interrupted final read without counting a second one, and its verdicts and counts follow their data.
 
 A 2-seed smoke meta-training (``general_train.py --preset smoke``, subprocess) feeds in-process smoke runs of the
-script (2 families, horizon 5, 2 tasks) with spies on every task seed drawn and every ``evaluate`` call.
+script (one meta-training and one held-out family, horizon 5, 2 tasks) with spies on every task seed drawn and
+every ``evaluate`` call.
 """
+import json
 import math
 import os
 import subprocess
@@ -13,10 +15,13 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TARGET_KEYS = ("heldout_gmean_ratio_vs_tuned_adam_1x", "heldout_gmean_ratio_vs_tuned_adam_10x",
-               "heldout_test_loss_gmean_ratio_vs_tuned_adam", "heldout_gmean_ratio_vs_adam_default")
-META_KEYS = tuple(k.replace("heldout_", "meta_") for k in TARGET_KEYS)
+BOUNDED = {"train_vs_tuned_adam_1x": 1.0, "train_vs_tuned_adam_10x": 1.2, "test_vs_tuned_adam": 1.1,
+           "train_vs_best_single_adam_lr_1x": 0.7}
+REPORTED = ("train_vs_tuned_muon_1x", "train_vs_tuned_adamw_1x", "train_vs_tuned_momentum_1x",
+            "train_vs_adam_default_1x", "train_vs_tuned_adam_30x")
 FAMILIES = ("logistic_regression", "wine_mlp")  # one meta-training and one held-out family
+SMOKE = ["--preset", "smoke", "--families", ",".join(FAMILIES), "--workers", "1",
+         "--baselines", "adam,adamw,momentum,muon"]
 
 
 @pytest.fixture(scope="module")
@@ -31,147 +36,152 @@ def train_dir(tmp_path_factory):
     return out
 
 
-def _run(tmp_path_factory, train_dir, final):
-    """One in-process smoke run with spies; returns (module, summary, out_dir, task splits, script evals,
-    tuning evals)."""
-    out = tmp_path_factory.mktemp("general_final" if final else "general")
+def _spied(out, train_dir, final, extra=()):
+    """One in-process smoke run with spies; returns (module, summary, task splits, script evals, tuning evals)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(os.path.join(ROOT, "experiments"))
         import general
+        import general_jobs
         import learned_opt.evaluate as E
 
         splits, script_evals, tune_evals = [], [], []
-        real_seed, real_eval = E.task_seed, E.evaluate
+        real_seed, real_eval, real_batched = E.task_seed, E.evaluate, general_jobs.evaluate_batched
 
         def spy_seed(split, *a, **k):
             splits.append(split)
             return real_seed(split, *a, **k)
 
-        def spy(record):
-            def f(family, optimizer, controller_fn=None, **kwargs):
+        def spy(record, real):
+            def f(family, optimizer, *args, **kwargs):
                 record.append({"optimizer": type(optimizer).__name__, **kwargs})
-                return real_eval(family, optimizer, controller_fn, **kwargs)
+                return real(family, optimizer, *args, **kwargs)
             return f
 
         mp.setattr(E.run, "task_seed", spy_seed)
-        mp.setattr(E.tuning, "evaluate", spy(tune_evals))  # tune() calls its module's evaluate
-        mp.setattr(general, "evaluate", spy(script_evals))
-        summary = general.main(["--preset", "smoke", "--families", ",".join(FAMILIES), "--train_dir",
-                                str(train_dir), "--out_dir", str(out), "--workers", "1", "--final", str(final)])
-    return general, summary, out, splits, script_evals, tune_evals
+        mp.setattr(E.batched, "task_seed", spy_seed)
+        mp.setattr(E.tuning, "evaluate", spy(tune_evals, real_eval))  # tune() calls its module's evaluate
+        mp.setattr(E.tuning, "evaluate_batched", spy(tune_evals, E.tuning.evaluate_batched))
+        mp.setattr(general_jobs, "evaluate_batched", spy(tune_evals, real_batched))  # the single-rate sweep
+        mp.setattr(general_jobs, "evaluate", spy(script_evals, real_eval))
+        summary = general.main(SMOKE + ["--train_dir", str(train_dir), "--out_dir", str(out), "--final", str(final),
+                                        *extra])
+    return general, summary, splits, script_evals, tune_evals
 
 
 @pytest.fixture(scope="module")
 def dev(tmp_path_factory, train_dir):
-    return _run(tmp_path_factory, train_dir, final=False)
+    out = tmp_path_factory.mktemp("general")
+    return (*_spied(out, train_dir, False), out)
 
 
 def test_summary_has_every_promised_number(dev):
-    general, s, out, *_ = dev
-    for key in TARGET_KEYS + META_KEYS + ("step_time_over_adam_mlp200k",):
+    general, s, *_, out = dev
+    for key in (*BOUNDED, *REPORTED, "step_time_over_adamw_200k"):
         assert {"ratio", "ci_low", "ci_high", "bound", "met", "verdict"} <= set(s[key]), key
-    assert all(s[k]["bound"] is None and s[k]["met"] is None for k in META_KEYS)
-    assert [s[k]["bound"] for k in TARGET_KEYS] == [1.0, 1.2, 1.0, 0.5]
-    assert s["step_time_over_adam_mlp200k"]["bound"] == 3.0 and s["step_time_over_adam_mlp200k"]["params"] > 2e5
-    assert {"count", "runs", "by_family", "bound", "met"} <= set(s["divergences"])
-    assert s["divergences"]["runs"] == 2 * 2 * 2 * len(FAMILIES)  # seeds x tasks x horizons x families
+    assert {k: s[k]["bound"] for k in BOUNDED} == BOUNDED
+    assert all(s[k]["bound"] is None and s[k]["met"] is None for k in REPORTED)
+    assert all(s["meta_" + k]["bound"] is None for k in BOUNDED)  # meta-training families: reported apart
+    for key in (*BOUNDED, *REPORTED):  # held-out families only; the t interval over seeds beside the bootstrap
+        assert s[key]["families"].keys() == {"wine_mlp"} and len(s[key]["per_seed_ratio"]) == 2, key
+    assert s["step_time_over_adamw_200k"]["bound"] == 2.0 and s["step_time_over_adamw_200k"]["params"] > 2e5
     p = s["protocol"]
-    for key in ("meta_training_seeds", "validation_tasks", "tuning_metric", "test_split", "test_tasks",
-                "tuned_hyperparameters"):
-        assert key in p, key
-    assert p["meta_training_seeds"] == 2 and p["validation_tasks"] == 2 and p["test_split"].startswith("val/dev")
-    assert p["ci"] == "hierarchical_bootstrap" and p["loss_floor"] == general.LOSS_FLOOR
-    for key in TARGET_KEYS:  # the families-fixed interval beside the one that resamples families
-        assert {"ci_low", "ci_high"} <= set(s[key]["families_fixed"]) and s[key]["n_families"] == 1, key
-    assert set(p["tuning_metric"]) == {"train_loss", "test_loss", "accuracy"}
-    assert "learning rate only" in p["tuned_hyperparameters"]
-    assert set(s["targets_met"]) == set(TARGET_KEYS) | {"divergences", "step_time_over_adam_mlp200k"}
-    assert [r["family"] for r in s["table"]] == list(FAMILIES)
-    methods = {"learned", "adam", "adamw", "momentum", general.DEFAULT_NAME, "digits_lstm"}
-    for f in FAMILIES:
-        fam = s["families"][f]
-        assert set(fam["ms_per_step"]) >= methods and set(fam["divergences"]) == methods
-        for h in ("5", "50"):
-            rows = fam["horizons"][h]
-            assert set(rows) == {"train_loss", "test_loss", "accuracy"}  # both families classify
-            for row in rows.values():
-                assert set(row["mean"]) == methods and set(row["paired"]) == methods - {"learned"}
-                assert all(q["n_seeds"] == 2 and q["n_tasks"] == 2 for q in row["paired"].values())
-        for n in ("adam", "adamw", "momentum"):
+    assert (p["heldout_families"], p["tasks_per_heldout_family"], p["meta_training_seeds"],
+            p["baseline_tuning_tasks"]) == (1, 2, 2, 2)
+    assert p["test_split"].startswith("val/dev") and p["ci"] == "hierarchical_bootstrap" and p["loss_floor"] == 1e-6
+    assert s["horizons"] == {"1x": 5, "10x": 50, "30x": 150}
+    # divergences and late spikes over every learned run: seeds x tasks x (1x, 10x) + seeds x stress tasks (30x)
+    assert s["divergences"]["runs"] == s["late_spikes"]["runs"] == len(FAMILIES) * (2 * 2 * 2 + 2 * 1)
+    assert s["late_spikes"]["fraction"] == s["late_spikes"]["count"] / s["late_spikes"]["runs"]
+    for f in FAMILIES:  # every baseline tuned on every axis of the protocol, per horizon and tuning metric
+        for n in ("adam", "adamw", "momentum", "muon"):
             tuned = s["tuned"][f][n]
             assert set(tuned) == {"5/train_loss", "5/val_loss", "50/train_loss", "50/val_loss"}
-            assert all(set(t["hparams"]) == {"lr"} and isinstance(t["at_grid_edge"], bool) for t in tuned.values())
-    assert s["families"]["wine_mlp"]["role"] == "heldout"
-    assert s["heldout_gmean_ratio_vs_tuned_adam_1x"]["families"].keys() == {"wine_mlp"}
-    table = (out / "table.md").read_text()
-    assert all(f"| {f} |" in table for f in FAMILIES)
-    assert (out / "curves.png").stat().st_size > 1000 and (out / "summary.json").exists()
+            axes = {a.name for a in general.PROTOCOL_AXES[n]} | {"lr"}
+            assert all(set(t["hparams"]) == axes for t in tuned.values()), (f, n)
+    assert set(s["single_adam_rate"]) == {"5", "50"}
+    assert set(s["floors"]) == {"1e-08", "1e-06", "0.0001"}
+    assert (out / "table.md").exists() and (out / "curves.png").stat().st_size > 1000
 
 
 def test_development_run_touches_validation_tasks_only(dev):
-    general, s, _, splits, script_evals, tune_evals = dev
+    general, s, splits, script_evals, tune_evals, _ = dev
     assert splits and set(splits) == {"val"}
     assert script_evals and all((e["split"], e["stream"]) == ("val", "dev") for e in script_evals)
     assert tune_evals and all((e["split"], e["stream"]) == ("val", "tune") for e in tune_evals)
-    # the learned optimizer runs at each horizon on its own (2 seeds x 2 families); the flagship once to the long
-    # horizon; every run measures the initial train loss (divergence) and the short horizon on the way
-    learned = [e for e in script_evals if e["optimizer"] == "NormMLP"]
-    assert sorted(e["steps"] for e in learned) == [5] * 4 + [50] * 4
-    assert [e["steps"] for e in script_evals if e["optimizer"] == "CoordLSTM"] == [50, 50]
+    # the learned optimizer runs at each horizon on its own: 2 seeds x 2 families x (5, 50, 150)
+    learned = sorted(e["steps"] for e in script_evals if e["optimizer"] == "NormMLP")
+    assert learned == [5] * 4 + [50] * 4 + [150] * 4
     assert all(0 in e["checkpoints"] and (e["steps"] == 5 or 5 in e["checkpoints"]) for e in script_evals)
 
 
-def test_final_run_evaluates_on_test_tasks_and_tunes_on_validation_tasks(tmp_path_factory, train_dir):
-    _, s, _, splits, script_evals, tune_evals = _run(tmp_path_factory, train_dir, final=True)
+def test_cached_jobs_are_reused_and_a_changed_setting_recomputes(dev, train_dir):
+    *_, out = dev
+    again = _spied(out, train_dir, False)
+    assert again[3] == [] and again[4] == []  # every job came from out_dir/jobs and the tuning cache
+    assert again[1]["train_vs_tuned_adam_1x"]["ratio"] == dev[1]["train_vs_tuned_adam_1x"]["ratio"]
+    changed = _spied(out, train_dir, False, ["--checkpoints", "3"])
+    assert changed[3]  # a computing setting changed: the evaluation runs ran again
+
+
+def test_final_read_resumes_once_then_refuses(tmp_path, train_dir):
+    out = tmp_path / "final"
+    _, s, splits, script_evals, tune_evals = _spied(out, train_dir, True)
     assert script_evals and all(e["split"] == "test" for e in script_evals)
     assert tune_evals and all((e["split"], e["stream"]) == ("val", "tune") for e in tune_evals)
-    assert set(splits) == {"val", "test"} and s["protocol"]["test_split"].startswith("test")
+    assert s["protocol"]["test_reads"] == 1 and s["protocol"]["test_split"].startswith("test")
+    marker = out / "jobs" / "read.json"
+    assert json.loads(marker.read_text())["complete"] is True
+    with pytest.raises(SystemExit) as e:  # a finished read is not re-opened: the ledger refuses
+        _spied(out, train_dir, True)
+    assert e.value.code == 2
+    # an interrupted read (its marker still open) resumes: no second read, the cached jobs are reused
+    rec = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**rec, "complete": False}))
+    _, s2, _, evals2, _ = _spied(out, train_dir, True)
+    assert s2["protocol"]["test_reads"] == 1 and evals2 == []
+    assert s2["train_vs_tuned_adam_1x"]["ratio"] == s["train_vs_tuned_adam_1x"]["ratio"]
 
 
-def test_met_flags_follow_the_intervals(dev):
-    _, s, *_ = dev
-    for key in TARGET_KEYS + ("step_time_over_adam_mlp200k",):
+def test_met_flags_and_counts_follow_their_data(dev):
+    s = dev[1]
+    for key in (*BOUNDED, "step_time_over_adamw_200k"):
         t = s[key]
         assert t["met"] == (t["ci_high"] <= t["bound"]), key
-    for key in TARGET_KEYS:  # deterministic: the evaluations are
-        t = s[key]
         assert t["ci_low"] <= t["ratio"] <= t["ci_high"] or not math.isfinite(t["ratio"]), key
+    for key in ("divergences", "late_spikes"):
+        assert s[key]["count"] == sum(r["divergences" if key == "divergences" else "late_spikes"]
+                                      for fam in s["divergences"]["by_family"].values() for r in fam.values())
     assert s["divergences"]["met"] == (s["divergences"]["count"] == 0)
-    assert s["divergences"]["count"] == sum(sum(v.values()) for v in s["divergences"]["by_family"].values())
+    assert s["late_spikes"]["met"] == (s["late_spikes"]["fraction"] <= 0.05)
 
 
-def test_family_ratio_and_target_rules(dev):
-    from learned_opt.evaluate import family_ratio
+def test_run_flags_and_single_rate_rules(dev):
+    import general_jobs
+    import general_report
 
+    at = {0: {"train_loss": np.array([1.0, 1.0, 1.0, 1.0])}, 5: {"train_loss": np.array([0.1, 0.1, 0.5, 0.2])},
+          10: {"train_loss": np.array([0.5, 1.5, np.nan, 0.3])}}
+    flags = general_report.run_flags(at, 10, 2.0)
+    assert flags["diverged"].tolist() == [False, True, True, False]  # above the initial loss, non-finite
+    assert flags["late_spike"].tolist() == [True, False, False, False]  # 0.5 > 2 x 0.1; 0.3 < 2 x 0.2
+    # the single rate minimises the mean over families of log(score / the family's best)
+    scores = {"a": {1e-3: {5: 1.0}, 1e-2: {5: 2.0}, 1e-1: {5: 8.0}},
+              "b": {1e-3: {5: 10.0}, 1e-2: {5: 1.0}, 1e-1: {5: float("inf")}}}
+    r = general_jobs.single_rate(scores, 5, 1e-6)
+    assert r["lr"] == 1e-2 and r["mean_log_gap"] == pytest.approx(math.log(2) / 2) and not r["at_grid_edge"]
+    assert general_jobs.single_rate({"a": scores["a"]}, 5, 1e-6)["at_grid_edge"]
+
+
+def test_bad_settings_are_refused(tmp_path, train_dir, dev):
     general = dev[0]
-    rng = np.random.default_rng(0)
-    base = rng.uniform(1, 2, 5)
-    # learned at exactly half (family a) and a quarter (family b) of the baseline: no spread within a family, so
-    # with the families fixed the interval is the point; resampling the families spreads it over [1/4, 1/2]
-    r = family_ratio({"a": (np.stack([0.5 * base] * 3), base), "b": (np.stack([0.25 * base] * 3), base)},
-                     floor=general.LOSS_FLOOR, n_boot=200)
-    assert r["ratio"] == pytest.approx(math.sqrt(0.125)) and r["ci"] == "hierarchical_bootstrap"
-    assert r["families_fixed"]["ci_low"] == pytest.approx(r["families_fixed"]["ci_high"])
-    assert r["ci_low"] == pytest.approx(0.25) and r["ci_high"] == pytest.approx(0.5)
-    assert r["families"] == {"a": pytest.approx(0.5), "b": pytest.approx(0.25)}
-    assert general.target(r, 0.5)["met"] and not general.target(r, 0.3)["met"]
-    # an interval that crosses the bound is not met; a reported-only record has no verdict
-    spread = family_ratio({"a": (base[None] * rng.uniform(0.5, 2.0, (3, 5)), base)}, floor=general.LOSS_FLOOR,
-                          n_boot=500)
-    assert spread["ci_low"] < spread["ratio"] < spread["ci_high"]
-    assert not general.target(spread, spread["ratio"])["met"]
-    assert general.target(spread, None)["met"] is None
-    # a diverged learned run makes the ratio infinite and the target unmet
-    bad = np.stack([0.5 * base] * 3)
-    bad[1, 2] = np.inf
-    r = family_ratio({"a": (bad, base)}, floor=general.LOSS_FLOOR, n_boot=200)
-    assert r["ratio"] == math.inf and r["nonfinite_tasks"] == 1 and not general.target(r, 1.0)["met"]
-    # divergence: non-finite or above the initial whole-split train loss
-    at = {0: {"train_loss": np.array([1.0, 1.0, 1.0])}, 5: {"train_loss": np.array([0.5, 1.5, np.nan])}}
-    assert general.diverged(at, 5).tolist() == [False, True, True]
-
-
-def test_missing_train_dir_is_refused(tmp_path, dev):
-    general = dev[0]
-    with pytest.raises(SystemExit, match="meta-trained seeds"):
-        general.main(["--preset", "smoke", "--train_dir", str(tmp_path / "none"), "--out_dir", str(tmp_path)])
+    for argv, msg in ((["--train_dir", str(tmp_path / "none")], "meta-trained seeds"),
+                      (["--families", "nope"], "--families"), (["--baselines", "momentum"], "include adam"),
+                      (["--baselines", "adam,lion"], "--baselines"), (["--long_factor", "40"], "--long_factor")):
+        with pytest.raises(SystemExit, match=msg):
+            general.main(["--preset", "smoke", "--train_dir", str(train_dir), "--out_dir", str(tmp_path), *argv])
+    assert not (tmp_path / "summary.json").exists()
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "summary.json").write_text(json.dumps({"config": {"sample_horizons": [10, 300]}}))
+    assert general.meta_training_horizon(str(tmp_path / "t")) == 300
+    with pytest.raises(SystemExit, match="--horizon"):
+        general.meta_training_horizon(str(tmp_path / "none"))
