@@ -92,6 +92,7 @@ class Config(ProtocolConfig):
     spike_bound: float = 0.05  # fraction of the learned optimizer's runs with a late spike
     loss_floor: float = 1e-6  # losses below it count as it in ratios (fixed before the run)
     floors: tuple = (1e-8, 1e-6, 1e-4)  # every headline is also shown at each of these floors
+    cache_dir: str = ""  # tuning scores (default: out_dir/tuning_cache)
     tune_only: bool = False  # stage 1 only (validation tasks: tuning and the single-rate sweep); writes tuning.json
     smoke: bool = False  # a smoke run (seconds, for the tests): may run final with fewer than 5 seeds; no result
     out_dir: str = "results/general"

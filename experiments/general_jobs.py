@@ -133,6 +133,12 @@ def single_lr_axis(cfg) -> List[float]:
     return lr_grid(cfg.single_low, cfg.single_high, n)
 
 
+def tuning_cache_dir(cfg) -> str:
+    """Where tuning scores are cached (validation tasks only; committed with the results, so that a re-run or a
+    reproducibility check re-uses them instead of re-tuning for CPU-hours)."""
+    return cfg.cache_dir or os.path.join(cfg.out_dir, "tuning_cache")
+
+
 def tune_job(cfg, name: str, family) -> Dict[Tuple[int, str], Any]:
     """Baseline ``name`` tuned for (h1, h10) x (train loss, validation loss) on validation tasks: at h1 every axis
     of :data:`PROTOCOL_AXES` and the learning rate (runs to h1); at h10 the learning rate again (runs to h10) at
@@ -141,7 +147,7 @@ def tune_job(cfg, name: str, family) -> Dict[Tuple[int, str], Any]:
     h1, h10, _ = horizons(cfg)
     metrics = sorted(set(ROWS.values()))
     lr_axis = default_lr_axis(cfg.grid_low, cfg.grid_high, cfg.per_decade)
-    kw = dict(num_tasks=cfg.tune_tasks, cache_dir=os.path.join(cfg.out_dir, "tuning_cache"),
+    kw = dict(num_tasks=cfg.tune_tasks, cache_dir=tuning_cache_dir(cfg),
               resolution=cfg.resolution, batched=True)
     if cfg.long_axes == "all":
         return tune_baseline(name, family, horizons=(h1, h10), metrics=metrics, lr_axis=lr_axis,
@@ -178,7 +184,6 @@ def run_job(cfg, spec: tuple, paths: Dict[int, str]) -> Dict[str, Any]:
     family = suite_family(fam)
     h1, h10, _ = horizons(cfg)
     start = time.perf_counter()
-    cache_dir = os.path.join(cfg.out_dir, "tuning_cache")
     if kind == "tune":
         return {"tuned": tune_job(cfg, spec[2], family), "seconds": time.perf_counter() - start}
     if kind == "sweep":

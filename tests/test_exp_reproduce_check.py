@@ -38,6 +38,19 @@ def test_unknown_kernel_path_and_experiment_are_refused():
         rc.Config(experiments=("nope",))
 
 
+def test_merge_keeps_the_other_experiments_headlines_of_the_same_kernel_path(tmp_path):
+    path = tmp_path / "summary.json"
+    old = {"rerun_kernel_path": {"native": {}}, "headlines": {"quadratic:paired/a": {"within": True},
+                                                             "general:heldout/x": {"within": False}}}
+    path.write_text(json.dumps(old))
+    cfg = rc.Config(experiments=("general",), summary=str(path), merge=True)
+    assert rc.kept_headlines(cfg) == {"quadratic:paired/a": {"within": True}}  # general's are re-checked now
+    assert rc.kept_headlines(rc.Config(experiments=("general",), summary=str(path))) == {}  # no --merge: none
+    with pytest.raises(SystemExit, match="kernel path"):
+        rc.kept_headlines(rc.Config(kernel_path="aten_default", experiments=("general",), summary=str(path),
+                                    merge=True))
+
+
 def test_smoke_check_reruns_one_seed_under_another_kernel_path(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     committed = tmp_path / "results" / "quadratic"
