@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import learned_opt
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -53,3 +55,19 @@ def _one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every LearnedOptimizer built during the test, with the list of losses its steps received."""
+    from learned_opt.dropin import LearnedOptimizer as real
+
+    made = []
+
+    def build(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        made.append((opt, record_losses(opt)))
+        return opt
+
+    monkeypatch.setattr(learned_opt, "LearnedOptimizer", build, raising=False)
+    yield made

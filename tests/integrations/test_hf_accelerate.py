@@ -6,25 +6,9 @@ import warnings
 
 import pytest
 
-import learned_opt
-from conftest import load_example, record_losses, require
+from conftest import load_example, require
 
 pytestmark = pytest.mark.integrations
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every LearnedOptimizer built during the test, with the list of losses its steps received."""
-    made = []
-    from learned_opt.dropin import LearnedOptimizer as real
-
-    def build(*args, **kwargs):
-        opt = real(*args, **kwargs)
-        made.append((opt, record_losses(opt)))
-        return opt
-
-    monkeypatch.setattr(learned_opt, "LearnedOptimizer", build, raising=False)
-    yield made
 
 
 @pytest.fixture

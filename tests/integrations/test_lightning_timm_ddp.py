@@ -3,26 +3,9 @@ and under DDP with 2 CPU ranks (examples/ddp.py), with the real packages."""
 import pytest
 import torch
 
-import learned_opt
-from conftest import load_example, record_losses, require
+from conftest import load_example, require
 
 pytestmark = pytest.mark.integrations
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every LearnedOptimizer built during the test, with the list of losses its steps received."""
-    from learned_opt.dropin import LearnedOptimizer as real
-
-    made = []
-
-    def build(*args, **kwargs):
-        opt = real(*args, **kwargs)
-        made.append((opt, record_losses(opt)))
-        return opt
-
-    monkeypatch.setattr(learned_opt, "LearnedOptimizer", build, raising=False)
-    yield made
 
 
 @pytest.fixture
