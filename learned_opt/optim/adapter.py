@@ -212,8 +212,10 @@ class ProtocolOptimizer(PerParameterState, torch.optim.Optimizer):
         gs = self.group_states[gi]
         live = [group["params"][i] for i in idx]
         dtype = _compute_as(self.opt, self.per_tensor, live[0])
-        params = [p.detach() if dtype is None else p.detach().to(dtype) for p in live]
-        grads = [p.grad.detach() if dtype is None else p.grad.detach().to(dtype) for p in live]
+        # FSDP2 (DTensor shards): the update reads whole tensors (per-tensor statistics, the global gradient norm),
+        # so every rank gathers them, computes the same update and adds its own shard of it
+        params = [_whole(p.detach()) if dtype is None else _whole(p.detach()).to(dtype) for p in live]
+        grads = [_whole(p.grad.detach()) if dtype is None else _whole(p.grad.detach()).to(dtype) for p in live]
         if self.per_tensor:
             optimizer, state, commit = self._tensor_states(self._variant(group), live, params)
         else:
@@ -234,7 +236,7 @@ class ProtocolOptimizer(PerParameterState, torch.optim.Optimizer):
             self._decay(group, live, decision.lr_scale, factor)
             # add_ in the parameter's dtype from an update in the computation's: one rounding (bfloat16 too)
             for p, u in zip(live, updates):
-                p.add_(u, alpha=factor)
+                p.add_(_shard_like(u, p), alpha=factor)
         return decision
 
     def _variant(self, group: Dict[str, Any]) -> Any:
@@ -293,6 +295,25 @@ class ProtocolOptimizer(PerParameterState, torch.optim.Optimizer):
         self.decisions = [None] * len(groups)
         self.should_stop, self.stop_prob = False, 0.0
         self.__dict__.pop("_derived_state", None)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (an FSDP2 shard) gathered into the whole plain tensor; any other tensor as it is."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _shard_like(u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The whole update ``u`` laid out as ``p``: for a DTensor ``p``, this rank's shard of it (every rank holds the
+    same ``u``, so each takes its own part without communication)."""
+    if not _is_dtensor(p):
+        return u
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(u, p.device_mesh, p.placements, src_data_rank=None)
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
