@@ -47,6 +47,14 @@ class Config:
     init_lr: float = 3e-3
     lr_bound: float = 30.0
     horizon_dropout: float = 0.5
+    # version-2 candidates (issue #24), off by default (the v1 recipe): NormMLP's direction "tensor" (unit RMS per
+    # tensor) or "none" (Adam's scale plus a bounded residual); the estimator "tbptt" or "pes" (no backprop through
+    # the unroll: long horizons), its particles and sigma; the meta-loss "mean_log" (train) or "mean_log_val"
+    normalize: str = "tensor"
+    estimator: str = "tbptt"
+    particles: int = 8
+    sigma: float = 0.01
+    meta_loss: str = "mean_log"
     val_every: int = 50  # meta-iterations between checkpoint selections (stream "select")
     val_tasks: int = 16
     val_horizon: int = 300
@@ -64,13 +72,19 @@ PRESETS = {
     "smoke": dict(seeds=2, iterations=2, sample_horizons=(6, 10), truncation=5, val_every=1, val_tasks=2,
                   val_horizon=8, ship_tasks=2, ship_horizon=8, out_dir="runs/general_train_smoke",
                   smoke=True),
+    # the version-2 candidate, to be ablated on validation families before anything ships (issue #24): PES over
+    # horizons up to 2000 with truncation 50, the train and validation losses, Adam's scale with a narrower
+    # scheduler range
+    "v2": dict(normalize="none", estimator="pes", particles=8, sigma=0.01, meta_loss="mean_log_val",
+               sample_horizons=(250, 500, 1000, 2000), truncation=50, lr_bound=10.0, init_lr=1e-3,
+               out_dir="runs/general_train_v2"),
 }
 
 
 def net_args(cfg: Config) -> dict:
     """The meta-network's constructor arguments."""
     return dict(hidden=cfg.hidden, layers=cfg.layers, init_lr=cfg.init_lr, lr_bound=cfg.lr_bound,
-                horizon_dropout=cfg.horizon_dropout)
+                horizon_dropout=cfg.horizon_dropout, normalize=cfg.normalize)
 
 
 def family(cfg: Config) -> MixtureFamily:
@@ -89,7 +103,8 @@ def new_net(cfg: Config, seed: int):
 def meta_config(cfg: Config, seed: int) -> MetaConfig:
     """Meta-training settings of one seed."""
     return MetaConfig(horizon=max(cfg.sample_horizons), truncation=cfg.truncation, iterations=cfg.iterations,
-                      tasks_per_step=cfg.tasks_per_step, meta_lr=cfg.meta_lr, meta_loss="mean_log",
+                      tasks_per_step=cfg.tasks_per_step, meta_lr=cfg.meta_lr, meta_loss=cfg.meta_loss,
+                      estimator=cfg.estimator, particles=cfg.particles, sigma=cfg.sigma,
                       second_order=cfg.second_order, control="learned", sample_horizons=tuple(cfg.sample_horizons),
                       val_every=cfg.val_every, val_tasks=cfg.val_tasks, val_horizon=cfg.val_horizon,
                       val_metric="mean_log_final", seed=seed)

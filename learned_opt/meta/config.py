@@ -10,7 +10,8 @@ from typing import Tuple
 from ..validate import check_positive_int
 from .estimator import ESTIMATOR_TYPES, ESTIMATORS
 
-META_LOSSES = ("sum", "mean_log", "val", "halting")
+META_LOSSES = ("sum", "mean_log", "val", "halting", "mean_log_val")
+VAL_LOSSES = ("val", "halting", "mean_log_val")  # meta-losses that read the validation loss at every inner step
 CONTROLS = ("none", "learned")
 VAL_METRICS = ("mean_final", "mean_log_final", "mean_log_curve", "val_at_stop")
 # Inner steps per task at most (horizons, evaluation steps). The per-step records of an unroll and an

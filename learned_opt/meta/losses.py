@@ -105,6 +105,11 @@ def truncation_loss(kind: str, res: UnrollResult, run: InnerRun, lam: float = 0.
             return stacked.mean(-1).sum()
         return torch.log(stacked + 1e-12).mean()
     vals = [v for v in res.val_losses[1:] if v is not None]
+    if kind == "mean_log_val":  # the whole run's train and validation losses, each on a log scale, weighed alike
+        if not rows or not vals:
+            raise ValueError("the 'mean_log_val' meta-loss needs train and validation losses (val_every=1)")
+        train = torch.log(torch.stack([_clip(r, run.ceiling) for r in rows]) + 1e-12).mean()
+        return 0.5 * train + 0.5 * torch.log(torch.stack(vals) + 1e-12).mean()
     if kind == "val":
         if not vals:
             raise ValueError("the 'val' meta-loss needs validation losses (val_every=1)")

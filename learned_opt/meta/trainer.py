@@ -32,7 +32,7 @@ from ..optim.learned import kind_of
 from ..tasks.base import generator
 from .checkpoint import (CHECKPOINT, TRAINING_FORMAT, RunLock, opt_state_from_dict, opt_state_to_dict,
                          check_resumable, has_checkpoint, load_format, load_weights, save_checkpoint)
-from .config import MetaConfig
+from .config import VAL_LOSSES, MetaConfig
 from .estimator import ESTIMATOR_TYPES
 from .losses import InnerRun, new_run
 from .update import MetaUpdate
@@ -79,7 +79,7 @@ def validation_score(cfg: MetaConfig, family, optimizer, ctrl_fn) -> float:
     # never the ones that tune the baselines or check a configuration
     res = evaluate(family, optimizer, ctrl_fn, num_tasks=cfg.val_tasks, steps=horizon,
                    split="val", seed=cfg.seed, stream="select",
-                   val_every=1 if cfg.meta_loss in ("val", "halting") else 0)
+                   val_every=1 if cfg.meta_loss in VAL_LOSSES else 0)
     if cfg.val_metric == "val_at_stop":
         return robust_mean(res.val_at_stop)
     if cfg.val_metric == "mean_log_curve":  # every horizon up to val_horizon counts, not only the last

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..unroll import UnrollResult, unroll
+from .config import VAL_LOSSES
 from .losses import InnerRun, advance
 
 
@@ -51,7 +52,7 @@ class MetaUpdate:
         return unroll(run.task, self._inner_optimizer(), ctrl, steps=length, generator=run.gen, params=run.params,
                       opt_state=run.opt_state, ctrl_state=run.ctrl_state, start_step=run.step,
                       horizon=run.horizon, differentiable=differentiable, second_order=cfg.second_order,
-                      val_every=1 if cfg.meta_loss in ("val", "halting") else 0)
+                      val_every=1 if cfg.meta_loss in VAL_LOSSES else 0)
 
     def meta_step_on(self, runs: List[InnerRun], length: int) -> Dict[str, Any]:
         """One truncation on every run, one guarded meta-update; returns the step's log record."""

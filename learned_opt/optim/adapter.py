@@ -212,10 +212,7 @@ class ProtocolOptimizer(PerParameterState, torch.optim.Optimizer):
         gs = self.group_states[gi]
         live = [group["params"][i] for i in idx]
         dtype = _compute_as(self.opt, self.per_tensor, live[0])
-        # FSDP2 (DTensor shards): the update reads whole tensors (per-tensor statistics, the global gradient norm),
-        # so every rank gathers them, computes the same update and adds its own shard of it
-        params = [_whole(p.detach()) if dtype is None else _whole(p.detach()).to(dtype) for p in live]
-        grads = [_whole(p.grad.detach()) if dtype is None else _whole(p.grad.detach()).to(dtype) for p in live]
+        params, grads = _inputs(live, dtype)
         if self.per_tensor:
             optimizer, state, commit = self._tensor_states(self._variant(group), live, params)
         else:
@@ -299,6 +296,15 @@ class ProtocolOptimizer(PerParameterState, torch.optim.Optimizer):
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _inputs(live: List[torch.Tensor], dtype: Optional[torch.dtype]):
+    """The parameters and gradients the update reads, detached, in ``dtype`` (``None``: their own), whole: under
+    FSDP2 every rank gathers each tensor, computes the same update and adds its own shard (:func:`_shard_like`)."""
+    def prep(t):
+        t = _whole(t.detach())
+        return t if dtype is None else t.to(dtype)
+    return [prep(p) for p in live], [prep(p.grad) for p in live]
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,12 @@ WIDE_BLOCK = 65536  # coordinates per block of the wide path on CPU (32k-128k me
 WIDE_MEAN_BLOCK = 16384
 
 
+# "tensor": the direction is normalised to unit RMS per tensor (a fixed-size step per tensor, v1); "none": Adam's
+# bias-corrected direction plus a residual bounded by tanh to [-1, 1] per coordinate, not normalised (the step keeps
+# Adam's scale: it shrinks where m / sqrt(v) does, the robust base of Celo-Adam)
+NORMALIZE = ("tensor", "none")
+
+
 class NormMLPState(NamedTuple):
     """Per-coordinate momenta ``(k, n)`` and second moment ``(n,)``, pooled hidden, count, layout."""
     momenta: Tensor
@@ -95,18 +101,18 @@ class SchedulerHeads(DecisionHeads):
 class NormMLP(_MetaNetwork):
     """Per-parameter MLP update rule, normalised per tensor, with a learned scheduler (and an optional stop head).
 
-    Per-coordinate features: ``g``, the momenta ``m_k`` (decays ``momentum_decays``) and the parameter, each
-    divided by its RMS over the tensor; ``g / sqrt(v_hat)`` and ``m_k_hat / sqrt(v_hat)``. Per-tensor features
-    (first-layer bias): time embeddings ``tanh(t / tau)`` and whether the tensor is a vector (a bias or a gain).
-    Output per coordinate: ``u = -adam_direction + mlp(features)``, then ``u / rms_tensor(u)``; the update is
-    ``exp(log_lr) * that`` times the scheduler's multiplier (``DecisionHeads``' LR head, bounds ``[1/lr_bound,
-    lr_max]``). ``init_lr`` is the rate of a fresh network.
+    Per-coordinate features: ``g``, the momenta ``m_k`` (decays ``momentum_decays``) and the parameter, each divided
+    by its RMS over the tensor; ``g / sqrt(v_hat)``, ``m_k_hat / sqrt(v_hat)``. Per-tensor features (first-layer
+    bias): time embeddings ``tanh(t / tau)``, a vector flag. Output per coordinate: ``u = -adam_direction +
+    mlp(features)``, then ``u / rms_tensor(u)`` (``normalize="none"``: ``tanh(mlp) - adam_direction``, not
+    normalised); the update is ``exp(log_lr)`` (``init_lr`` when fresh) times that times the scheduler's
+    multiplier (``DecisionHeads``' LR head, bounds ``[1/lr_bound, lr_max]``).
     """
 
     def __init__(self, hidden: int = 8, layers: int = 2, momentum_decays: Sequence[float] = (0.5, 0.9, 0.99),
                  rms_decay: float = 0.999, init_lr: float = 1e-3, lr_bound: float = 30.0,
                  lr_max: Optional[float] = None, stop_bias: float = -6.0, stop_threshold: float = 0.5,
-                 horizon_dropout: float = 0.5, eps: float = 1e-8):
+                 horizon_dropout: float = 0.5, eps: float = 1e-8, normalize: str = "tensor"):
         super().__init__()
         if isinstance(hidden, bool) or int(hidden) != hidden or hidden < 1 or int(layers) != layers or layers < 1:
             raise ValueError(f"hidden and layers must be integers >= 1, got hidden={hidden!r}, layers={layers!r}")
@@ -119,12 +125,14 @@ class NormMLP(_MetaNetwork):
             raise ValueError(f"init_lr must be a finite number > 0, got {init_lr!r}")
         if not 0 <= horizon_dropout <= 1:
             raise ValueError(f"horizon_dropout must be in [0, 1], got {horizon_dropout!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if not eps > 0 or normalize not in NORMALIZE:
+            raise ValueError(f"need eps > 0 and normalize in {NORMALIZE}, got eps={eps!r}, normalize={normalize!r}")
         self.config = dict(hidden=hidden, layers=layers, momentum_decays=list(momentum_decays),
                            rms_decay=rms_decay, init_lr=init_lr, lr_bound=lr_bound, lr_max=lr_max,
                            stop_bias=stop_bias, stop_threshold=stop_threshold, horizon_dropout=horizon_dropout,
                            eps=eps)
+        self.normalize = normalize  # only a non-default enters the config: v1 checkpoints keep their bytes
+        self.config.update({"normalize": normalize} if normalize != "tensor" else {})
         self.lr_mode = "global"
         self.momentum_decays, self.rms_decay, self.eps = tuple(momentum_decays), rms_decay, eps
         k = len(self.momentum_decays)
@@ -143,13 +151,14 @@ class NormMLP(_MetaNetwork):
         self.heads = SchedulerHeads(hidden, horizon_dropout=horizon_dropout, lr_bound=lr_bound,
                                     stop_bias=stop_bias, stop_threshold=stop_threshold, lr_max=lr_max)
 
+    normalize = "tensor"  # the class default: instances pickled before the option existed are v1 networks
     # learners at least this large, in blocks at least this large on average, take the wide path (per instance)
     wide_min_coordinates, wide_min_mean_block = WIDE_LEARNER, WIDE_MEAN_BLOCK
 
     def _wide_ok(self, sizes: Sequence[int], n: int, like: Tensor) -> bool:
         """Whether :meth:`_update_wide` is the faster no-graph path for a learner of these tensor sizes (``n``
         coordinates in all)."""
-        if n < self.wide_min_coordinates:
+        if n < self.wide_min_coordinates or self.normalize != "tensor":  # the wide path normalises
             return False
         width = max(1, self._wide_width(n, like))
         return sum(-(-size // width) for size in sizes) * self.wide_min_mean_block <= n
@@ -189,6 +198,8 @@ class NormMLP(_MetaNetwork):
         h = torch.relu(self.first(feats) + bias[layout.segment])
         h = self.rest(h)
         adam = mhat[min(1, len(self.momentum_decays) - 1)] * inv  # the 0.9 momentum by default
+        if self.normalize == "none":
+            return torch.tanh(self.out(h).squeeze(-1)) - adam, h
         u = self.out(h).squeeze(-1) - adam
         norm = torch.rsqrt(segment_mean_acc(u * u, layout).clamp_min(1e-30))
         return u * norm[layout.segment], h
@@ -230,6 +241,8 @@ class NormMLP(_MetaNetwork):
             else:
                 h.relu_()
         u = torch.addmm(self.out.bias.unsqueeze(1), self.out.weight, h).squeeze(0)
+        if self.normalize == "none":
+            return u.tanh_().sub_(adam), chunk_means(h, sizes)
         u.sub_(adam)
         pooled = chunk_means(h, sizes)
         for c in u.split(sizes):
