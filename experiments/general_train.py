@@ -74,7 +74,9 @@ PRESETS = {
                   smoke=True),
     # the version-2 candidate, to be ablated on validation families before anything ships (issue #24): PES over
     # horizons up to 2000 with truncation 50, the train and validation losses, Adam's scale with a narrower
-    # scheduler range
+    # scheduler range. Cost: a 20-iteration pilot took ~7 s per meta-step (one 50-step truncation, 8 particles,
+    # validation at every step) on a 2-core machine loaded ~6; an iteration at horizon 2000 is 40 meta-steps, so
+    # 500 iterations are far beyond 2 CPU-hours per seed: measure idle and set --iterations before a real run
     "v2": dict(normalize="none", estimator="pes", particles=8, sigma=0.01, meta_loss="mean_log_val",
                sample_horizons=(250, 500, 1000, 2000), truncation=50, lr_bound=10.0, init_lr=1e-3,
                out_dir="runs/general_train_v2"),
