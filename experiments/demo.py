@@ -47,7 +47,8 @@ from common import configure, markdown_table, open_run, parallel_map, run_main, 
 
 TEXT_MODULES = ("textwrap", "argparse", "functools", "collections", "string")  # read in this order
 VOCAB = "\t\n" + "".join(chr(c) for c in range(32, 127))  # printable ASCII; anything else is one extra symbol
-MODEL_NAMES = {"text": "transformer LM (char-level, Python stdlib source)", "digits": "CNN on 8x8 digits"}
+MODEL_NAMES = {"text": "transformer LM (char-level, Python stdlib source)", "digits": "CNN on 8x8 digits",
+               "vit": "ViT on 8x8 digits (2x2 patches, 2 layers, d 64)"}  # vit: not in make demo's default
 
 
 @dataclass
@@ -204,7 +205,29 @@ class DigitsTask:
         return {"loss": float(F.cross_entropy(logits, y)), "accuracy": float((logits.argmax(1) == y).float().mean())}
 
 
-TASKS = {"text": TextTask, "digits": DigitsTask}
+class DigitsViT(nn.Module):
+    """A small vision transformer (:class:`learned_opt.tasks.models.TinyViT`: 2x2 patches, 2 pre-LN blocks of width
+    64, 4 heads, mean pooling) on the 8x8 images."""
+
+    def __init__(self):
+        from learned_opt.tasks.models import TinyViT
+
+        super().__init__()
+        self.vit = TinyViT(patch=2, d_model=64, heads=4, layers=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x.flatten(1))
+
+
+class ViTTask(DigitsTask):
+    """:class:`DigitsTask`'s images and splits, learned by :class:`DigitsViT`."""
+    name = "vit"
+
+    def model(self) -> nn.Module:
+        return DigitsViT()
+
+
+TASKS = {"text": TextTask, "digits": DigitsTask, "vit": ViTTask}
 
 
 def evaluate(task, model: nn.Module, split: str) -> Dict[str, float]:
@@ -435,6 +458,9 @@ def main(argv=None) -> Dict[str, Any]:
                "digits_images": f"{1797 - cfg.digits_val - cfg.digits_test} train, {cfg.digits_val} validation, "
                                 f"{cfg.digits_test} test (fixed seeded split)"}
     summary["verdicts"] = [m["verdict"] for m in summary["models"].values()]
+    # issue #24's default_lr_offsuite: held-out loss of the optimizer at its defaults over tuned AdamW's (one seed)
+    summary["default_lr_offsuite"] = {k: m["runs"]["general"]["eval"]["loss"] / m["runs"]["tuned"]["eval"]["loss"]
+                                      for k, m in summary["models"].items()}
     plot(os.path.join(cfg.out_dir, "demo.png"), summary["models"])
     usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     summary["timing"] = {"wall_seconds": time.perf_counter() - t0, "cpus": os.cpu_count(), "load_at_start": load,

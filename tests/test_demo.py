@@ -55,6 +55,18 @@ def test_outputs_exist_and_the_summary_is_what_main_returned(spied):
     saved = json.loads((out / "summary.json").read_text())
     assert set(saved["models"]) == {"text", "digits"} and saved["verdicts"] == spied["summary"]["verdicts"]
     assert saved["text"]["chars"] > 10000 and saved["text"]["modules"] == list(demo.TEXT_MODULES)
+    for kind, ratio in saved["default_lr_offsuite"].items():  # issue #24: held-out loss at defaults / tuned AdamW
+        runs = saved["models"][kind]["runs"]
+        assert ratio == pytest.approx(runs["general"]["eval"]["loss"] / runs["tuned"]["eval"]["loss"])
+
+
+def test_the_vit_model_trains_on_the_digits_splits(tmp_path):
+    summary = demo.main(["--preset", "smoke", "--workers", "1", "--models", "vit", "--out_dir", str(tmp_path)])
+    runs = summary["models"]["vit"]["runs"]
+    assert set(summary["default_lr_offsuite"]) == {"vit"} and set(runs) == {"general", "default", "tuned"}
+    assert all(math.isfinite(r["eval"]["loss"]) and 0 <= r["eval"]["accuracy"] <= 1 for r in runs.values())
+    assert min(runs["tuned"]["train_losses"]) < runs["tuned"]["train_losses"][0]
+    assert isinstance(demo.ViTTask(demo.Config()).model().vit, demo.nn.Module)
 
 
 def test_every_optimizer_trained_from_the_same_init_on_the_same_minibatches(spied):
