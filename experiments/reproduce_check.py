@@ -61,6 +61,7 @@ class Config:
     script_preset: str = ""  # --preset passed on to every script ("smoke": seconds, for the tests)
     level: float = 0.95
     merge: bool = False  # keep the summary's headlines of experiments not re-run now (a check run in parts)
+    collect: bool = False  # run nothing: check the re-runs already finished in out_dir (a check a session cut short)
 
     def __post_init__(self):
         if self.kernel_path not in KERNEL_PATHS:
@@ -101,6 +102,15 @@ def rerun(cfg: Config, name: str) -> str:
         one_seed += ["--train_dir", train]
     run_script(cfg, script, one_seed + ["--out_dir", out])
     return os.path.join(out, "summary.json")
+
+
+def finished_rerun(cfg: Config, name: str) -> str:
+    """``--collect``: the summary of a re-run that finished in ``out_dir`` (it is written last, when the script is
+    done), or exit naming the missing one."""
+    path = os.path.join(cfg.out_dir, cfg.kernel_path, name, "summary.json")
+    if not os.path.exists(path):
+        sys.exit(f"error: --collect: no finished re-run of {name} in {os.path.dirname(path)}")
+    return path
 
 
 def seed_records(obj: Any, path: str = "") -> Iterator[Tuple[str, Dict[str, Any]]]:
@@ -168,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     for name in cfg.experiments:
         with open(os.path.join(cfg.results_dir, name, "summary.json")) as f:
             committed = json.load(f)
-        with open(rerun(cfg, name)) as f:
+        with open(finished_rerun(cfg, name) if cfg.collect else rerun(cfg, name)) as f:
             again = json.load(f)
         for path, rec in check(committed, again, cfg.level).items():
             headlines[f"{name}:{path}"] = rec

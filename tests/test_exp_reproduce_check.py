@@ -51,6 +51,23 @@ def test_merge_keeps_the_other_experiments_headlines_of_the_same_kernel_path(tmp
                                     merge=True))
 
 
+def test_collect_checks_finished_reruns_without_running_anything(tmp_path, monkeypatch):
+    committed = {"paired": {"a": {"ratio": 1.0, "per_seed_ratio": [0.98, 1.0, 1.02]}}}
+    for name in ("quadratic", "metanet"):
+        (tmp_path / "results" / name).mkdir(parents=True)
+        (tmp_path / "results" / name / "summary.json").write_text(json.dumps(committed))
+    done = tmp_path / "runs" / "native" / "quadratic"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"paired": {"a": {"ratio": 1.01, "per_seed_ratio": [1.01]}}}))
+    monkeypatch.setattr(rc, "rerun", lambda *a: (_ for _ in ()).throw(AssertionError("ran a re-run")))
+    argv = ["--experiments", "quadratic", "--results_dir", str(tmp_path / "results"), "--out_dir",
+            str(tmp_path / "runs"), "--summary", str(tmp_path / "s.json"), "--collect", "true"]
+    out = rc.main(argv)
+    assert out["headlines"]["quadratic:paired/a"]["within"] and out["headlines_within_interval"]
+    with pytest.raises(SystemExit, match="no finished re-run of metanet"):
+        rc.main(argv[:1] + ["metanet"] + argv[2:])
+
+
 def test_smoke_check_reruns_one_seed_under_another_kernel_path(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     committed = tmp_path / "results" / "quadratic"
