@@ -65,7 +65,9 @@ reproduce: $(STAMP)
 	$(PY) experiments/estimators.py
 	$(PY) experiments/general_train.py --workers 3
 	$(PY) experiments/general.py --final true --workers 2 --horizon 200
+	$(PY) experiments/general_usage.py
 	$(PY) experiments/demo.py --workers 2
+	$(PY) experiments/demo.py --models text,vit --out_dir results/general/offsuite --workers 2
 	$(PY) benchmarks/bench.py
 
 # Ship the chosen general seed as learned_opt/pretrained/general.pt (+ manifest): the only recipe that writes there.

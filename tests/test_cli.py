@@ -348,7 +348,7 @@ def test_plot_tolerates_a_half_written_last_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command, shown", [
-    ("meta-train", ["(default: 100)", "{sum,mean_log,val,halting}", "{lstm,mlp,controller,norm_mlp}", "--dist-timeout",
+    ("meta-train", ["(default: 100)", "{sum,mean_log,val,halting,mean_log_val}", "{lstm,mlp,controller,norm_mlp}", "--dist-timeout",
                     "LEARNED_OPT_DIST_TIMEOUT", "(default: 10)"]),
     ("evaluate", ["{digits,metanet,quadratic}", "(default: 100)", "(default: 8)"]),
     ("compare", ["(default: sgd,momentum,nesterov,adam,rmsprop)", "--learned-control", "(default: 0.0001)"]),
