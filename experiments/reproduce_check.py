@@ -7,7 +7,8 @@ check is statistical. For every paired record of the committed summary that carr
 ``per_seed_ratio``: the per-task ratios of :func:`learned_opt.evaluate.paired`, the family ratios of
 :func:`learned_opt.evaluate.family_ratio`), the re-run's value for its one seed must lie in the 95% *prediction*
 interval for one new seed, ``mean +- t(n-1) * sd * sqrt(1 + 1/n)`` over the committed seeds' values (the interval
-of the mean is narrower than the spread of single seeds by sqrt(n): it is reported beside it, not used). The
+of the mean is narrower than the spread of single seeds by sqrt(n): it is reported beside it, not used), on the log
+scale for positive ratios (their seed spread is multiplicative). The
 re-run runs each script with ``--final true --seeds 1 --check_run true`` into its own folder (its own test-read
 ledger), under the kernel path's environment and ``LEARNED_OPT_NATIVE_NUMERICS=1`` (so the script does not re-pin
 itself). ``general`` meta-trains one seed with ``general_train.py`` first.
@@ -139,10 +140,16 @@ def check(committed: Dict[str, Any], rerun_summary: Dict[str, Any], level: float
         if path not in again:
             continue
         value = float(again[path]["per_seed_ratio"][0])
-        lo, hi = prediction_interval(rec["per_seed_ratio"], level)
+        seeds = np.asarray(rec["per_seed_ratio"], float)
+        # ratios are compared on the log scale (a ratio's seed spread is multiplicative: on the linear scale the
+        # interval of a heavy-tailed record reaches below 0 and says nothing); non-positive values stay linear
+        log = bool(np.all(seeds > 0) and value > 0)
+        lo, hi = prediction_interval(np.log(seeds).tolist() if log else seeds.tolist(), level)
+        lo, hi = (math.exp(lo), math.exp(hi)) if log else (lo, hi)
         out[path] = {"rerun_value": value, "committed_ratio": rec["ratio"],
                      "committed_interval": [rec.get("ci_low"), rec.get("ci_high")],
                      "committed_per_seed": rec["per_seed_ratio"], "prediction_interval": [lo, hi],
+                     "scale": "log" if log else "linear",
                      "within": bool(lo <= value <= hi)}
     return out
 

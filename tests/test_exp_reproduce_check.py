@@ -29,6 +29,13 @@ def test_check_pairs_records_by_path_and_judges_the_one_seed_value():
     assert set(out) == {"paired/a", "paired/b"}
     assert out["paired/a"]["within"] and not out["paired/b"]["within"]
     assert out["paired/a"]["committed_interval"] == [0.99, 1.01]  # reported beside, not used
+    # positive ratios are judged on the log scale: a heavy-tailed record's interval stays above 0 and is
+    # multiplicative around the seeds' geometric mean
+    heavy = rc.check({"r": {"ratio": 1.0, "per_seed_ratio": [0.01, 1.0, 100.0]}},
+                     {"r": {"ratio": 0.0, "per_seed_ratio": [1e-12]}}, 0.95)["r"]
+    assert heavy["scale"] == "log" and heavy["prediction_interval"][0] > 0 and not heavy["within"]
+    lo, hi = heavy["prediction_interval"]
+    assert math.sqrt(lo * hi) == pytest.approx(1.0)
 
 
 def test_unknown_kernel_path_and_experiment_are_refused():
