@@ -51,11 +51,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def spawn_ranks(worker, steps, world):
+    """Run ``worker(rank, world, port, steps, out_dir)`` on ``world`` spawned ranks; returns what each saved as
+    ``out_dir/rank{rank}.pt`` (examples/fsdp2.py uses it too)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, _free_port(), steps, tmp), nprocs=world, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+
+
 def run(steps=40, world=2):
     """Train on ``world`` spawned ranks; returns each rank's final parameters and per-step losses."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, _free_port(), steps, tmp), nprocs=world, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    return spawn_ranks(_worker, steps, world)
 
 
 if __name__ == "__main__":

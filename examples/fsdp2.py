@@ -10,17 +10,16 @@ sharded (its state holds whole tensors on every rank). ``step_with_loss`` hands 
 DDP; the result equals the DDP run up to the order of the gradient reduction.
 """
 import os
-import socket
-import tempfile
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from sklearn.datasets import load_digits
 from torch import nn
 
 import learned_opt
 from learned_opt.integrations import step_with_loss
+
+from ddp import spawn_ranks  # examples/ddp.py: the spawning and collecting of ranks
 
 
 def _worker(rank, world, port, steps, out_dir):
@@ -54,17 +53,9 @@ def _worker(rank, world, port, steps, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(steps=40, world=2):
     """Train on ``world`` spawned ranks; returns each rank's gathered final parameters and per-step losses."""
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, _free_port(), steps, tmp), nprocs=world, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    return spawn_ranks(_worker, steps, world)
 
 
 if __name__ == "__main__":
