@@ -9,6 +9,7 @@ gradients, computes the same update and adds its own shard of it: correct, but t
 sharded (its state holds whole tensors on every rank). ``step_with_loss`` hands every rank the mean loss, as under
 DDP; the result equals the DDP run up to the order of the gradient reduction.
 """
+import gc
 import os
 
 import torch
@@ -49,6 +50,12 @@ def _worker(rank, world, port, steps, out_dir):
         torch.save({"params": params, "losses": losses, "local_numel": sum(p.to_local().numel()
                                                                           for p in model.parameters())},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # FSDP2's asynchronous collectives leave gloo work objects (holding tensors) referenced from the model;
+        # freeing them while the process group and the interpreter are still alive, after both ranks are done,
+        # avoids an abort ("terminate called without an active exception") at exit on a loaded machine.
+        dist.barrier()
+        del model, opt, loss
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
