@@ -33,13 +33,17 @@ test-slow: $(STAMP)
 
 # The learned optimizer in the HF Trainer, accelerate, Lightning, timm and DDP (tests/integrations, examples/): the
 # `integrations` extra at the exact versions of constraints-integrations.txt, torch kept at constraints.txt's CPU build.
-# timm requires torchvision, and the registry's torchvision for torch 2.13.0 (0.28.0) is a CUDA build that cannot load
-# beside the CPU torch (it needs libtorch_cuda.so) and breaks `import timm`: it is removed, and the timm test skips
-# saying why (it runs where a torchvision matching torch loads).
+# timm requires torchvision, and the registry's torchvision for torch 2.13.0 (0.28.0) is a CUDA build whose ops library
+# cannot load beside the CPU torch (it needs libtorch_cuda.so). Installed, it breaks `import torchvision` (and with it
+# transformers' optional image code): it is removed from the environment and a copy goes to
+# .venv/torchvision-python, which only the timm test puts on its path, in its own process, after declaring the two op
+# schemas torchvision's Python code needs (tests/integrations/timm_runner.py).
 INTEGRATIONS_STAMP := $(VENV)/.integrations
 $(INTEGRATIONS_STAMP): $(STAMP) constraints-integrations.txt
 	$(PIP) install -q -c constraints.txt -c constraints-integrations.txt -e '.[integrations]'
 	$(PIP) uninstall -q -y torchvision
+	rm -rf $(VENV)/torchvision-python
+	$(PIP) install -q --no-deps --target $(VENV)/torchvision-python -c constraints-integrations.txt torchvision
 	touch $(INTEGRATIONS_STAMP)
 
 test-integrations: $(INTEGRATIONS_STAMP)
