@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (ProtocolConfig, configure, eval_split, open_run, run_main, save_report,  # noqa: E402,F401
                     test_split_name, preregistered, record_test_read, write_json)
 import general_checks as checks  # noqa: E402
+import general_scaling as scaling  # noqa: E402
 from general_bench import SIZES, step_time_bench  # noqa: E402
 from general_checks import seed_paths  # noqa: E402
 from general_jobs import (DEFAULT_NAME, SINGLE_NAME, close_read, horizons, open_read, run_jobs,  # noqa: E402
@@ -211,11 +212,15 @@ def main(argv=None) -> dict:
     timing = {"start": time.perf_counter()}
     bench = step_time_bench(cfg, next(iter(paths.values())))  # first, alone on its thread
     timing["step_time_bench"] = time.perf_counter() - timing["start"]
-    read = open_read(cfg, preregistered(cfg, PREREGISTERED), weights=list(paths.values()))
-    runs = tune_and_evaluate(cfg, fams, paths, timing)
+    snaps = scaling.snapshot_paths(cfg.train_dir, list(paths))
+    read = open_read(cfg, preregistered(cfg, PREREGISTERED), weights=list(paths.values()) + list(snaps.values()))
+    runs = tune_and_evaluate(cfg, fams, paths, timing, snaps, scaling.snapshot_specs(cfg, fams, snaps))
     methods = ["learned", *cfg.baselines, DEFAULT_NAME, SINGLE_NAME]
     summary = summarize(cfg, prov, fams, runs, bench, timing, methods)
+    summary["compute_scaling"] = scaling.scaling_section(cfg, runs, fams, cfg.train_dir)
+    summary["targets_met"]["compute_scaling"] = len(summary["compute_scaling"]) >= 3
     extra = checks.add_checks(cfg, summary, runs, fams, paths, headline_specs(cfg))
+    extra += "\n" + scaling.scaling_text(summary["compute_scaling"])
     summary["seconds"]["total"] = time.perf_counter() - timing["start"]
     save_report(cfg.out_dir, report(cfg, summary, fams) + "\n" + extra,
                 record_test_read(summary, {k: v for k, v in read.items() if k != "resumed"}))

@@ -310,19 +310,22 @@ def tuned_settings(cfg, out: Dict[tuple, Dict[str, Any]]) -> Tuple[dict, dict]:
     return tuned, {h: single_rate(sweeps, h, cfg.loss_floor) for h in (h1, h10)}
 
 
-def tune_and_evaluate(cfg, fams: Sequence[str], paths: Dict[int, str], timing: Dict[str, Any]) -> Runs:
+def tune_and_evaluate(cfg, fams: Sequence[str], paths: Dict[int, str], timing: Dict[str, Any],
+                      snapshots: Optional[Dict[str, str]] = None, snapshot_specs: Sequence[tuple] = ()) -> Runs:
     """Stage 1 (validation tasks only): tuning of every baseline and the single-rate sweep, together with the
-    learned optimizer's runs (they need no tuning). Stage 2: the baselines' evaluation runs at their tuned
-    hyper-parameters (one run per distinct setting, to the longest horizon it serves), Adam at its default and at
-    the single rate, and the 30x stress runs."""
+    learned optimizer's runs (they need no tuning; ``snapshot_specs``: the runs of the seeds' intermediate weights,
+    ``snapshots`` their paths). Stage 2: the baselines' evaluation runs at their tuned hyper-parameters (one run
+    per distinct setting, to the longest horizon it serves), Adam at its default and at the single rate, and the
+    30x stress runs."""
     h1, h10, h30 = horizons(cfg)
     seeds = list(paths)
     order = heavy_first(fams)
     tune_specs = tuning_specs(cfg, fams)
     learned = [("learned", f, s, h, cfg.test_tasks) for f in order for h in (h10, h1) for s in seeds]
     learned += [("learned", f, s, h30, cfg.stress_tasks) for f in order for s in seeds] if cfg.stress_tasks else []
+    learned += list(snapshot_specs)
     t0 = time.perf_counter()
-    out = run_jobs(cfg, tune_specs + learned, paths)
+    out = run_jobs(cfg, tune_specs + learned, {**paths, **(snapshots or {})})
     timing["stage1_wall"] = time.perf_counter() - t0
     tuned, single = tuned_settings(cfg, {s: out[s] for s in tune_specs})
     runs = Runs(cfg, seeds, tuned, single, {s: out[s] for s in learned})

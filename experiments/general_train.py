@@ -14,6 +14,7 @@ task is touched here.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -55,6 +56,10 @@ class Config:
     particles: int = 8
     sigma: float = 0.01
     meta_loss: str = "mean_log"
+    # compute scaling (issue #24): at each of these iteration counts below ``iterations`` the seed saves the weights
+    # it would ship if it stopped there (its best on stream "select" so far) as seed{N}/lopt_it{count}.pt, with its
+    # meta-training seconds in seed{N}/budgets.json; general.py evaluates them beside the final weights
+    budgets: tuple = ()
     val_every: int = 50  # meta-iterations between checkpoint selections (stream "select")
     val_tasks: int = 16
     val_horizon: int = 300
@@ -112,8 +117,35 @@ def meta_config(cfg: Config, seed: int) -> MetaConfig:
                       val_metric="mean_log_final", seed=seed)
 
 
+def budget_path(run_dir: str, iterations: int) -> str:
+    """Where a seed's weights at an intermediate budget go."""
+    return os.path.join(run_dir, f"lopt_it{iterations}.pt")
+
+
+def check_budgets(cfg: Config) -> None:
+    """``budgets``: increasing iteration counts, each at least 1 and below ``iterations``."""
+    b = list(cfg.budgets)
+    if not (all(isinstance(x, int) and not isinstance(x, bool) for x in b) and b == sorted(set(b))
+            and (not b or 1 <= b[0] <= b[-1] < cfg.iterations)):
+        raise ValueError(f"--budgets must be increasing integers in [1, --iterations {cfg.iterations}), "
+                         f"got {','.join(map(str, b))}")
+
+
+def train_to(cfg: Config, seed: int, net, run_dir: str, iterations: int):
+    """Meta-train ``seed`` up to ``iterations`` (resuming its checkpoint); the trainer, its best weights loaded.
+    Stopping at a budget and resuming with more iterations is the uninterrupted run: the checkpoint holds the
+    training state, not the best weights the trainer loads at the end."""
+    meta = meta_config(cfg, seed)
+    meta.iterations = iterations
+    trainer = MetaTrainer(net, family(cfg), meta, run_dir=run_dir)
+    if trainer.resume():
+        print(f"seed {seed}: resumed at iteration {trainer.iteration} (to {iterations})", flush=True)
+    return trainer.run()
+
+
 def seed_job(cfg: Config, seed: int) -> dict:
-    """Meta-train one seed; returns its record (the run directory holds checkpoint.pt, lopt.pt, metrics.jsonl)."""
+    """Meta-train one seed; returns its record (the run directory holds checkpoint.pt, lopt.pt, metrics.jsonl, and
+    lopt_it{N}.pt with budgets.json for ``--budgets``)."""
     import torch
 
     torch.set_num_threads(1)
@@ -125,13 +157,24 @@ def seed_job(cfg: Config, seed: int) -> dict:
         print(f"seed {seed}: finished before ({lopt})", flush=True)
         return done
     start = time.time()
-    trainer = MetaTrainer(net, family(cfg), meta, run_dir=run_dir)
-    if trainer.resume():
-        print(f"seed {seed}: resumed at iteration {trainer.iteration}", flush=True)
-    trainer.run()
+    budgets_file = os.path.join(run_dir, "budgets.json")
+    spent = {}
+    if os.path.exists(budgets_file):
+        with open(budgets_file) as f:
+            spent = json.load(f)
+    for n in cfg.budgets:
+        if str(n) in spent and os.path.exists(budget_path(run_dir, n)):
+            continue  # saved before an interruption
+        trainer = train_to(cfg, seed, net, run_dir, n)
+        save_lopt(budget_path(run_dir, n), net)
+        spent[str(n)] = {"train_seconds": trainer.train_seconds, "meta_steps": trainer.meta_step}
+        write_json(budgets_file, spent)
+        net = new_net(cfg, seed)  # the next stage resumes the training state from the checkpoint
+    trainer = train_to(cfg, seed, net, run_dir, cfg.iterations)
     save_lopt(lopt, net)
     record = {"seed": seed, "wall_s": time.time() - start, "train_seconds": trainer.train_seconds,
-              "meta_steps": trainer.meta_step, "skipped": trainer.skipped, "best_select_score": trainer.best_score}
+              "meta_steps": trainer.meta_step, "skipped": trainer.skipped, "best_select_score": trainer.best_score,
+              "budgets": spent}
     mark_finished(lopt, ident, record)
     return record
 
@@ -155,6 +198,7 @@ def main(argv=None) -> dict:
     cfg = parse_config(Config, PRESETS, argv)
     try:
         require_final_seeds(cfg.seeds, cfg.ship, smoke=cfg.smoke)  # shipping is a final run
+        check_budgets(cfg)
     except ValueError as e:
         sys.exit(f"error: {e}")
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -77,3 +77,41 @@ def test_a_finished_seed_is_reused_and_a_changed_one_trains_again(tmp_path, monk
     os.remove(out / "seed1" / "checkpoint.pt")  # (a checkpoint of other settings is refused on its own)
     general_train.main(args + ["--meta_lr", "0.01"])  # other settings: every seed trains again
     assert trained == [1, 0, 1]
+
+
+def test_budgets_save_intermediate_weights_and_leave_the_final_ones_unchanged(tmp_path, monkeypatch):
+    """--budgets 1 (of 2 iterations): each seed saves lopt_it1.pt and its meta-training seconds there, and the
+    final weights are bitwise those of the run without budgets, with as many meta-steps (the second stage resumes
+    the first one's training state; it neither starts over nor continues from the best weights)."""
+    import general_train
+    import torch
+    from learned_opt.meta import MetaTrainer
+
+    def weights(path):
+        return torch.load(path, weights_only=False)
+
+    steps = []
+    real_step = MetaTrainer.meta_step_on
+    monkeypatch.setattr(MetaTrainer, "meta_step_on", lambda self, *a: steps.append(1) or real_step(self, *a))
+    staged, straight = tmp_path / "staged", tmp_path / "straight"
+    general_train.main(["--preset", "smoke", "--workers", "1", "--seeds", "1", "--out_dir", str(staged),
+                        "--budgets", "1"])
+    n_staged = len(steps)
+    general_train.main(["--preset", "smoke", "--workers", "1", "--seeds", "1", "--out_dir", str(straight)])
+    assert n_staged == len(steps) - n_staged > 0
+    budgets = json.loads((staged / "seed0" / "budgets.json").read_text())
+    assert list(budgets) == ["1"] and budgets["1"]["train_seconds"] > 0
+    assert (staged / "seed0" / "lopt_it1.pt").exists() and not (straight / "seed0" / "lopt_it1.pt").exists()
+    a, b = weights(staged / "seed0" / "lopt.pt"), weights(straight / "seed0" / "lopt.pt")
+    sa, sb = a["state_dict"], b["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("budgets", ["2", "1.5", "0", "x"])
+def test_bad_budgets_are_refused(budgets, capsys, tmp_path):
+    import general_train
+
+    with pytest.raises(SystemExit) as e:
+        general_train.main(["--preset", "smoke", "--budgets", budgets, "--out_dir", str(tmp_path)])
+    assert "--budgets" in str(e.value.code) + capsys.readouterr().err
+    assert not os.listdir(tmp_path)
