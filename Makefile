@@ -74,8 +74,9 @@ reproduce: $(STAMP)
 	$(PY) experiments/demo.py --models text,vit --out_dir results/general/offsuite --workers 2
 	$(PY) benchmarks/bench.py
 
-# Ship the chosen general seed as learned_opt/pretrained/general.pt (+ manifest): the only recipe that writes there.
-# The seeds in results/general/train are resumed, not re-trained, when they have finished.
+# Ship new general weights as learned_opt/pretrained/general.pt (+ manifest), the only recipe that writes there, and
+# only if their recipe beats the shipped one's on validation tasks (experiments/general_promote.py: the rule, and the
+# general.py --final false evaluations it reads).
 # Statistical reproducibility (issue 23): where meta-training departs between the CPU kernel paths this machine can
 # select (tools/numerics_trace.py, a few minutes), then one meta-training seed of each experiment re-run under this
 # CPU's own kernels, each headline checked against the committed seeds' prediction interval
@@ -86,7 +87,7 @@ reproduce-check: $(STAMP)
 	$(PY) experiments/reproduce_check.py
 
 promote: $(STAMP)
-	$(PY) experiments/general_train.py --ship true --workers 3
+	$(PY) experiments/general_promote.py
 
 # Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about 5 minutes).
 bench: $(STAMP)

@@ -199,6 +199,13 @@ def main(argv=None) -> dict:
     try:
         require_final_seeds(cfg.seeds, cfg.ship, smoke=cfg.smoke)  # shipping is a final run
         check_budgets(cfg)
+        if cfg.ship and not cfg.ship_dir:
+            from learned_opt import pretrained
+
+            if cfg.ship_name in pretrained.list_pretrained():
+                raise ValueError(f"--ship: {cfg.ship_name!r} is already shipped in the package; new weights replace "
+                                 "it only through experiments/general_promote.py (they must beat it on validation "
+                                 "tasks), or pass --ship_dir for another catalogue")
     except ValueError as e:
         sys.exit(f"error: {e}")
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -115,3 +115,14 @@ def test_bad_budgets_are_refused(budgets, capsys, tmp_path):
         general_train.main(["--preset", "smoke", "--budgets", budgets, "--out_dir", str(tmp_path)])
     assert "--budgets" in str(e.value.code) + capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def test_shipping_over_the_packaged_general_goes_through_the_promotion_rule(tmp_path):
+    """--ship into the package's catalogue, where `general` is already shipped, is refused before any training:
+    new weights replace it only through experiments/general_promote.py."""
+    import general_train
+
+    out = tmp_path / "train"
+    with pytest.raises(SystemExit) as e:
+        general_train.main(["--preset", "smoke", "--ship", "true", "--out_dir", str(out)])
+    assert "general_promote.py" in str(e.value.code) and not out.exists()
