@@ -28,14 +28,22 @@ from common import (finished_seed, mark_finished, parallel_map, parse_config, pr
 
 from learned_opt.evaluate import evaluate, require_final_seeds  # noqa: E402
 from learned_opt.meta import MetaConfig, MetaTrainer, load_lopt, save_lopt  # noqa: E402
+from learned_opt.meta.trainer import validation_score  # noqa: E402
 from learned_opt.optim.learned import build_learned  # noqa: E402
 from learned_opt.tasks.suite import MixtureFamily, meta_families  # noqa: E402
+
+
+# The meta-training mixture of version 1 (the shipped general), fixed: families added to the suite later join only
+# the recipes that name them (the v2 preset takes every meta-training family), and v1's seeds keep their identity
+V1_FAMILIES = ("digits_mlp_sigmoid", "digits_mlp_relu_deep", "digits_mlp_tanh_wide", "digits_autoencoder",
+               "linear_regression", "logistic_regression", "quadratic", "metanet", "synthetic_mlp_regression")
 
 
 @dataclass
 class Config:
     """Meta-training of the general optimizer; every field is a command-line flag."""
     seeds: int = 5  # a shipping run (--ship true) needs at least 5
+    families: tuple = V1_FAMILIES  # meta-training families of the suite (role "meta" only)
     iterations: int = 500
     sample_horizons: tuple = (100, 300, 1000)
     truncation: int = 25
@@ -61,6 +69,7 @@ class Config:
     # meta-training seconds in seed{N}/budgets.json; general.py evaluates them beside the final weights
     budgets: tuple = ()
     val_every: int = 50  # meta-iterations between checkpoint selections (stream "select")
+    val_metric: str = "mean_log_final"  # how the selection and the ship streams score (MetaConfig.val_metric)
     val_tasks: int = 16
     val_horizon: int = 300
     ship_tasks: int = 24  # validation tasks (stream "ship") that choose the seed to ship
@@ -84,7 +93,8 @@ PRESETS = {
     # 500 iterations are far beyond 2 CPU-hours per seed: measure idle and set --iterations before a real run
     "v2": dict(normalize="none", estimator="pes", particles=8, sigma=0.01, meta_loss="mean_log_val",
                sample_horizons=(250, 500, 1000, 2000), truncation=50, lr_bound=10.0, init_lr=1e-3,
-               out_dir="runs/general_train_v2"),
+               families=meta_families(), val_horizon=2000, val_metric="mean_log_train_val", val_every=25,
+               ship_horizon=2000, iterations=600, budgets=(150, 300), out_dir="runs/general_train_v2"),
 }
 
 
@@ -96,7 +106,7 @@ def net_args(cfg: Config) -> dict:
 
 def family(cfg: Config) -> MixtureFamily:
     """The meta-training mixture (meta-training families only)."""
-    return MixtureFamily(meta_families(), augment_scale=cfg.augment)
+    return MixtureFamily(tuple(cfg.families), augment_scale=cfg.augment)
 
 
 def new_net(cfg: Config, seed: int):
@@ -114,7 +124,7 @@ def meta_config(cfg: Config, seed: int) -> MetaConfig:
                       estimator=cfg.estimator, particles=cfg.particles, sigma=cfg.sigma,
                       second_order=cfg.second_order, control="learned", sample_horizons=tuple(cfg.sample_horizons),
                       val_every=cfg.val_every, val_tasks=cfg.val_tasks, val_horizon=cfg.val_horizon,
-                      val_metric="mean_log_final", seed=seed)
+                      val_metric=cfg.val_metric, seed=seed)
 
 
 def budget_path(run_dir: str, iterations: int) -> str:
@@ -180,11 +190,16 @@ def seed_job(cfg: Config, seed: int) -> dict:
 
 
 def ship_score(cfg: Config, seed: int) -> float:
-    """Mean over validation tasks (stream ``ship``) of log(final loss / initial loss), at ``ship_horizon``."""
+    """Mean over validation tasks (stream ``ship``) of log(final loss / initial loss), at ``ship_horizon``
+    (``val_metric="mean_log_train_val"``: that metric, the whole run's train and validation losses)."""
     import torch
 
     torch.set_num_threads(1)
     net = load_lopt(os.path.join(cfg.out_dir, f"seed{seed}", "lopt.pt"))
+    if cfg.val_metric == "mean_log_train_val":
+        meta = meta_config(cfg, seed)
+        meta.val_tasks, meta.val_horizon = cfg.ship_tasks, cfg.ship_horizon
+        return validation_score(meta, family(cfg), net, net.as_controller, seed=0, stream="ship")
     res = evaluate(family(cfg), net, net.as_controller, num_tasks=cfg.ship_tasks, steps=cfg.ship_horizon,
                    split="val", seed=0, stream="ship")
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -199,6 +214,10 @@ def main(argv=None) -> dict:
     try:
         require_final_seeds(cfg.seeds, cfg.ship, smoke=cfg.smoke)  # shipping is a final run
         check_budgets(cfg)
+        try:
+            family(cfg)
+        except ValueError as e:
+            raise ValueError(f"--families: {e}") from None
         if cfg.ship and not cfg.ship_dir:
             from learned_opt import pretrained
 
@@ -219,7 +238,7 @@ def main(argv=None) -> dict:
     summary = {"config": asdict(cfg), "seeds": records, "shipped_seed": best if cfg.ship else None,
                "chosen_seed": best, "chosen_on": f"validation stream 'ship', {cfg.ship_tasks} tasks of the "
                                                f"meta-training families, horizon {cfg.ship_horizon}",
-               "estimator": "tbptt", "families": list(meta_families()), "wall_seconds": time.time() - start,
+               "estimator": cfg.estimator, "families": list(cfg.families), "wall_seconds": time.time() - start,
                "provenance": provenance()}
     if cfg.ship:
         from learned_opt import pretrained
@@ -229,7 +248,7 @@ def main(argv=None) -> dict:
             directory=cfg.ship_dir or None,
             description="General learned optimizer: a per-parameter MLP update rule normalised per tensor with a "
                         "learned step-size scheduler (NormMLP, 4 floats of state per parameter).",
-            meta_trained_on="the task suite's meta-training mixture: " + ", ".join(meta_families())
+            meta_trained_on="the task suite's meta-training mixture: " + ", ".join(cfg.families)
                             + f" (per-tensor reparametrisation in [1/{cfg.augment:g}, {cfg.augment:g}])",
             horizons=[int(h) for h in cfg.sample_horizons],
             # the seeds' own training time (it survives a stop and resume; the wall time of this call does not)

@@ -126,3 +126,33 @@ def test_shipping_over_the_packaged_general_goes_through_the_promotion_rule(tmp_
     with pytest.raises(SystemExit) as e:
         general_train.main(["--preset", "smoke", "--ship", "true", "--out_dir", str(out)])
     assert "general_promote.py" in str(e.value.code) and not out.exists()
+
+
+def test_whole_run_selection_scores_the_ship_stream_too(tmp_path, monkeypatch):
+    """--val_metric mean_log_train_val: the selection stream and the ship stream are scored by it (validation
+    tasks of the meta-training families only), and the seed with the lowest score is chosen."""
+    import general_train
+    import learned_opt.meta.trainer as meta
+
+    streams = []
+    real = meta.evaluate
+
+    def spy(*a, **k):
+        streams.append((k["split"], k["stream"], tuple(k.get("checkpoints", ()))))
+        return real(*a, **k)
+
+    monkeypatch.setattr(meta, "evaluate", spy)
+    s = general_train.main(["--preset", "smoke", "--workers", "1", "--out_dir", str(tmp_path),
+                            "--val_metric", "mean_log_train_val"])
+    assert {x[:2] for x in streams} == {("val", "select"), ("val", "ship")}
+    assert all(c == meta.train_val_marks(8) for *_, c in streams)  # smoke: val and ship horizons 8
+    assert s["chosen_seed"] == min(s["seeds"], key=lambda r: r["ship_score_mean_log_ratio"])["seed"]
+    assert s["families"] == list(general_train.V1_FAMILIES)
+
+
+def test_a_held_out_family_cannot_join_meta_training(tmp_path):
+    import general_train
+
+    with pytest.raises(SystemExit) as e:
+        general_train.main(["--preset", "smoke", "--families", "quadratic,digits_cnn", "--out_dir", str(tmp_path)])
+    assert "--families" in str(e.value.code) and "held-out" in str(e.value.code)

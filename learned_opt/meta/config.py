@@ -13,7 +13,9 @@ from .estimator import ESTIMATOR_TYPES, ESTIMATORS
 META_LOSSES = ("sum", "mean_log", "val", "halting", "mean_log_val")
 VAL_LOSSES = ("val", "halting", "mean_log_val")  # meta-losses that read the validation loss at every inner step
 CONTROLS = ("none", "learned")
-VAL_METRICS = ("mean_final", "mean_log_final", "mean_log_curve", "val_at_stop")
+VAL_METRICS = ("mean_final", "mean_log_final", "mean_log_curve", "val_at_stop", "mean_log_train_val")
+# checkpoints of the whole-run selection metric "mean_log_train_val" (evenly spaced over the validation horizon)
+TRAIN_VAL_MARKS = 10
 # Inner steps per task at most (horizons, evaluation steps). The per-step records of an unroll and an
 # evaluation's loss curves grow with the horizon, and a million steps of even the smallest task take hours on a
 # CPU: a larger number is a typo (1e12 used to exhaust memory before the first step).
@@ -44,7 +46,9 @@ class MetaConfig:
     val_every: int = 0  # meta-iterations between validations on held-out tasks (0: never)
     val_tasks: int = 8
     val_horizon: int = 0  # inner steps of each validation run (0: the meta-training horizon)
-    val_metric: str = "mean_final"  # or "mean_log_final", "mean_log_curve" (every step), "val_at_stop"
+    # or "mean_log_final", "mean_log_curve" (every step), "val_at_stop", "mean_log_train_val" (the whole-split train
+    # and validation losses on a log scale, weighed alike, averaged over TRAIN_VAL_MARKS evenly spaced checkpoints)
+    val_metric: str = "mean_final"
     keep_best: bool = True
     # With a run_dir, a checkpoint every checkpoint_every meta-iterations or checkpoint_seconds of training,
     # whichever comes first (0 turns either off; with both 0, only at the end): a killed run loses little.

@@ -32,7 +32,7 @@ from ..optim.learned import kind_of
 from ..tasks.base import generator
 from .checkpoint import (CHECKPOINT, TRAINING_FORMAT, RunLock, opt_state_from_dict, opt_state_to_dict,
                          check_resumable, has_checkpoint, load_format, load_weights, save_checkpoint)
-from .config import VAL_LOSSES, MetaConfig
+from .config import TRAIN_VAL_MARKS, VAL_LOSSES, MetaConfig
 from .estimator import ESTIMATOR_TYPES
 from .losses import InnerRun, new_run
 from .update import MetaUpdate
@@ -71,15 +71,28 @@ def _signals_saved(trainer: "MetaTrainer") -> Iterator[bool]:
             signal.signal(s, h)
 
 
-def validation_score(cfg: MetaConfig, family, optimizer, ctrl_fn) -> float:
+def train_val_marks(horizon: int) -> tuple:
+    """The evenly spaced checkpoints (``TRAIN_VAL_MARKS`` of them, the last at ``horizon``) of the
+    ``mean_log_train_val`` selection metric."""
+    return tuple(sorted({max(1, round(horizon * (i + 1) / TRAIN_VAL_MARKS)) for i in range(TRAIN_VAL_MARKS)}))
+
+
+def validation_score(cfg: MetaConfig, family, optimizer, ctrl_fn, *, seed: Optional[int] = None,
+                     stream: str = "select") -> float:
     """The score of ``optimizer`` (with the controllers ``ctrl_fn`` makes) on ``cfg.val_tasks`` held-out validation
-    tasks, by ``cfg.val_metric`` (lower is better)."""
+    tasks of ``stream`` (drawn with ``seed``, default ``cfg.seed``), by ``cfg.val_metric`` (lower is better)."""
     horizon = cfg.val_horizon or cfg.horizon
+    marks = train_val_marks(horizon) if cfg.val_metric == "mean_log_train_val" else ()
     # checkpoint selection has a validation stream of its own: the tasks that choose the meta-weights are
     # never the ones that tune the baselines or check a configuration
     res = evaluate(family, optimizer, ctrl_fn, num_tasks=cfg.val_tasks, steps=horizon,
-                   split="val", seed=cfg.seed, stream="select",
-                   val_every=1 if cfg.meta_loss in VAL_LOSSES else 0)
+                   split="val", seed=cfg.seed if seed is None else seed, stream=stream,
+                   val_every=1 if cfg.meta_loss in VAL_LOSSES else 0, checkpoints=marks)
+    if cfg.val_metric == "mean_log_train_val":  # the whole run, train and held-out loss alike
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per = np.mean([0.5 * np.log(res.at[m]["train_loss"] + 1e-12) + 0.5 * np.log(res.at[m]["val_loss"] + 1e-12)
+                           for m in marks], axis=0)
+        return robust_mean(per)
     if cfg.val_metric == "val_at_stop":
         return robust_mean(res.val_at_stop)
     if cfg.val_metric == "mean_log_curve":  # every horizon up to val_horizon counts, not only the last
