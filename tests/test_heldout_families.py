@@ -55,10 +55,12 @@ def test_new_families_are_heldout_and_the_meta_mixture_is_unchanged():
     for name in NEW:
         assert SUITE[name].role == "heldout" and SUITE[name].horizon == 200 and "ms/step" in SUITE[name].description
     assert {SUITE[n].kind for n in NEW} == {"transformer", "mlp", "quadratic"}
-    # the meta-training families: the same names, order, families and labels as before
+    # the earlier meta-training families: the same names, order, families and labels as before; the conv, recurrent
+    # and attention families on new synthetic data (tests/test_suite_meta_v2.py) come after them
     assert meta_families() == ("digits_mlp_sigmoid", "digits_mlp_relu_deep", "digits_mlp_tanh_wide",
                                "digits_autoencoder", "linear_regression", "logistic_regression", "quadratic",
-                               "metanet", "synthetic_mlp_regression")
+                               "metanet", "synthetic_mlp_regression",
+                               "synthetic_cnn", "synthetic_rnn_recall", "synthetic_attention")
     expected = {
         "digits_mlp_sigmoid": DigitsFamily(hidden=(20,), activation="sigmoid", batch_size=128),
         "digits_mlp_relu_deep": DigitsFamily(hidden=(32, 32), activation="relu", batch_size=128),
@@ -244,7 +246,10 @@ def test_meta_families_never_read_diabetes_or_text(name):
     x = torch.cat([task.data[s][0].reshape(task.data[s][0].shape[0], -1) for s in SPLITS])
     dx = torch.cat([v[0] for v in regression_splits("diabetes").values()]).float()
     assert x.shape[1] != dx.shape[1] or not rows(x.float()) & rows(dx)
-    assert x.is_floating_point(), "a meta family holds token data"
+    if not x.is_floating_point():  # token data: only the synthetic sequence families, and never a text window
+        assert SUITE[name].data == "synthetic-sequences", "a meta family holds token data"
+        tx = torch.cat([w[:, :-1] for windows in text_splits().values() for w in windows])
+        assert x.shape[1] != tx.shape[1] or not rows(x) & rows(tx), f"{name} holds text"
 
 
 # ------------------------------------------------------------------------------------------------ running

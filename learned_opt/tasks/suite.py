@@ -2,10 +2,13 @@
 only), and a uniform mixture over meta-training families with optional task augmentation.
 
 After the task suites of learned_optimization and Celo (Moudgil et al. 2025): meta-train on a varied set of
-small tasks, test on families whose architecture class (CNN, RNN, transformer, vision transformer, transformer language
-model) or data source (scikit-learn's wine, breast-cancer and diabetes tables, the held-out digits pool, a bundled
+small tasks, test on families whose architecture (vision transformer, transformer language model) or data source
+(scikit-learn's wine, breast-cancer and diabetes tables, the held-out digits pool, random Markov chains, a bundled
 text snapshot) no meta-training family has, or whose data distribution is shifted from a meta-training family's
-(``metanet_heldout``, ``quadratic_illcond``). Every task is small: the
+(``metanet_heldout``, ``quadratic_illcond``). Meta-training sees the CNN, RNN and transformer classes only on new
+synthetic images and token sequences (:mod:`.synthetic_models`: oriented bars or teacher-labelled smooth noise,
+associative recall, sorting), never on digits, Markov-chain or text data, so the held-out CNN, RNN and transformer
+families stay held out by their data. Every task is small: the
 ``ms/step`` in each description is one forward + backward at the family's batch size through
 :class:`~learned_opt.tasks.supervised.SupervisedTask`, on one CPU thread (``OMP_NUM_THREADS=1``), measured on the
 development machine (median of 200 steps, ``higher`` backend, torch 2.13, a CPU shared with other jobs).
@@ -24,6 +27,7 @@ from .digits import DigitsFamily
 from .metanet import MetaNetFamily, ShiftedMetaNetFamily
 from .quadratic import IllConditionedQuadraticFamily, QuadraticFamily
 from .synthetic import LinearRegressionFamily, LogisticRegressionFamily, MarkovSequenceFamily, TeacherMLPFamily
+from .synthetic_models import AssociativeRecallFamily, SortingFamily, SyntheticImageFamily
 from .tabular import TabularFamily, TabularRegressionFamily
 from .text import TextLMFamily
 from .vision import DigitsAutoencoderFamily, DigitsCNNFamily, DigitsViTFamily
@@ -31,7 +35,7 @@ from .vision import DigitsAutoencoderFamily, DigitsCNNFamily, DigitsViTFamily
 ROLES = ("meta", "heldout")
 KINDS = ("mlp", "cnn", "rnn", "transformer", "autoencoder", "linear", "quadratic")
 DATA = ("digits-meta", "digits-heldout", "synthetic", "sklearn-wine", "sklearn-breast_cancer", "sklearn-diabetes",
-        "text-cpython")
+        "text-cpython", "synthetic-images", "synthetic-sequences")
 LOSSES = ("mse", "cross_entropy", "sum_squares")
 DEFAULT_HORIZON = 200
 
@@ -77,6 +81,22 @@ _ENTRIES = (
                description="MetaNet 10-10-10-10 relu, noisy tanh teacher, 32 points, full batch; 0.25 ms/step"),
     SuiteEntry("synthetic_mlp_regression", "meta", TeacherMLPFamily(), "mlp", "synthetic", loss="mse",
                description="8-{16,32}-2 relu/gelu student of a tanh teacher MLP, batch 64; 0.28 ms/step"),
+    SuiteEntry("synthetic_cnn", "meta", SyntheticImageFamily(), "cnn", "synthetic-images",
+               description="CNN on synthetic single-channel 8x8 / 10x10 images (no digits), 3-5 classes: oriented "
+                           "bars (class = orientation; random width, jitter, noise) or Gaussian-smoothed noise "
+                           "labelled by a random frozen teacher CNN; conv 1-c 3x3 stride 2, or conv 1-c1 3x3 then "
+                           "c1-c2 3x3 stride 2 (c1 <= c2 in {4,8,16}), relu, linear head; batch {16,32,64,128}, "
+                           "256-2048 training images per task; 0.4-2.2 ms/step (median 0.7)"),
+    SuiteEntry("synthetic_rnn_recall", "meta", AssociativeRecallFamily(), "rnn", "synthetic-sequences",
+               description="Elman tanh or GRU RNN, hidden {8,16,32}, associative recall: 2-4 key-value pairs "
+                           "(8-12 keys, 8-12 values) then a query key, its value predicted at the last position "
+                           "(length 5-9); batch {16,32,64,128}, 256-2048 training sequences per task, val / test "
+                           "sequences never in training; 0.5-2.0 ms/step (median 1.0)"),
+    SuiteEntry("synthetic_attention", "meta", SortingFamily(), "transformer", "synthetic-sequences",
+               description="1-layer pre-LN non-causal transformer, d_model {16,24,32}, 2 heads, learned "
+                           "positions, sorting 5-8 integers of vocab 8-16 (per-position cross-entropy against the "
+                           "sorted sequence); batch {16,32,64}, 256-2048 training sequences per task, val / test "
+                           "sequences never in training; 1.1-2.2 ms/step (median 1.4)"),
     # ---- held-out families: never sampled in meta-training ----
     SuiteEntry("digits_cnn", "heldout", DigitsCNNFamily(pool="heldout"), "cnn", "digits-heldout",
                description="conv 1-8 3x3, conv 8-16 3x3 stride 2, linear 256-10 on held-out digits, batch 64; "
