@@ -89,12 +89,15 @@ PRESETS = {
     # the version-2 candidate, to be ablated on validation families before anything ships (issue #24): PES over
     # horizons up to 2000 with truncation 50, the train and validation losses, Adam's scale with a narrower
     # scheduler range. Cost: a 20-iteration pilot took ~7 s per meta-step (one 50-step truncation, 8 particles,
-    # validation at every step) on a 2-core machine loaded ~6; an iteration at horizon 2000 is 40 meta-steps, so
-    # 500 iterations are far beyond 2 CPU-hours per seed: measure idle and set --iterations before a real run
+    # validation at every step) on a 2-core machine loaded ~6. Idle, on the 12-family mixture: 0.57 s per meta-step
+    # (80 meta-steps of 6 iterations), 18.75 meta-steps per iteration on average (horizons / truncation 50), and a
+    # 16-task validation at 2000 steps about 40 s: 500 iterations and 20 validations make about 1.75 CPU-hours per
+    # seed (the issue's budget: 2). The checkpoints are kept in git (.gitignore) so that a seed resumes in the next
+    # session; --budgets 125,250 give the compute-scaling points
     "v2": dict(normalize="none", estimator="pes", particles=8, sigma=0.01, meta_loss="mean_log_val",
                sample_horizons=(250, 500, 1000, 2000), truncation=50, lr_bound=10.0, init_lr=1e-3,
                families=meta_families(), val_horizon=2000, val_metric="mean_log_train_val", val_every=25,
-               ship_horizon=2000, iterations=600, budgets=(150, 300), out_dir="runs/general_train_v2"),
+               ship_horizon=2000, iterations=500, budgets=(125, 250), out_dir="results/general/train_v2"),
 }
 
 
