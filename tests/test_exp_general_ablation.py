@@ -22,7 +22,11 @@ def test_variants_switch_on_their_ingredients_only():
     assert changed["none"] == {"normalize", "lr_bound", "init_lr"}
     assert changed["pes"] == {"estimator", "sample_horizons", "truncation"}
     assert changed["val"] == {"meta_loss"}
-    assert changed["v2"] >= changed["none"] | changed["pes"] | changed["val"]
+    assert changed["families"] == {"families"} and set(gt.V1_FAMILIES) < set(
+        parse_config(gt.Config, gt.PRESETS, ga.VARIANTS["families"]).families)
+    assert changed["select"] == {"val_metric", "val_horizon", "ship_horizon"}
+    assert changed["v2"] >= (changed["none"] | changed["pes"] | changed["val"] | changed["families"]
+                             | changed["select"])
 
 
 def test_evaluations_read_validation_tasks_only_and_bad_variants_are_refused(monkeypatch):
@@ -36,3 +40,20 @@ def test_evaluations_read_validation_tasks_only_and_bad_variants_are_refused(mon
     assert eflags[eflags.index("--final") + 1] == "false" and "--cache_dir" in eflags
     with pytest.raises(SystemExit, match="--variants"):
         ga.main(["--variants", "v3"])
+
+
+def test_the_v2_variant_trains_in_the_main_v2_folder_and_bad_folders_are_refused(monkeypatch):
+    calls = []
+
+    def fake(script, flags):
+        calls.append((script, flags))
+        if script == "general.py":
+            raise SystemExit("stop")
+    monkeypatch.setattr(ga, "run", fake)
+    with pytest.raises(SystemExit, match="stop"):
+        ga.main(["--variants", "v2"])
+    (_, tflags), (_, eflags) = calls
+    assert tflags[tflags.index("--out_dir") + 1] == eflags[eflags.index("--train_dir") + 1] \
+        == "results/general/train_v2"
+    with pytest.raises(SystemExit, match="--train_dirs"):
+        ga.main(["--variants", "v2", "--train_dirs", "v3=somewhere"])
