@@ -33,9 +33,20 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.join(ROOT, "examples"))
     import timm_vit
+    from learned_opt.optim.adapter import ProtocolOptimizer
 
+    seen = []  # the loss each step hands the learned scheduler of the first group (None: no loss reached it)
+    inner = ProtocolOptimizer._step_group
+
+    def step_group(self, gi, group, idx, loss, val_loss):
+        if gi == 0:
+            seen.append(None if loss is None else float(loss))
+        return inner(self, gi, group, idx, loss, val_loss)
+
+    ProtocolOptimizer._step_group = step_group
     out = timm_vit.run(steps=int(sys.argv[1]) if len(sys.argv) > 1 else 150)
     import timm
     import torchvision
 
-    print(json.dumps({"losses": out["losses"], "timm": timm.__version__, "torchvision": torchvision.__version__}))
+    print(json.dumps({"losses": out["losses"], "seen": seen, "timm": timm.__version__,
+                      "torchvision": torchvision.__version__}))
