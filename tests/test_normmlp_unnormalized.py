@@ -81,3 +81,37 @@ def test_option_round_trips_and_v1_config_is_unchanged(tmp_path):
     with pytest.raises(ValueError, match="normalize"):
         NormMLP(normalize="layer")
     assert math.isfinite(float(back.log_lr))
+
+
+def test_lr_gain_reparametrises_the_base_rate_without_changing_the_step():
+    """exp(lr_gain * log_lr): a fresh network with gain 10 steps exactly like one with gain 1 (same init rate), the
+    base rate's derivative with respect to its one meta-weight is 10x larger (meta-training moves it 10x faster),
+    the gain survives a save / load, and v1 configs carry no new key."""
+    grads = _grads(4)
+    params = [torch.zeros(5, 3), torch.zeros(3)]
+    steps = {}
+    for gain in (1.0, 10.0):
+        torch.manual_seed(0)
+        net = NormMLP(normalize="none", init_lr=3e-3, lr_gain=gain)
+        assert math.exp(float(net.log_rate())) == pytest.approx(3e-3, rel=1e-6)
+        steps[gain] = _run(net, grads, params)
+        net.log_rate().backward()
+        assert float(net.log_lr.grad) == pytest.approx(gain)
+    for a, b in zip(steps[1.0], steps[10.0]):
+        assert all(torch.allclose(x, y, rtol=1e-5, atol=0) for x, y in zip(a, b))
+    assert "lr_gain" not in NormMLP().config and "lr_gain" not in NormMLP(normalize="none").config
+
+
+def test_lr_gain_round_trips_and_sets_the_weight_decay_rate(tmp_path):
+    from learned_opt.optim.adapter_state import decay_rate
+
+    torch.manual_seed(0)
+    net = NormMLP(normalize="none", init_lr=2e-3, lr_gain=10.0)
+    with torch.no_grad():
+        net.log_lr.add_(0.05)  # a meta-trained base rate: exp(10 * (log(2e-3) / 10 + 0.05))
+    save_lopt(str(tmp_path / "w.pt"), net)
+    back = load_lopt(str(tmp_path / "w.pt"))
+    assert back.lr_gain == 10.0 and float(back.log_rate()) == pytest.approx(math.log(2e-3) + 0.5, rel=1e-6)
+    assert float(decay_rate(back)) == pytest.approx(2e-3 * math.exp(0.5), rel=1e-6)
+    with pytest.raises(ValueError, match="lr_gain"):
+        NormMLP(lr_gain=0.0)

@@ -207,6 +207,9 @@ def decay_rate(opt: Any) -> Any:
     """The base step size that decoupled weight decay is scaled by (see ProtocolOptimizer), or ``None``:
     ``exp(log_lr)`` of a NormMLP (the rate of its unit-RMS direction), ``exp(log_base_lr)`` of a CoordLSTM
     correcting a hand-coded step, a numeric ``lr`` attribute; other meta-networks have no such rate."""
+    rate = getattr(opt, "log_rate", None)
+    if callable(rate):
+        return torch.exp(rate().detach())
     for name in ("log_lr", "log_base_lr"):
         w = getattr(opt, name, None)
         if isinstance(w, Tensor):

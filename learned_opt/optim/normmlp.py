@@ -112,7 +112,7 @@ class NormMLP(_MetaNetwork):
     def __init__(self, hidden: int = 8, layers: int = 2, momentum_decays: Sequence[float] = (0.5, 0.9, 0.99),
                  rms_decay: float = 0.999, init_lr: float = 1e-3, lr_bound: float = 30.0,
                  lr_max: Optional[float] = None, stop_bias: float = -6.0, stop_threshold: float = 0.5,
-                 horizon_dropout: float = 0.5, eps: float = 1e-8, normalize: str = "tensor"):
+                 horizon_dropout: float = 0.5, eps: float = 1e-8, normalize: str = "tensor", lr_gain: float = 1.0):
         super().__init__()
         if isinstance(hidden, bool) or int(hidden) != hidden or hidden < 1 or int(layers) != layers or layers < 1:
             raise ValueError(f"hidden and layers must be integers >= 1, got hidden={hidden!r}, layers={layers!r}")
@@ -127,12 +127,19 @@ class NormMLP(_MetaNetwork):
             raise ValueError(f"horizon_dropout must be in [0, 1], got {horizon_dropout!r}")
         if not eps > 0 or normalize not in NORMALIZE:
             raise ValueError(f"need eps > 0 and normalize in {NORMALIZE}, got eps={eps!r}, normalize={normalize!r}")
+        if not (math.isfinite(lr_gain) and lr_gain > 0):
+            raise ValueError(f"lr_gain must be a finite number > 0, got {lr_gain!r}")
         self.config = dict(hidden=hidden, layers=layers, momentum_decays=list(momentum_decays),
                            rms_decay=rms_decay, init_lr=init_lr, lr_bound=lr_bound, lr_max=lr_max,
                            stop_bias=stop_bias, stop_threshold=stop_threshold, horizon_dropout=horizon_dropout,
                            eps=eps)
         self.normalize = normalize  # only a non-default enters the config: v1 checkpoints keep their bytes
         self.config.update({"normalize": normalize} if normalize != "tensor" else {})
+        # the base rate is exp(lr_gain * log_lr): a gain > 1 lets meta-training move the base rate lr_gain times
+        # faster than one meta-weight moves (meta-Adam moves each by about meta_lr per step), so that the constant
+        # part of the step size goes to the base rate instead of pushing the scheduler's multiplier to its bound
+        self.lr_gain = float(lr_gain)
+        self.config.update({"lr_gain": self.lr_gain} if lr_gain != 1 else {})
         self.lr_mode = "global"
         self.momentum_decays, self.rms_decay, self.eps = tuple(momentum_decays), rms_decay, eps
         k = len(self.momentum_decays)
@@ -147,11 +154,16 @@ class NormMLP(_MetaNetwork):
         self.out = nn.Linear(hidden, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        self.log_lr = nn.Parameter(torch.tensor(math.log(init_lr)))
+        self.log_lr = nn.Parameter(torch.tensor(math.log(init_lr) / self.lr_gain))
         self.heads = SchedulerHeads(hidden, horizon_dropout=horizon_dropout, lr_bound=lr_bound,
                                     stop_bias=stop_bias, stop_threshold=stop_threshold, lr_max=lr_max)
 
     normalize = "tensor"  # the class default: instances pickled before the option existed are v1 networks
+    lr_gain = 1.0
+
+    def log_rate(self) -> Tensor:
+        """The log of the base rate, ``lr_gain * log_lr``."""
+        return self.log_lr * self.lr_gain if self.lr_gain != 1 else self.log_lr
     # learners at least this large, in blocks at least this large on average, take the wide path (per instance)
     wide_min_coordinates, wide_min_mean_block = WIDE_LEARNER, WIDE_MEAN_BLOCK
 
@@ -317,7 +329,7 @@ class NormMLP(_MetaNetwork):
             sums[j].add_(h[:hid, :c].sum(1))
         pooled = mean_of_block_sums(sums, sizes, like.dtype)
         u = u.squeeze(0)
-        lr = torch.exp(self.log_lr)
+        lr = torch.exp(self.log_rate())
         for c in u.split(sizes):
             c.mul_(lr * torch.rsqrt((torch.dot(c, c) / c.shape[0]).clamp_min(1e-30)))
         return unflatten(u, layout), NormMLPState(momenta, v, pooled, count, layout)
@@ -337,12 +349,12 @@ class NormMLP(_MetaNetwork):
                 momenta = torch.lerp(state.momenta, g.unsqueeze(0), 1 - b)
                 v = torch.lerp(state.v, torch.mul(g, g, out=self._workspace("gg", g.shape, g)), 1 - self.rms_decay)
                 u, pooled = self._direction_fast(g, p, momenta, v, count, layout)
-                step = u.mul_(torch.exp(self.log_lr))
+                step = u.mul_(torch.exp(self.log_rate()))
             return unflatten(step, layout), NormMLPState(momenta, v, pooled, count, layout)
         momenta = b * state.momenta + (1 - b) * g
         v = self.rms_decay * state.v + (1 - self.rms_decay) * g * g
         u, h = self.direction(g, p, momenta, v, count, layout)
-        step = torch.exp(self.log_lr) * u
+        step = torch.exp(self.log_rate()) * u
         return unflatten(step, layout), NormMLPState(momenta, v, segment_mean_acc(h, layout), count, layout)
 
     def state_floats_per_param(self) -> int:
