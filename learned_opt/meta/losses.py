@@ -87,6 +87,12 @@ def advance(run: InnerRun, res: UnrollResult) -> None:
     run.step = res.step
 
 
+# "mean_log_val" counts every loss below this as this (the evaluation's verdict floor, experiments/common.py's
+# LOSS_FLOOR): on a log scale, driving an already solved task (a quadratic, a separable classification) from 1e-6
+# to 1e-10 would otherwise outweigh any divergence, whose cost the loss ceiling caps, and teach larger steps
+META_LOSS_FLOOR = 1e-6
+
+
 def _clip(per_problem: Tensor, ceiling: Tensor) -> Tensor:
     # min(loss, ceiling) keeps the gradient below the ceiling and cuts it above: a diverging unroll
     # contributes a bounded constant instead of dominating the meta-gradient.
@@ -105,11 +111,11 @@ def truncation_loss(kind: str, res: UnrollResult, run: InnerRun, lam: float = 0.
             return stacked.mean(-1).sum()
         return torch.log(stacked + 1e-12).mean()
     vals = [v for v in res.val_losses[1:] if v is not None]
-    if kind == "mean_log_val":  # the whole run's train and validation losses, each on a log scale, weighed alike
-        if not rows or not vals:
+    if kind == "mean_log_val":  # the whole run's train and validation losses, each on a log scale, weighed alike,
+        if not rows or not vals:  # both floored at META_LOSS_FLOOR
             raise ValueError("the 'mean_log_val' meta-loss needs train and validation losses (val_every=1)")
-        train = torch.log(torch.stack([_clip(r, run.ceiling) for r in rows]) + 1e-12).mean()
-        return 0.5 * train + 0.5 * torch.log(torch.stack(vals) + 1e-12).mean()
+        train = torch.log(torch.stack([_clip(r, run.ceiling) for r in rows]).clamp_min(META_LOSS_FLOOR)).mean()
+        return 0.5 * train + 0.5 * torch.log(torch.stack(vals).clamp_min(META_LOSS_FLOOR)).mean()
     if kind == "val":
         if not vals:
             raise ValueError("the 'val' meta-loss needs validation losses (val_every=1)")
