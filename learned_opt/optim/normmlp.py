@@ -261,78 +261,10 @@ class NormMLP(_MetaNetwork):
             c.mul_(torch.rsqrt((c * c).mean().clamp_min(1e-30)))
         return u, pooled
 
-    @torch.no_grad()
     def _update_wide(self, grads: Sequence[Tensor], params: Sequence[Tensor], state: NormMLPState,
                      count: int) -> Tuple[List[Tensor], NormMLPState]:
-        """The whole of :meth:`update` on wide learners (:meth:`_wide_ok`: at least :data:`WIDE_LEARNER`
-        coordinates in blocks of :data:`WIDE_MEAN_BLOCK` on average), with every per-tensor and per-step constant
-        folded into the weights of the matrix products.
-
-        The first layer reads the raw ``g, m_k, p`` and ``g r, m_k r`` with ``r = rsqrt(v + eps^2 (1 - beta_v^t))``;
-        tensor ``t``'s first layer is ``W diag(c_t)`` plus a bias column, ``c_t`` holding that tensor's RMS
-        normalisers, ``sqrt(1 - beta_v^t)`` and the momenta's bias corrections; every layer's bias enters its
-        product through a row of ones. So no pass over the coordinates scales a feature or adds a bias, and the
-        products, which cost what the per-coordinate flops cost at the BLAS's rate (about 45 GFLOP/s for these
-        8-row products on one core here), dominate. The features and hidden units are made block by block
-        (:data:`WIDE_BLOCK` coordinates, never crossing a tensor) in reused buffers: the scratch stays a fixed
-        size instead of ~30 floats per coordinate. Equal to the reference to float rounding (tested to 1e-6 in
-        float32, also across blocks and on 4-d kernels)."""
-        layout = state.layout
-        sizes = list(layout.sizes)
-        n, k, f, hid = sum(sizes), len(self.momentum_decays), self.coord_dim, self.first.out_features
-        like = grads[0]
-        # the moments, whole (the per-tensor RMS of the momenta must be known before any product)
-        g = torch.cat([t.reshape(-1) for t in grads], out=self._workspace("wide_g", (n,), like))
-        flat_p = [t.reshape(-1) for t in params]
-        momenta = torch.lerp(state.momenta, g.unsqueeze(0), 1 - self._decays(g))
-        v = torch.lerp(state.v, torch.mul(g, g, out=self._workspace("wide_gg", (n,), like)), 1 - self.rms_decay)
-        cv = 1 - self.rms_decay ** count
-        # per-tensor RMS of g, m_k, p, and each tensor's first layer with its columns scaled: the RMS normalisers,
-        # sqrt(1 - beta_v^t) (for g r and m_k r) and the bias corrections (for m_k r); its bias as a last column
-        rows = [*grads, *(c for m in momenta for c in m.split(sizes)), *params]  # (k + 2) x tensors, row-major
-        norms = torch.stack(torch._foreach_norm(rows)).reshape(k + 2, len(sizes)).T.double()
-        counts = torch.tensor(sizes, dtype=torch.float64, device=like.device).unsqueeze(1)
-        rms_inv = torch.rsqrt((norms * norms / counts).to(like.dtype).clamp_min(1e-30))  # (tensors, k + 2)
-        corr = [math.sqrt(cv) / (1 - b ** count) for b in self.momentum_decays]
-        per_step = torch.tensor([math.sqrt(cv), *corr, 1.0], dtype=like.dtype, device=like.device)
-        cols = torch.cat([rms_inv, per_step.expand(len(sizes), -1)], dim=1)  # (tensors, f + 1)
-        bias = self.first_tensor(self.tensor_features(count, layout, like)) + self.first.bias  # (tensors, h)
-        w = torch.cat([self.first.weight.expand(len(sizes), -1, -1), bias.unsqueeze(-1)], dim=-1) * cols.unsqueeze(1)
-        lin = [torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in self.rest if isinstance(m, nn.Linear)]
-        w_out = torch.cat([self.out.weight, self.out.bias.unsqueeze(1)], dim=1)
-        a = min(1, k - 1)  # Adam's direction: the 0.9 momentum by default
-        # block by block, in reused buffers with a row of ones at the bottom (written once): the features
-        # (rows g, m_1..m_k, p | g r, m_1 r..m_k r with r = rsqrt(v + eps^2 (1 - beta_v^t))), the hidden layers,
-        # the output minus Adam's direction, and the per-tensor sums of the last hidden layer
-        bw = self._wide_width(n, like)
-        xb = self._workspace("wide_x", (f + 1, bw), like, fill=1.0)
-        hb = [self._workspace(f"wide_h{i}", (hid + 1, bw), like, fill=1.0) for i in range(2)]
-        u = like.new_empty((1, n))
-        sums = like.new_zeros((len(sizes), hid), dtype=torch.float64)  # float32 within a block, float64 across
-        e2 = self.eps ** 2 * cv
-        offsets = list(itertools.accumulate(sizes, initial=0))  # where each tensor starts in the flat layout
-        for j, s, e in blocks(sizes, bw):
-            c = e - s
-            x = xb[:, :c]
-            x[0].copy_(g[s:e])
-            x[1:k + 1].copy_(momenta[:, s:e])
-            x[k + 1].copy_(flat_p[j][s - offsets[j]:e - offsets[j]])
-            r = torch.add(v[s:e], e2, out=x[k + 2]).rsqrt_()
-            torch.mul(x[1:k + 1], r, out=x[k + 3:f])
-            r.mul_(x[0])
-            h = hb[0]
-            torch.mm(w[j], x, out=h[:hid, :c]).relu_()
-            for i, wb in enumerate(lin):
-                torch.mm(wb, h[:, :c], out=hb[(i + 1) % 2][:hid, :c]).relu_()
-                h = hb[(i + 1) % 2]
-            torch.mm(w_out, h[:, :c], out=u[:, s:e]).sub_(x[k + 3 + a], alpha=corr[a])
-            sums[j].add_(h[:hid, :c].sum(1))
-        pooled = mean_of_block_sums(sums, sizes, like.dtype)
-        u = u.squeeze(0)
-        lr = torch.exp(self.log_rate())
-        for c in u.split(sizes):
-            c.mul_(lr * torch.rsqrt((torch.dot(c, c) / c.shape[0]).clamp_min(1e-30)))
-        return unflatten(u, layout), NormMLPState(momenta, v, pooled, count, layout)
+        """The whole of :meth:`update` on wide learners: :func:`update_wide`."""
+        return update_wide(self, grads, params, state, count)
 
     def update(self, grads, state: NormMLPState, params, *, loss: Optional[Tensor] = None):
         """One step for all coordinates at once: ``exp(log_lr) * normalised direction``."""
@@ -360,3 +292,77 @@ class NormMLP(_MetaNetwork):
     def state_floats_per_param(self) -> int:
         """Floats of per-coordinate optimizer state per parameter."""
         return len(self.momentum_decays) + 1
+
+
+@torch.no_grad()
+def update_wide(net: "NormMLP", grads: Sequence[Tensor], params: Sequence[Tensor], state: NormMLPState,
+                count: int) -> Tuple[List[Tensor], NormMLPState]:
+    """The whole of :meth:`NormMLP.update` on wide learners (:meth:`NormMLP._wide_ok`: at least :data:`WIDE_LEARNER`
+    coordinates in blocks of :data:`WIDE_MEAN_BLOCK` on average), with every per-tensor and per-step constant
+    folded into the weights of the matrix products.
+
+    The first layer reads the raw ``g, m_k, p`` and ``g r, m_k r`` with ``r = rsqrt(v + eps^2 (1 - beta_v^t))``;
+    tensor ``t``'s first layer is ``W diag(c_t)`` plus a bias column, ``c_t`` holding that tensor's RMS
+    normalisers, ``sqrt(1 - beta_v^t)`` and the momenta's bias corrections; every layer's bias enters its
+    product through a row of ones. So no pass over the coordinates scales a feature or adds a bias, and the
+    products, which cost what the per-coordinate flops cost at the BLAS's rate (about 45 GFLOP/s for these
+    8-row products on one core here), dominate. The features and hidden units are made block by block
+    (:data:`WIDE_BLOCK` coordinates, never crossing a tensor) in reused buffers: the scratch stays a fixed
+    size instead of ~30 floats per coordinate. Equal to the reference to float rounding (tested to 1e-6 in
+    float32, also across blocks and on 4-d kernels)."""
+    layout = state.layout
+    sizes = list(layout.sizes)
+    n, k, f, hid = sum(sizes), len(net.momentum_decays), net.coord_dim, net.first.out_features
+    like = grads[0]
+    # the moments, whole (the per-tensor RMS of the momenta must be known before any product)
+    g = torch.cat([t.reshape(-1) for t in grads], out=net._workspace("wide_g", (n,), like))
+    flat_p = [t.reshape(-1) for t in params]
+    momenta = torch.lerp(state.momenta, g.unsqueeze(0), 1 - net._decays(g))
+    v = torch.lerp(state.v, torch.mul(g, g, out=net._workspace("wide_gg", (n,), like)), 1 - net.rms_decay)
+    cv = 1 - net.rms_decay ** count
+    # per-tensor RMS of g, m_k, p, and each tensor's first layer with its columns scaled: the RMS normalisers,
+    # sqrt(1 - beta_v^t) (for g r and m_k r) and the bias corrections (for m_k r); its bias as a last column
+    rows = [*grads, *(c for m in momenta for c in m.split(sizes)), *params]  # (k + 2) x tensors, row-major
+    norms = torch.stack(torch._foreach_norm(rows)).reshape(k + 2, len(sizes)).T.double()
+    counts = torch.tensor(sizes, dtype=torch.float64, device=like.device).unsqueeze(1)
+    rms_inv = torch.rsqrt((norms * norms / counts).to(like.dtype).clamp_min(1e-30))  # (tensors, k + 2)
+    corr = [math.sqrt(cv) / (1 - b ** count) for b in net.momentum_decays]
+    per_step = torch.tensor([math.sqrt(cv), *corr, 1.0], dtype=like.dtype, device=like.device)
+    cols = torch.cat([rms_inv, per_step.expand(len(sizes), -1)], dim=1)  # (tensors, f + 1)
+    bias = net.first_tensor(net.tensor_features(count, layout, like)) + net.first.bias  # (tensors, h)
+    w = torch.cat([net.first.weight.expand(len(sizes), -1, -1), bias.unsqueeze(-1)], dim=-1) * cols.unsqueeze(1)
+    lin = [torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in net.rest if isinstance(m, nn.Linear)]
+    w_out = torch.cat([net.out.weight, net.out.bias.unsqueeze(1)], dim=1)
+    a = min(1, k - 1)  # Adam's direction: the 0.9 momentum by default
+    # block by block, in reused buffers with a row of ones at the bottom (written once): the features
+    # (rows g, m_1..m_k, p | g r, m_1 r..m_k r with r = rsqrt(v + eps^2 (1 - beta_v^t))), the hidden layers,
+    # the output minus Adam's direction, and the per-tensor sums of the last hidden layer
+    bw = net._wide_width(n, like)
+    xb = net._workspace("wide_x", (f + 1, bw), like, fill=1.0)
+    hb = [net._workspace(f"wide_h{i}", (hid + 1, bw), like, fill=1.0) for i in range(2)]
+    u = like.new_empty((1, n))
+    sums = like.new_zeros((len(sizes), hid), dtype=torch.float64)  # float32 within a block, float64 across
+    e2 = net.eps ** 2 * cv
+    offsets = list(itertools.accumulate(sizes, initial=0))  # where each tensor starts in the flat layout
+    for j, s, e in blocks(sizes, bw):
+        c = e - s
+        x = xb[:, :c]
+        x[0].copy_(g[s:e])
+        x[1:k + 1].copy_(momenta[:, s:e])
+        x[k + 1].copy_(flat_p[j][s - offsets[j]:e - offsets[j]])
+        r = torch.add(v[s:e], e2, out=x[k + 2]).rsqrt_()
+        torch.mul(x[1:k + 1], r, out=x[k + 3:f])
+        r.mul_(x[0])
+        h = hb[0]
+        torch.mm(w[j], x, out=h[:hid, :c]).relu_()
+        for i, wb in enumerate(lin):
+            torch.mm(wb, h[:, :c], out=hb[(i + 1) % 2][:hid, :c]).relu_()
+            h = hb[(i + 1) % 2]
+        torch.mm(w_out, h[:, :c], out=u[:, s:e]).sub_(x[k + 3 + a], alpha=corr[a])
+        sums[j].add_(h[:hid, :c].sum(1))
+    pooled = mean_of_block_sums(sums, sizes, like.dtype)
+    u = u.squeeze(0)
+    lr = torch.exp(net.log_rate())
+    for c in u.split(sizes):
+        c.mul_(lr * torch.rsqrt((torch.dot(c, c) / c.shape[0]).clamp_min(1e-30)))
+    return unflatten(u, layout), NormMLPState(momenta, v, pooled, count, layout)
