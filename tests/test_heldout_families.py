@@ -294,16 +294,3 @@ def test_evaluate_batched_runs_quadratics_alone():
     family = suite_family("quadratic_illcond")
     assert evaluate_batched(family, adam(), num_tasks=4, steps=6, split="val").curves.tolist() == \
         evaluate(family, adam(), None, num_tasks=4, steps=6, split="val").curves.tolist()
-
-
-@pytest.mark.parametrize("name", ["text_transformer_lm", "digits_vit"])
-def test_functional_backends_agree(name):
-    out = {}
-    for backend in ("higher", "func"):
-        task = dataclasses.replace(suite_family(name), backend=backend)(generator(0))
-        params = [p.requires_grad_() for p in task.init(generator(1))]
-        loss = task.loss(params, task.sample_batch(generator(2)))
-        out[backend] = (loss, torch.autograd.grad(loss, params))
-    assert torch.allclose(out["higher"][0], out["func"][0], rtol=1e-6, atol=1e-7)
-    for gh, gf in zip(out["higher"][1], out["func"][1]):
-        assert torch.allclose(gh, gf, rtol=1e-5, atol=1e-7)

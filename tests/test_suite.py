@@ -188,8 +188,12 @@ def test_sequence_accuracy_counts_every_position():
 
 @pytest.mark.parametrize("family", [
     SUITE["sequence_rnn"].family, SUITE["sequence_transformer"].family,
-    MarkovSequenceFamily(model="rnn", cell="gru"), SUITE["digits_cnn"].family])
+    MarkovSequenceFamily(model="rnn", cell="gru"), SUITE["digits_cnn"].family,
+    *(SUITE[n].family for n in ("text_transformer_lm", "digits_vit", "synthetic_cnn", "synthetic_rnn_recall",
+                                "synthetic_attention"))])
 def test_functional_backends_agree(family):
+    """Every model class with its own forward (convolutions, recurrence, attention, the held-out and the
+    meta-training ones): the two functional backends give the same loss and gradients."""
     tasks = {b: dataclasses.replace(family, backend=b)(generator(0)) for b in ("higher", "func")}
     assert tasks["higher"].fn.backend == "higher" and tasks["func"].fn.backend == "func"
     out = {}

@@ -161,20 +161,6 @@ def test_adam_reduces_the_training_loss_well_below_its_start(name, seed):
     assert task.accuracy(result.params, "test") > 1.5 * chance
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_functional_backends_agree(name):
-    out = {}
-    for backend in ("higher", "func"):
-        task = dataclasses.replace(suite_family(name), backend=backend)(generator(4))
-        assert task.fn.backend == backend
-        params = [p.requires_grad_() for p in task.init(generator(1))]
-        loss = task.loss(params, task.sample_batch(generator(2)))
-        out[backend] = (loss, torch.autograd.grad(loss, params))
-    assert torch.allclose(out["higher"][0], out["func"][0], rtol=1e-6, atol=1e-7)
-    for gh, gf in zip(out["higher"][1], out["func"][1]):
-        assert torch.allclose(gh, gf, rtol=1e-5, atol=1e-7)
-
-
 ONE_SHAPE = {  # one architecture, batch size and data size per family, so that 4 tasks form one batch
     "synthetic_cnn": dict(sides=(8,), classes=(4, 4), depths=(2,), channels=(8,), batch_sizes=(32,),
                           train_sizes=(256,)),
