@@ -12,7 +12,7 @@ RESULTS = os.path.join(ROOT, "results")
 # results/<name>/summary.json of the experiments that meta-train and report on the final-test split
 FINAL_META = ("quadratic", "metanet", "digits", "control", "general", "estimators/horizon")
 # made before the issue-23 protocol, to be re-run with `make reproduce` (each needs 1-2 hours on 2 CPUs)
-PENDING = {"general": "3 seeds, crossed bootstrap, families fixed, no ledger (re-run: tuning stage under way)"}
+PENDING = {}  # every meta-training experiment now follows the protocol (general: re-run of 2026-12-07)
 
 
 def protocol_problems(name):
