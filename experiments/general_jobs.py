@@ -62,12 +62,16 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def computing_fields(cfg) -> Dict[str, Any]:
-    """The config fields a job's result depends on (not where it is written, how many workers, or bounds)."""
-    keep = ("final", "test_draw", "test_tasks", "tune_tasks", "horizon", "long_factor", "long_axes", "stress_factor",
-            "stress_tasks", "checkpoints", "grid_low", "grid_high", "per_decade", "resolution", "single_low",
-            "single_high", "single_per_decade")
-    return {k: getattr(cfg, k) for k in keep}
+# The config fields the validation-only jobs of stage 1 ("tune", "sweep") depend on; the evaluation jobs also depend
+# on the split they read and its task draw. A tuning that finished in a --tune_only run is found again by --final.
+STAGE1_FIELDS = ("tune_tasks", "horizon", "long_factor", "long_axes", "grid_low", "grid_high", "per_decade",
+                 "resolution", "single_low", "single_high", "single_per_decade")
+EVAL_FIELDS = STAGE1_FIELDS + ("final", "test_draw", "test_tasks", "stress_factor", "stress_tasks", "checkpoints")
+
+
+def computing_fields(cfg, kind: str = "eval") -> Dict[str, Any]:
+    """The config fields a job of ``kind`` depends on (not where it is written, how many workers, or bounds)."""
+    return {k: getattr(cfg, k) for k in (STAGE1_FIELDS if kind in ("tune", "sweep") else EVAL_FIELDS)}
 
 
 class JobCache:
@@ -75,12 +79,13 @@ class JobCache:
 
     def __init__(self, cfg, paths: Dict[int, str]):
         self.dir = os.path.join(cfg.out_dir, "jobs")
-        self.base = {"config": computing_fields(cfg), "sources": ledger.sources_digest(ROOT)}
+        self.cfg, self.sources = cfg, ledger.sources_digest(ROOT)
         self.weights = {s: _sha256(p) for s, p in paths.items()}
 
     def key(self, spec: tuple) -> str:
         extra = {"weights": self.weights[spec[2]]} if spec[0] == "learned" else {}
-        return ledger.digest({**self.base, "spec": repr(spec), **extra})[:24]
+        base = {"config": computing_fields(self.cfg, spec[0]), "sources": self.sources}
+        return ledger.digest({**base, "spec": repr(spec), **extra})[:24]
 
     def path(self, spec: tuple) -> str:
         return os.path.join(self.dir, f"{self.key(spec)}.pkl")

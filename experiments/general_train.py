@@ -72,6 +72,7 @@ class Config:
     val_every: int = 50  # meta-iterations between checkpoint selections (stream "select")
     val_metric: str = "mean_log_final"  # how the selection and the ship streams score (MetaConfig.val_metric)
     val_tasks: int = 16
+    val_at_start: bool = False  # score the initial meta-weights too (they are kept if meta-training never beats them)
     val_horizon: int = 300
     ship_tasks: int = 24  # validation tasks (stream "ship") that choose the seed to ship
     ship_horizon: int = 300
@@ -131,7 +132,7 @@ def meta_config(cfg: Config, seed: int) -> MetaConfig:
                       estimator=cfg.estimator, particles=cfg.particles, sigma=cfg.sigma,
                       second_order=cfg.second_order, control="learned", sample_horizons=tuple(cfg.sample_horizons),
                       val_every=cfg.val_every, val_tasks=cfg.val_tasks, val_horizon=cfg.val_horizon,
-                      val_metric=cfg.val_metric, seed=seed)
+                      val_metric=cfg.val_metric, val_at_start=cfg.val_at_start, seed=seed)
 
 
 def budget_path(run_dir: str, iterations: int) -> str:

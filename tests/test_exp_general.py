@@ -193,3 +193,22 @@ def test_bad_settings_are_refused(tmp_path, train_dir, dev):
     assert general.meta_training_horizon(str(tmp_path / "t")) == 300
     with pytest.raises(SystemExit, match="--horizon"):
         general.meta_training_horizon(str(tmp_path / "none"))
+
+
+def test_stage1_jobs_are_found_again_by_the_final_run(monkeypatch, tmp_path):
+    """The validation-only jobs (tuning, the single-rate sweep) keep their cache key between a --tune_only run and
+    the --final run (the sweep is CPU-hours; a key that named the split re-ran it); the evaluation jobs do not."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import general
+    from common import parse_config
+    from general_jobs import JobCache
+
+    common = ["--horizon", "200", "--out_dir", str(tmp_path)]
+    tune = JobCache(parse_config(general.Config, general.PRESETS, ["--tune_only", "true", *common]), {})
+    final = JobCache(parse_config(general.Config, general.PRESETS, ["--final", "true", *common]), {})
+    other = JobCache(parse_config(general.Config, general.PRESETS, ["--tune_tasks", "21", *common]), {})
+    for spec in (("tune", "wine_mlp", "adam"), ("sweep", "wine_mlp")):
+        assert tune.key(spec) == final.key(spec)
+        assert other.key(spec) != tune.key(spec)  # what the tuning depends on still keys it
+    spec = ("baseline", "wine_mlp", "adam", (("lr", 0.01),), 200, 10)
+    assert tune.key(spec) != final.key(spec)  # validation tasks against the final-test split

@@ -50,6 +50,9 @@ class MetaConfig:
     # and validation losses on a log scale, weighed alike, averaged over TRAIN_VAL_MARKS evenly spaced checkpoints)
     val_metric: str = "mean_final"
     keep_best: bool = True
+    # score the initial meta-weights too (iteration 0, before any meta-step): the kept weights are then never worse
+    # on the selection stream than where meta-training started, and the log shows whether it helped at all
+    val_at_start: bool = False
     # With a run_dir, a checkpoint every checkpoint_every meta-iterations or checkpoint_seconds of training,
     # whichever comes first (0 turns either off; with both 0, only at the end): a killed run loses little.
     checkpoint_every: int = 10

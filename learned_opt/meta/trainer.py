@@ -291,6 +291,8 @@ class MetaTrainer(MetaUpdate):
             # of being appended to the old one (the CLI refuses such a directory without --resume)
             self.logger.truncate(0)
         self._last_save = time.monotonic()
+        if cfg.val_at_start and cfg.val_every and self.iteration == 0 and self.meta_step == 0:
+            self._select()
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -316,13 +318,7 @@ class MetaTrainer(MetaUpdate):
             self.iteration += 1
             self.train_seconds += time.perf_counter() - start
             if cfg.val_every and self.iteration % cfg.val_every == 0:
-                score = self.validate()
-                improved = score < self.best_score
-                if improved:
-                    self.best_score = score
-                    self.best_state = copy.deepcopy(self.net.state_dict())
-                self.logger.log({"meta_step": self.meta_step, "iteration": self.iteration,
-                                 "val_score": score, "val_best": self.best_score})
+                self._select()
             if self._checkpoint_due():
                 self.save()
             if bar is not None:
@@ -335,6 +331,15 @@ class MetaTrainer(MetaUpdate):
         self.save()
         if cfg.keep_best and cfg.val_every and math.isfinite(self.best_score):
             self.net.load_state_dict(self.best_state)
+
+    def _select(self) -> None:
+        """Score the current meta-weights on the selection stream; keep them if they are the best so far."""
+        score = self.validate()
+        if score < self.best_score:
+            self.best_score = score
+            self.best_state = copy.deepcopy(self.net.state_dict())
+        self.logger.log({"meta_step": self.meta_step, "iteration": self.iteration,
+                         "val_score": score, "val_best": self.best_score})
 
     def _checkpoint_due(self) -> bool:
         """Whether to save after this iteration (distributed: rank 0's clock decides for every rank)."""
