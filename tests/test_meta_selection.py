@@ -1,5 +1,6 @@
 """The whole-run selection metric ``mean_log_train_val`` (issue #24: select meta-weights on the whole run and on
 held-out loss, not on the last step's training loss)."""
+import json
 import math
 
 import numpy as np
@@ -69,3 +70,27 @@ def test_a_real_selection_run_scores_finite_and_reads_validation_tasks_only(monk
 def test_an_unknown_metric_is_refused():
     with pytest.raises(ValueError, match="val_metric"):
         MetaConfig(val_metric="mean_log_everything").validate()
+
+
+@pytest.mark.parametrize("at_start", [False, True])
+def test_val_at_start_scores_the_initial_weights_and_keeps_them_when_training_never_beats_them(monkeypatch, tmp_path,
+                                                                                              at_start):
+    """With ``val_at_start`` the initial meta-weights are a candidate of the selection (iteration 0 is logged); a run
+    whose every later score is worse ends on them. Without it (the default, every earlier result) they are not."""
+    import torch
+
+    torch.manual_seed(0)
+    net = NormMLP(hidden=4)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    scores = iter([0.5, 1.0, 2.0] if at_start else [1.0, 2.0])
+    monkeypatch.setattr(MetaTrainer, "validate", lambda self: next(scores))
+    cfg = MetaConfig(horizon=4, truncation=2, iterations=2, val_every=1, val_tasks=1, meta_lr=0.1,
+                     val_at_start=at_start)
+    trainer = MetaTrainer(net, QuadraticFamily(dim=2), cfg, run_dir=str(tmp_path)).run()
+    with open(tmp_path / "metrics.jsonl") as f:
+        logged = [(r["iteration"], r["val_score"]) for r in map(json.loads, f) if "val_score" in r]
+    after = net.state_dict()
+    same = all(torch.equal(after[k], start[k]) for k in start)
+    assert same == at_start  # meta-training moved the weights; only val_at_start can bring the initial ones back
+    assert trainer.best_score == (0.5 if at_start else 1.0)
+    assert logged == ([(0, 0.5), (1, 1.0), (2, 2.0)] if at_start else [(1, 1.0), (2, 2.0)])
