@@ -388,7 +388,9 @@ def main(argv=None) -> dict:
                    "tuned_adam": {h: A[h].tolist() for h in steps}, "initial": A0.tolist()},
     }
     save_report(cfg.out_dir, report_text(cfg, summary, rows, ten, last), record_test_read(summary, read))
-    if cfg.final:  # only the reported run's numbers go into the summary
+    # only the reported run's numbers go into the summary: a reproducibility check's one-seed re-run
+    # (reproduce_check.py, --check_run) writes its own folder and nothing under results/
+    if cfg.final and not cfg.check_run:
         merge_estimators_summary(cfg.estimators_summary, {k: summary[k] for k in targets}, targets,
                                  os.path.join(cfg.out_dir, "summary.json"))
     horizon_plot(os.path.join(cfg.out_dir, "curves.png"), cfg.horizon, learned, jobs, adam, steps)

@@ -12,7 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(tmp_path_factory, final, train_dir=None):
+def _run(tmp_path_factory, final, train_dir=None, extra=()):
     out = tmp_path_factory.mktemp("horizon_final" if final else "horizon")
     with pytest.MonkeyPatch.context() as mp:
         mp.syspath_prepend(os.path.join(ROOT, "experiments"))
@@ -35,7 +35,7 @@ def _run(tmp_path_factory, final, train_dir=None):
         mp.setattr(E.batched, "task_seed", spy_seed)  # the tuning runs (evaluate_batched)
         mp.setattr(H, "evaluate", spy_eval)
         argv = ["--preset", "smoke", "--out_dir", str(out), "--estimators_summary", str(out / "est.json"),
-                "--final", str(final), "--workers", "1"]
+                "--final", str(final), "--workers", "1", *extra]
         if train_dir:
             argv += ["--train_dir", str(train_dir)]
         summary = H.main(argv)
@@ -115,6 +115,17 @@ def test_final_run_evaluates_on_test_tasks_only_and_tunes_on_validation(tmp_path
     # the meta-training was reused, not redone
     assert s["meta_training"]["pes"]["train_seconds_per_seed"] == s_dev["meta_training"]["pes"][
         "train_seconds_per_seed"]
+
+
+def test_a_reproducibility_check_run_leaves_the_issue_summary_alone(tmp_path_factory, dev):
+    """reproduce_check.py re-runs one seed with --final true --check_run true into its own folder: the issue's
+    summary (results/estimators/summary.json in a real run) must keep the committed run's numbers (a check run
+    once overwrote them with its one seed's)."""
+    _, _, out_dev, *_ = dev
+    H, s, out, *_ = _run(tmp_path_factory, final=True, train_dir=out_dev / "train",
+                         extra=("--check_run", "true", "--seeds", "1"))
+    assert s["config"]["check_run"] is True and s["config"]["final"] is True
+    assert not (out / "est.json").exists()
 
 
 def test_break_multiple_and_verdicts():
