@@ -156,3 +156,26 @@ def test_a_held_out_family_cannot_join_meta_training(tmp_path):
     with pytest.raises(SystemExit) as e:
         general_train.main(["--preset", "smoke", "--families", "quadratic,digits_cnn", "--out_dir", str(tmp_path)])
     assert "--families" in str(e.value.code) and "held-out" in str(e.value.code)
+
+
+def test_v2b_preset_is_pilot_a_recipe_and_its_checkpoints_are_committed():
+    """--preset v2b is the recipe pilot A measured on validation streams (results/general/train_v2/pilots.md):
+    the v2 preset with lr_gain 1, meta-lr 1e-3, base rate 3e-3 and the initial weights scored, run longer, with
+    three compute-scaling points; its checkpoints pass .gitignore so that a seed resumes in the next session."""
+    import subprocess
+    from dataclasses import asdict
+
+    import general_train
+    from common import parse_config
+
+    v2b = parse_config(general_train.Config, general_train.PRESETS, ["--preset", "v2b"])
+    pilot = parse_config(general_train.Config, general_train.PRESETS,
+                         ["--preset", "v2", "--lr_gain", "1", "--meta_lr", "1e-3", "--init_lr", "3e-3",
+                          "--val_at_start", "true", "--iterations", "250", "--budgets", "25,100",
+                          "--out_dir", "results/general/train_v2b"])
+    assert asdict(v2b) == asdict(pilot)
+    assert len(v2b.budgets) + 1 >= 3 and v2b.seeds >= 5
+    root = os.path.join(os.path.dirname(__file__), "..")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "results/general/train_v2b/seed0/checkpoint.pt"],
+                             cwd=root).returncode
+    assert ignored == 1  # 1: not ignored
