@@ -31,13 +31,24 @@ def _read_json(path: str) -> Dict[str, Any]:
         return json.load(f)
 
 
+def spent_seconds(rec: Dict[str, Any]) -> float:
+    """A meta-training record's compute in seconds: its CPU seconds where recorded (``train_cpu_seconds``: what
+    the meta-steps cost whatever else loaded the machine), else its wall seconds (``train_seconds``; runs made
+    before CPU time was recorded, an overestimate on a loaded machine)."""
+    cpu = rec.get("train_cpu_seconds")
+    if cpu is not None and np.isfinite(cpu):
+        return float(cpu)
+    return float(rec["train_seconds"])
+
+
 def snapshot_budgets(train_dir: str, seeds: Sequence[int]) -> Dict[int, Dict[int, float]]:
-    """``{iterations: {seed: meta-training seconds}}`` for every budget that every seed saved."""
+    """``{iterations: {seed: meta-training seconds}}`` (:func:`spent_seconds`) for every budget that every seed
+    saved."""
     per_seed = []
     for s in seeds:
         run = os.path.join(train_dir, f"seed{s}")
         rec = _read_json(os.path.join(run, "budgets.json"))
-        per_seed.append({int(n): float(r["train_seconds"]) for n, r in rec.items()
+        per_seed.append({int(n): spent_seconds(r) for n, r in rec.items()
                          if os.path.isfile(os.path.join(run, f"lopt_it{int(n)}.pt"))})
     common = set.intersection(*(set(p) for p in per_seed)) if per_seed else set()
     return {n: {s: p[n] for s, p in zip(seeds, per_seed)} for n in sorted(common)}
@@ -56,12 +67,13 @@ def snapshot_specs(cfg, fams: Sequence[str], snapshots: Dict[str, str]) -> List[
 
 
 def final_seconds(train_dir: str, seeds: Sequence[int]) -> Dict[int, float]:
-    """Each seed's meta-training seconds to its final weights (its ``done.json``), where recorded."""
+    """Each seed's meta-training seconds (:func:`spent_seconds`) to its final weights (its ``done.json``), where
+    recorded."""
     out = {}
     for s in seeds:
         rec = _read_json(os.path.join(train_dir, f"seed{s}", "done.json")).get("record", {})
         if "train_seconds" in rec:
-            out[s] = float(rec["train_seconds"])
+            out[s] = spent_seconds(rec)
     return out
 
 

@@ -196,12 +196,14 @@ def seed_job(cfg: Config, seed: int) -> dict:
             continue  # saved before an interruption
         trainer = train_to(cfg, seed, net, run_dir, n)
         save_lopt(budget_path(run_dir, n), net)
-        spent[str(n)] = {"train_seconds": trainer.train_seconds, "meta_steps": trainer.meta_step}
+        spent[str(n)] = {"train_seconds": trainer.train_seconds, "train_cpu_seconds": trainer.train_cpu_seconds,
+                         "meta_steps": trainer.meta_step}
         write_json(budgets_file, spent)
         net = new_net(cfg, seed)  # the next stage resumes the training state from the checkpoint
     trainer = train_to(cfg, seed, net, run_dir, cfg.iterations)
     save_lopt(lopt, net)
     record = {"seed": seed, "wall_s": time.time() - start, "train_seconds": trainer.train_seconds,
+              "train_cpu_seconds": trainer.train_cpu_seconds,
               "meta_steps": trainer.meta_step, "skipped": trainer.skipped, "best_select_score": trainer.best_score,
               "budgets": spent}
     mark_finished(lopt, ident, record)

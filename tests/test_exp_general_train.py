@@ -100,7 +100,7 @@ def test_budgets_save_intermediate_weights_and_leave_the_final_ones_unchanged(tm
     general_train.main(["--preset", "smoke", "--workers", "1", "--seeds", "1", "--out_dir", str(straight)])
     assert n_staged == len(steps) - n_staged > 0
     budgets = json.loads((staged / "seed0" / "budgets.json").read_text())
-    assert list(budgets) == ["1"] and budgets["1"]["train_seconds"] > 0
+    assert list(budgets) == ["1"] and budgets["1"]["train_seconds"] > 0 and budgets["1"]["train_cpu_seconds"] > 0
     assert (staged / "seed0" / "lopt_it1.pt").exists() and not (straight / "seed0" / "lopt_it1.pt").exists()
     a, b = weights(staged / "seed0" / "lopt.pt"), weights(straight / "seed0" / "lopt.pt")
     sa, sb = a["state_dict"], b["state_dict"]
@@ -179,3 +179,13 @@ def test_v2b_preset_is_pilot_a_recipe_and_its_checkpoints_are_committed():
     ignored = subprocess.run(["git", "check-ignore", "-q", "results/general/train_v2b/seed0/checkpoint.pt"],
                              cwd=root).returncode
     assert ignored == 1  # 1: not ignored
+
+
+def test_compute_scaling_counts_cpu_seconds_where_recorded():
+    """compute_scaling's CPU-hours are the meta-steps' CPU seconds (what a loaded machine does not inflate); runs
+    recorded before that fall back to their wall seconds."""
+    from general_scaling import spent_seconds
+
+    assert spent_seconds({"train_seconds": 100.0, "train_cpu_seconds": 40.0}) == 40.0
+    assert spent_seconds({"train_seconds": 100.0, "train_cpu_seconds": float("nan")}) == 100.0
+    assert spent_seconds({"train_seconds": 100.0}) == 100.0

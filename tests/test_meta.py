@@ -278,6 +278,30 @@ def test_resume_without_checkpoint_returns_false_and_rejects_other_network(tmp_p
         MetaTrainer(CoordMLP(hidden=4), family, cfg, run_dir=d).resume()
 
 
+def test_train_cpu_seconds_count_the_meta_steps_compute_not_the_wait(tmp_path, monkeypatch):
+    """``train_cpu_seconds`` is this process's CPU time over the meta-steps: a meta-step that waits (a loaded
+    machine) adds wall seconds, not CPU seconds; it survives a resume, and a checkpoint that did not record it
+    resumes with NaN (unknown), not 0."""
+    import time
+
+    real = MetaTrainer.meta_step_on
+    monkeypatch.setattr(MetaTrainer, "meta_step_on", lambda self, *a: (time.sleep(0.05), real(self, *a))[1])
+    cfg = MetaConfig(horizon=4, truncation=2, iterations=2, seed=0)
+    d = str(tmp_path / "run")
+    t = MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=3), cfg, run_dir=d)
+    t.run()
+    assert t.meta_step == 4 and t.train_seconds >= 0.2
+    assert 0 < t.train_cpu_seconds < t.train_seconds - 0.15
+    ck = load_checkpoint(os.path.join(d, "checkpoint.pt"))
+    assert ck["train_cpu_seconds"] == t.train_cpu_seconds
+    again = MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=3), cfg, run_dir=d)
+    assert again.resume() and again.train_cpu_seconds == t.train_cpu_seconds
+    del ck["train_cpu_seconds"]
+    save_checkpoint(os.path.join(d, "checkpoint.pt"), ck)
+    old = MetaTrainer(CoordLSTM(hidden=4), QuadraticFamily(dim=3), cfg, run_dir=d)
+    assert old.resume() and math.isnan(old.train_cpu_seconds)
+
+
 # --------------------------------------------------------------------------------------------- checkpoints
 def _payload(value):
     return {"format": "test/1", "value": torch.tensor([float(value)]), "n": value}

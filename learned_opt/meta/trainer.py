@@ -142,7 +142,10 @@ class MetaTrainer(MetaUpdate):
         self.skipped = 0
         self.best_score = math.inf
         self.best_state = copy.deepcopy(net.state_dict())
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # wall seconds of meta-steps (validation excluded), summed over resumed parts
+        # the same meta-steps' CPU seconds of this process (meta-training runs on one thread): the compute spent,
+        # whatever else loads the machine; NaN when resumed from a checkpoint that did not record it
+        self.train_cpu_seconds = 0.0
         self.history: List[Dict[str, Any]] = []  # this process's records only; metrics.jsonl holds the whole run
         # The caller's whole configuration (the CLI's task, meta-network, ...), kept in every checkpoint so that
         # a run can be resumed with its own settings even without its config.json.
@@ -168,7 +171,8 @@ class MetaTrainer(MetaUpdate):
                "meta_opt": opt_state_to_dict(self.meta_state), "generator": self.gen.get_state(),
                "iteration": self.iteration, "meta_step": self.meta_step, "skipped": self.skipped,
                "best_score": self.best_score, "best_state": self.best_state,
-               "train_seconds": self.train_seconds, "log_lines": self.logger.lines()}
+               "train_seconds": self.train_seconds, "train_cpu_seconds": self.train_cpu_seconds,
+               "log_lines": self.logger.lines()}
         if self.dist is not None:
             out["world_size"] = self.world_size
         if self.run_config is not None:
@@ -216,6 +220,7 @@ class MetaTrainer(MetaUpdate):
         self.iteration, self.meta_step, self.skipped = ck["iteration"], ck["meta_step"], ck["skipped"]
         self.best_score, self.best_state = ck["best_score"], ck["best_state"]
         self.train_seconds = ck["train_seconds"]
+        self.train_cpu_seconds = float(ck.get("train_cpu_seconds", math.nan))
         self.logger.truncate(ck["log_lines"])
         return True
 
@@ -300,7 +305,7 @@ class MetaTrainer(MetaUpdate):
         while self.iteration < cfg.iterations:
             # a stop mid-iteration saves the state of the iteration's start: resuming from it is exact
             resume_point = self._resume_point() if handling else None
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             horizon = self._draw_horizon()
             runs = [self._new_run(horizon) for _ in range(cfg.tasks_per_step)]
             self.estimator.reset()  # e.g. PES particles belong to one batch of tasks
@@ -317,6 +322,7 @@ class MetaTrainer(MetaUpdate):
                                       self.checkpoint_path)
             self.iteration += 1
             self.train_seconds += time.perf_counter() - start
+            self.train_cpu_seconds += time.process_time() - cpu_start
             if cfg.val_every and self.iteration % cfg.val_every == 0:
                 self._select()
             if self._checkpoint_due():
