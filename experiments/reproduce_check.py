@@ -63,6 +63,7 @@ class Config:
     level: float = 0.95
     merge: bool = False  # keep the summary's headlines of experiments not re-run now (a check run in parts)
     collect: bool = False  # run nothing: check the re-runs already finished in out_dir (a check a session cut short)
+    note: str = ""  # what a reader of the summary must know about this check (written to its config)
 
     def __post_init__(self):
         if self.kernel_path not in KERNEL_PATHS:
@@ -123,6 +124,15 @@ def seed_records(obj: Any, path: str = "") -> Iterator[Tuple[str, Dict[str, Any]
             yield from seed_records(v, f"{path}/{k}" if path else str(k))
 
 
+def ratio_records(obj: Any, path: str = "") -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """Every record with a numeric ``ratio`` in a summary, with its path (``a/b/c``)."""
+    if isinstance(obj, dict):
+        if isinstance(obj.get("ratio"), (int, float)):
+            yield path, obj
+        for k, v in obj.items():
+            yield from ratio_records(v, f"{path}/{k}" if path else str(k))
+
+
 def prediction_interval(values: List[float], level: float) -> Tuple[float, float]:
     """The ``level`` interval for one new draw from the distribution the ``values`` came from (t, n-1 dof)."""
     x = np.asarray(values, float)
@@ -135,11 +145,15 @@ def prediction_interval(values: List[float], level: float) -> Tuple[float, float
 def check(committed: Dict[str, Any], rerun_summary: Dict[str, Any], level: float) -> Dict[str, Dict[str, Any]]:
     """Per record found in both: the re-run's one-seed value against the committed seeds' prediction interval."""
     again = dict(seed_records(rerun_summary))
+    if rerun_summary.get("config", {}).get("seeds") == 1:
+        # a one-seed re-run's ratio is its seed's value (summaries written before one-seed runs kept per-seed
+        # values, as the general re-run of 2026-12-07, carry only the ratio)
+        again = {**dict(ratio_records(rerun_summary)), **again}
     out = {}
     for path, rec in seed_records(committed):
         if path not in again:
             continue
-        value = float(again[path]["per_seed_ratio"][0])
+        value = float(again[path]["per_seed_ratio"][0] if "per_seed_ratio" in again[path] else again[path]["ratio"])
         seeds = np.asarray(rec["per_seed_ratio"], float)
         # ratios are compared on the log scale (a ratio's seed spread is multiplicative: on the linear scale the
         # interval of a heavy-tailed record reaches below 0 and says nothing); non-positive values stay linear
@@ -151,6 +165,23 @@ def check(committed: Dict[str, Any], rerun_summary: Dict[str, Any], level: float
                      "committed_per_seed": rec["per_seed_ratio"], "prediction_interval": [lo, hi],
                      "scale": "log" if log else "linear",
                      "within": bool(lo <= value <= hi)}
+    return out
+
+
+def outside_counts(headlines: Dict[str, Dict[str, Any]], level: float) -> Dict[str, Any]:
+    """How many records were checked and fell outside, per experiment and split into the summary's top-level
+    records and the nested ones (per family, per horizon...), beside the number a ``level`` interval lets through
+    by chance were the records independent (they are not: one re-run seed moves them together)."""
+    def count(keys):
+        keys = list(keys)
+        return {"checked": len(keys), "outside": sum(not headlines[k]["within"] for k in keys),
+                "expected_outside_if_independent": round((1 - level) * len(keys), 2)}
+
+    out = {"all": count(headlines)}
+    for name in sorted({k.split(":", 1)[0] for k in headlines}):
+        mine = [k for k in headlines if k.split(":", 1)[0] == name]
+        out[name] = {"top_level": count(k for k in mine if "/" not in k.split(":", 1)[1]),
+                     "nested": count(k for k in mine if "/" in k.split(":", 1)[1])}
     return out
 
 
@@ -187,7 +218,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             committed = json.load(f)
         with open(finished_rerun(cfg, name) if cfg.collect else rerun(cfg, name)) as f:
             again = json.load(f)
-        for path, rec in check(committed, again, cfg.level).items():
+        checked = check(committed, again, cfg.level)
+        if not checked:  # a re-run whose summary carries no per-seed values would pass by checking nothing
+            sys.exit(f"error: {name}: no headline of the re-run matches a committed record with per-seed values "
+                     f"(records with 'ratio' and 'per_seed_ratio'); nothing was checked")
+        for path, rec in checked.items():
             headlines[f"{name}:{path}"] = rec
             print(f"{name} {path}: re-run {rec['rerun_value']:.4g}, committed seeds' {100 * cfg.level:.0f}% "
                   f"prediction interval [{rec['prediction_interval'][0]:.4g}, {rec['prediction_interval'][1]:.4g}]: "
@@ -199,6 +234,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                         "per-seed values must fall in the committed seeds' prediction interval for one new seed",
                "headlines_within_interval": bool(headlines) and all(h["within"] for h in headlines.values()),
                "headlines_outside": sorted(k for k, h in headlines.items() if not h["within"]),
+               "counts": outside_counts(headlines, cfg.level),
                "headlines": headlines}
     write_json(cfg.summary, summary)
     return summary

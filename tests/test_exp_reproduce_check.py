@@ -31,6 +31,11 @@ def test_check_pairs_records_by_path_and_judges_the_one_seed_value():
     assert out["paired/a"]["committed_interval"] == [0.99, 1.01]  # reported beside, not used
     # positive ratios are judged on the log scale: a heavy-tailed record's interval stays above 0 and is
     # multiplicative around the seeds' geometric mean
+    # a one-seed re-run's ratio is its seed's value, also where its summary kept no per-seed list; with more
+    # seeds a bare ratio is not one seed's value and is not checked
+    bare = {"config": {"seeds": 1}, "paired": {"a": {"ratio": 1.05}, "b": {"ratio": 0.9}}}
+    assert rc.check(committed, bare, 0.95)["paired/a"]["rerun_value"] == 1.05
+    assert rc.check(committed, {**bare, "config": {"seeds": 3}}, 0.95) == {}
     heavy = rc.check({"r": {"ratio": 1.0, "per_seed_ratio": [0.01, 1.0, 100.0]}},
                      {"r": {"ratio": 0.0, "per_seed_ratio": [1e-12]}}, 0.95)["r"]
     assert heavy["scale"] == "log" and heavy["prediction_interval"][0] > 0 and not heavy["within"]
@@ -73,6 +78,11 @@ def test_collect_checks_finished_reruns_without_running_anything(tmp_path, monke
     assert out["headlines"]["quadratic:paired/a"]["within"] and out["headlines_within_interval"]
     with pytest.raises(SystemExit, match="no finished re-run of metanet"):
         rc.main(argv[:1] + ["metanet"] + argv[2:])
+    # a re-run without per-seed values (a one-seed summary that dropped them) checks nothing: refused, not passed
+    (done / "summary.json").write_text(json.dumps({"paired": {"a": {"ratio": 1.01}}}))
+    with pytest.raises(SystemExit, match="quadratic: no headline"):
+        rc.main(argv)
+    assert not (tmp_path / "s.json").exists() or json.loads((tmp_path / "s.json").read_text())["headlines"]
 
 
 def test_smoke_check_reruns_one_seed_under_another_kernel_path(tmp_path):
@@ -103,3 +113,12 @@ def test_smoke_check_reruns_one_seed_under_another_kernel_path(tmp_path):
     rc.rerun(rc.Config(script_preset="smoke", kernel_path="aten_avx512", out_dir=str(tmp_path / "rerun")),
              "quadratic")
     assert not (rerun_dir / "stale").exists()  # a check never reuses an earlier check's runs
+
+
+def test_counts_split_top_level_and_nested_records_per_experiment():
+    h = {"a:x": {"within": True}, "a:f/x": {"within": False}, "a:f/y": {"within": True}, "b:paired/z": {"within": True}}
+    c = rc.outside_counts(h, 0.95)
+    assert c["all"] == {"checked": 4, "outside": 1, "expected_outside_if_independent": 0.2}
+    assert c["a"]["top_level"]["checked"] == 1 and c["a"]["top_level"]["outside"] == 0
+    assert c["a"]["nested"] == {"checked": 2, "outside": 1, "expected_outside_if_independent": 0.1}
+    assert c["b"]["nested"]["checked"] == 1 and c["b"]["top_level"]["checked"] == 0

@@ -135,6 +135,9 @@ def test_family_ratio_resamples_families_and_keeps_the_floor_a_parameter():
     assert r["families_fixed"]["resampled"] == ["tasks", "seeds"]
     assert r["ci_high"] - r["ci_low"] >= r["families_fixed"]["ci_high"] - r["families_fixed"]["ci_low"]
     assert len(r["per_seed_ratio"]) == 2
+    one = family_ratio({"a": (learned[:1], base), "b": (learned[:1] * 0.5, base)}, floor=1e-6, n_boot=100)
+    # one seed (a reproducibility check's re-run): its per-seed value is the ratio, and no t interval
+    assert one["per_seed_ratio"] == [pytest.approx(one["ratio"])] and "per_seed_t_ci" not in one
     unfloored = family_ratio({"a": (learned, base)}, floor=0.0, n_boot=100)
     assert unfloored["families"]["a"] == 0.0  # 0 / 1e-9 without a floor: the rounding decides
 

@@ -161,7 +161,8 @@ def family_ratio(per_family: Dict[str, tuple], *, floor: float, n_boot: int = 40
     drawn with replacement (the claim is about unseen families), then tasks within each drawn family, then seeds
     within each drawn task. Beside it: ``families_fixed`` (the same nested bootstrap with the families held fixed,
     a claim about these families only), the per-family ratios and, when every family has the same seeds, the
-    per-seed ratios with a t interval over seeds (on the log scale, exponentiated).
+    per-seed ratios (one seed too: a reproducibility check re-runs one) with a t interval over seeds (on the log
+    scale, exponentiated; two seeds or more).
 
     ``per_family``: ``{family: (learned (seeds, tasks), baseline (tasks,) or (seeds, tasks))}``; ``floor``: the loss
     floor of :func:`log_ratios`."""
@@ -180,11 +181,12 @@ def family_ratio(per_family: Dict[str, tuple], *, floor: float, n_boot: int = 40
                "families": fam, "floor": floor, "nonfinite_tasks": int(sum((~np.isfinite(v)).sum()
                                                                            for v in lr.values()))}
         seeds = {v.shape[0] for v in lr.values()}
-        if len(seeds) == 1 and seeds.pop() > 1:
+        if len(seeds) == 1:
             per_seed = np.mean([v.mean(1) for v in lr.values()], axis=0)
-            _, slo, shi = mean_ci(per_seed, level)
             out["per_seed_ratio"] = [_nan_inf(float(np.exp(v))) for v in per_seed]
-            out["per_seed_t_ci"] = [float(np.exp(slo)), float(np.exp(shi))]
+            if per_seed.size > 1:
+                _, slo, shi = mean_ci(per_seed, level)
+                out["per_seed_t_ci"] = [float(np.exp(slo)), float(np.exp(shi))]
     return out
 
 
