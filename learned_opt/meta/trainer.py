@@ -116,9 +116,8 @@ class MetaTrainer(MetaUpdate):
         self.net, self.family, self.cfg = net, family, config
         # With ``optimizer`` (e.g. hand-coded Adam) the updates are fixed and ``net`` is a learned controller.
         self.optimizer = optimizer
-        self.dist = dist
+        self.dist, self.run_dir = dist, run_dir
         self.is_main = dist is None or dist.is_main
-        self.run_dir = run_dir
         # Only rank 0 writes the log and the checkpoints; the other ranks log nowhere.
         self.logger = logger or Logger(os.path.join(run_dir, "metrics.jsonl") if run_dir and self.is_main
                                        else None)
@@ -128,8 +127,7 @@ class MetaTrainer(MetaUpdate):
             dist.broadcast_parameters(self.meta_params)
         self.meta_opt = Adam(lr=config.meta_lr)
         self.meta_state = self.meta_opt.init([p.detach() for p in self.meta_params])
-        # Each rank draws its own tasks (rank 0 those of a single-process run); the truncation schedule is
-        # rank 0's, broadcast, so every rank makes the same number of meta-steps.
+        # The truncation schedule is rank 0's, broadcast, so every rank makes the same number of meta-steps.
         # TBPTT: every rank draws its own tasks. ES / PES: every rank draws the same tasks (rank 0's, those of a
         # single process) and holds its share of the particles, so the population, not the number of ranks,
         # decides the result.
@@ -143,9 +141,7 @@ class MetaTrainer(MetaUpdate):
         self.best_score = math.inf
         self.best_state = copy.deepcopy(net.state_dict())
         self.train_seconds = 0.0  # wall seconds of meta-steps (validation excluded), summed over resumed parts
-        # the same meta-steps' CPU seconds of this process (meta-training runs on one thread): the compute spent,
-        # whatever else loads the machine; NaN when resumed from a checkpoint that did not record it
-        self.train_cpu_seconds = 0.0
+        self.train_cpu_seconds = 0.0  # their CPU seconds (what a loaded machine does not inflate); NaN: unrecorded
         self.history: List[Dict[str, Any]] = []  # this process's records only; metrics.jsonl holds the whole run
         # The caller's whole configuration (the CLI's task, meta-network, ...), kept in every checkpoint so that
         # a run can be resumed with its own settings even without its config.json.
