@@ -94,6 +94,7 @@ class Config(ProtocolConfig):
     loss_floor: float = 1e-6  # losses below it count as it in ratios (fixed before the run)
     floors: tuple = (1e-8, 1e-6, 1e-4)  # every headline is also shown at each of these floors
     cache_dir: str = ""  # tuning scores (default: out_dir/tuning_cache)
+    jobs_dir: str = ""  # the job cache (default: out_dir/jobs); two evaluations sharing it share the baselines' runs
     tune_only: bool = False  # stage 1 only (validation tasks: tuning and the single-rate sweep); writes tuning.json
     smoke: bool = False  # a smoke run (seconds, for the tests): may run final with fewer than 5 seeds; no result
     out_dir: str = "results/general"

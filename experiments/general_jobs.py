@@ -28,6 +28,7 @@ from learned_opt.evaluate.baselines import PROTOCOL_AXES, default_lr_axis, make_
 from learned_opt.evaluate.batched import evaluate_batched
 from learned_opt.evaluate.search import lr_grid
 from learned_opt.evaluate.stats import robust_mean
+from learned_opt.evaluate.tuning import ScoreCache
 from learned_opt.optim import get_optimizer
 from learned_opt.tasks.suite import SUITE, suite_family
 
@@ -78,7 +79,7 @@ class JobCache:
     """Finished jobs' results on disk, keyed by job, computing config, weights and sources."""
 
     def __init__(self, cfg, paths: Dict[int, str]):
-        self.dir = os.path.join(cfg.out_dir, "jobs")
+        self.dir = cfg.jobs_dir or os.path.join(cfg.out_dir, "jobs")
         self.cfg, self.sources = cfg, ledger.sources_digest(ROOT)
         self.weights = {s: _sha256(p) for s, p in paths.items()}
 
@@ -144,6 +145,17 @@ def tuning_cache_dir(cfg) -> str:
     return cfg.cache_dir or os.path.join(cfg.out_dir, "tuning_cache")
 
 
+def sweep_cache(cfg, fam: str) -> ScoreCache:
+    """The single-rate sweep's scores per rate, kept with the tuning scores (``tuning_cache_dir``) and keyed like
+    them on what they measure (the family's settings, the tasks, the horizons), not on the sources: validation
+    tasks only, so that a later evaluation (another version's, a reproducibility check) re-uses them instead of
+    re-running CPU-hours of sweeps after any source change."""
+    h1, h10, _ = horizons(cfg)
+    ident = repr(("adam-single-rate", repr(suite_family(fam)), cfg.tune_tasks, "tune", h1, h10, "batched"))
+    digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
+    return ScoreCache(os.path.join(tuning_cache_dir(cfg), f"sweep-{fam}-{digest}.json"))
+
+
 def tune_job(cfg, name: str, family) -> Dict[Tuple[int, str], Any]:
     """Baseline ``name`` tuned for (h1, h10) x (train loss, validation loss) on validation tasks: at h1 every axis
     of :data:`PROTOCOL_AXES` and the learning rate (runs to h1); at h10 the learning rate again (runs to h10) at
@@ -192,11 +204,15 @@ def run_job(cfg, spec: tuple, paths: Dict[int, str]) -> Dict[str, Any]:
     if kind == "tune":
         return {"tuned": tune_job(cfg, spec[2], family), "seconds": time.perf_counter() - start}
     if kind == "sweep":
-        scores = {}
+        cache, scores = sweep_cache(cfg, fam), {}
         for lr in single_lr_axis(cfg):
-            res = evaluate_batched(family, get_optimizer("adam", lr=lr), num_tasks=cfg.tune_tasks, steps=h10,
-                                   split="val", stream="tune", checkpoints=(h1,))
-            scores[lr] = {h: robust_mean(res.at[h]["train_loss"]) for h in (h1, h10)}
+            got = cache.get(repr(float(lr)))
+            if got is None:
+                res = evaluate_batched(family, get_optimizer("adam", lr=lr), num_tasks=cfg.tune_tasks, steps=h10,
+                                       split="val", stream="tune", checkpoints=(h1,))
+                got = {str(h): robust_mean(res.at[h]["train_loss"]) for h in (h1, h10)}
+                cache.put(repr(float(lr)), got)
+            scores[lr] = {h: got[str(h)] for h in (h1, h10)}
         return {"scores": scores, "seconds": time.perf_counter() - start}
     if kind == "learned":
         from learned_opt.meta import load_lopt

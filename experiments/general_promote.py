@@ -15,10 +15,16 @@ seed's weights are registered as ``--name`` with a model card that states what t
 measured validation numbers, and lists every unmet target as a known failure; otherwise nothing is written and the
 script exits 1 saying which part of the rule failed.
 
-    python experiments/general.py --final false --train_dir results/general/train --out_dir runs/general_dev/v1
-    python experiments/general.py --final false --train_dir runs/general_train_v2 --out_dir runs/general_dev/v2
-    python experiments/general_promote.py --candidate_train runs/general_train_v2 \\
+    python experiments/general.py --final false --horizon 200 --cache_dir results/general/tuning_cache \\
+        --jobs_dir runs/general_dev/jobs --train_dir results/general/train --out_dir runs/general_dev/v1
+    python experiments/general.py --final false --horizon 200 --cache_dir results/general/tuning_cache \\
+        --jobs_dir runs/general_dev/jobs --train_dir results/general/train_v2b --out_dir runs/general_dev/v2
+    python experiments/general_promote.py --candidate_train results/general/train_v2b \\
         --candidate_eval runs/general_dev/v2 --incumbent_eval runs/general_dev/v1
+
+(``--cache_dir``: the committed tuning scores and single-rate sweeps, validation tasks only, are re-used;
+``--jobs_dir``: the second evaluation re-uses the first one's baseline runs, which are keyed on the sources: run
+both on the same commit.)
 """
 from __future__ import annotations
 

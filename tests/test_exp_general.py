@@ -212,3 +212,46 @@ def test_stage1_jobs_are_found_again_by_the_final_run(monkeypatch, tmp_path):
         assert other.key(spec) != tune.key(spec)  # what the tuning depends on still keys it
     spec = ("baseline", "wine_mlp", "adam", (("lr", 0.01),), 200, 10)
     assert tune.key(spec) != final.key(spec)  # validation tasks against the final-test split
+
+
+def test_sweep_scores_are_cached_by_setting_and_reused_after_a_source_change(monkeypatch, tmp_path):
+    """The single-rate sweep keeps its scores per rate with the tuning scores (keyed on the family, tasks and
+    horizons, not on the sources): a second run, as after a source change, evaluates nothing and gets the same
+    scores; another number of tuning tasks is another cache."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import general
+    import general_jobs
+    from common import parse_config
+
+    flags = ["--preset", "smoke", "--out_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")]
+    cfg = parse_config(general.Config, general.PRESETS, flags)
+    first = general_jobs.run_job(cfg, ("sweep", "wine_mlp"), {})
+    assert len(first["scores"]) == len(general_jobs.single_lr_axis(cfg)) >= 2
+
+    def refuse(*a, **k):
+        raise AssertionError("the sweep ran again")
+
+    monkeypatch.setattr(general_jobs, "evaluate_batched", refuse)
+    again = general_jobs.run_job(cfg, ("sweep", "wine_mlp"), {})
+    assert again["scores"] == first["scores"]
+    other = parse_config(general.Config, general.PRESETS, flags + ["--tune_tasks", str(cfg.tune_tasks + 1)])
+    with pytest.raises(AssertionError, match="ran again"):
+        general_jobs.run_job(other, ("sweep", "wine_mlp"), {})
+
+
+def test_two_evaluations_sharing_a_jobs_dir_share_the_baseline_runs(monkeypatch, tmp_path):
+    """--jobs_dir: the v1 and the candidate's evaluations (other out_dirs) find the same baseline runs; the
+    learned runs stay apart (keyed on the weights)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import general
+    from common import parse_config
+    from general_jobs import JobCache
+
+    def cache(out):
+        return JobCache(parse_config(general.Config, general.PRESETS, ["--out_dir", str(tmp_path / out),
+                                                                       "--jobs_dir", str(tmp_path / "jobs")]), {})
+
+    spec = ("baseline", "wine_mlp", "adam", (("lr", 0.01),), 200, 10)
+    assert cache("v1").path(spec) == cache("v2").path(spec) == str(tmp_path / "jobs" / f"{cache('v1').key(spec)}.pkl")
+    alone = JobCache(parse_config(general.Config, general.PRESETS, ["--out_dir", str(tmp_path / "v3")]), {})
+    assert alone.path(spec) == str(tmp_path / "v3" / "jobs" / f"{alone.key(spec)}.pkl")

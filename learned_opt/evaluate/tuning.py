@@ -23,7 +23,7 @@ from .stats import robust_mean
 MIN_TUNING_TASKS = 20
 
 
-class _ScoreCache:
+class ScoreCache:
     """Validation scores of evaluated points, kept in memory and (with ``path``) on disk between runs."""
 
     def __init__(self, path: Optional[str]):
@@ -73,7 +73,7 @@ def tune(name: str, make: Callable[[Dict[str, float]], Tuple[object, Optional[Ca
     ident = repr((name, repr(family), num_tasks, seed, stream, val_every, horizons, horizon_independent,
                   [asdict(a) for a in axes]) + (("batched",) if batched else ()))
     digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
-    cache = _ScoreCache(os.path.join(cache_dir, f"tune-{_safe(name)}-{digest}.json") if cache_dir else None)
+    cache = ScoreCache(os.path.join(cache_dir, f"tune-{_safe(name)}-{digest}.json") if cache_dir else None)
 
     def scores_at(point: Dict[str, float], h: int) -> Dict[str, float]:
         runs = [max(horizons)] if horizon_independent else [h]
