@@ -206,12 +206,13 @@ def run_job(cfg, spec: tuple, paths: Dict[int, str]) -> Dict[str, Any]:
     if kind == "sweep":
         cache, scores = sweep_cache(cfg, fam), {}
         for lr in single_lr_axis(cfg):
-            got = cache.get(repr(float(lr)))
+            key = repr(float(lr))
+            got = cache.get(key)
             if got is None:
                 res = evaluate_batched(family, get_optimizer("adam", lr=lr), num_tasks=cfg.tune_tasks, steps=h10,
                                        split="val", stream="tune", checkpoints=(h1,))
                 got = {str(h): robust_mean(res.at[h]["train_loss"]) for h in (h1, h10)}
-                cache.put(repr(float(lr)), got)
+                cache.put(key, got)
             scores[lr] = {h: got[str(h)] for h in (h1, h10)}
         return {"scores": scores, "seconds": time.perf_counter() - start}
     if kind == "learned":

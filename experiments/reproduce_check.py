@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -115,22 +115,23 @@ def finished_rerun(cfg: Config, name: str) -> str:
     return path
 
 
-def seed_records(obj: Any, path: str = "") -> Iterator[Tuple[str, Dict[str, Any]]]:
+def _records(obj: Any, keep: Callable[[Dict[str, Any]], bool], path: str = "") -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """Every dict of a summary that ``keep`` accepts, with its path (``a/b/c``)."""
+    if isinstance(obj, dict):
+        if keep(obj):
+            yield path, obj
+        for k, v in obj.items():
+            yield from _records(v, keep, f"{path}/{k}" if path else str(k))
+
+
+def seed_records(obj: Any) -> Iterator[Tuple[str, Dict[str, Any]]]:
     """Every record with a ``ratio`` and per-seed values in a summary, with its path (``a/b/c``)."""
-    if isinstance(obj, dict):
-        if "ratio" in obj and isinstance(obj.get("per_seed_ratio"), list):
-            yield path, obj
-        for k, v in obj.items():
-            yield from seed_records(v, f"{path}/{k}" if path else str(k))
+    return _records(obj, lambda r: "ratio" in r and isinstance(r.get("per_seed_ratio"), list))
 
 
-def ratio_records(obj: Any, path: str = "") -> Iterator[Tuple[str, Dict[str, Any]]]:
+def ratio_records(obj: Any) -> Iterator[Tuple[str, Dict[str, Any]]]:
     """Every record with a numeric ``ratio`` in a summary, with its path (``a/b/c``)."""
-    if isinstance(obj, dict):
-        if isinstance(obj.get("ratio"), (int, float)):
-            yield path, obj
-        for k, v in obj.items():
-            yield from ratio_records(v, f"{path}/{k}" if path else str(k))
+    return _records(obj, lambda r: isinstance(r.get("ratio"), (int, float)))
 
 
 def prediction_interval(values: List[float], level: float) -> Tuple[float, float]:
