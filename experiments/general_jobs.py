@@ -3,8 +3,8 @@ each cached on disk so that a final run that a session ends resumes in the next 
 a method's run by family, horizon and metric.
 
 A job's result is stored under ``<out_dir>/jobs/<key>.pkl``; the key hashes the job, the config fields that decide
-what it computes, the weights it reads and the package and experiment sources, so a changed code base never mixes
-with cached results (it recomputes). The final-test read is opened once: ``jobs/read.json`` holds it until the
+what it computes, the weights it reads and the sources it runs (a baseline run: :data:`BASELINE_SOURCES`; any other
+job: every package and experiment source), so a changed code base never mixes with cached results (it recomputes). The final-test read is opened once: ``jobs/read.json`` holds it until the
 summary is written, and a run interrupted before that resumes the same read (same config, weights and sources)
 instead of counting a second one.
 """
@@ -70,6 +70,17 @@ STAGE1_FIELDS = ("tune_tasks", "horizon", "long_factor", "long_axes", "grid_low"
 EVAL_FIELDS = STAGE1_FIELDS + ("final", "test_draw", "test_tasks", "stress_factor", "stress_tasks", "checkpoints")
 
 
+# Every source file whose code a baseline evaluation run (``('baseline', ...)`` jobs) executes: its cache key hashes
+# these alone, so that a change to a learned optimizer or to meta-training keeps the baselines' cached runs (3.5
+# CPU-hours of a validation evaluation) while a change to a task, the evaluation loop or a baseline recomputes
+# them. tests/test_exp_general.py traces baseline runs of every suite family and protocol baseline and fails when
+# they call a function defined anywhere else (add the file here).
+BASELINE_SOURCES = ("experiments/common.py", "experiments/general_jobs.py", "learned_opt/control.py",
+                    "learned_opt/evaluate", "learned_opt/functional.py", "learned_opt/optim/base.py",
+                    "learned_opt/optim/baselines.py", "learned_opt/optim/muon.py", "learned_opt/registry.py",
+                    "learned_opt/tasks", "learned_opt/unroll.py", "learned_opt/validate.py")
+
+
 def computing_fields(cfg, kind: str = "eval") -> Dict[str, Any]:
     """The config fields a job of ``kind`` depends on (not where it is written, how many workers, or bounds)."""
     return {k: getattr(cfg, k) for k in (STAGE1_FIELDS if kind in ("tune", "sweep") else EVAL_FIELDS)}
@@ -81,11 +92,15 @@ class JobCache:
     def __init__(self, cfg, paths: Dict[int, str]):
         self.dir = cfg.jobs_dir or os.path.join(cfg.out_dir, "jobs")
         self.cfg, self.sources = cfg, ledger.sources_digest(ROOT)
+        self.baseline_sources = ledger.sources_digest(ROOT, BASELINE_SOURCES)
         self.weights = {s: _sha256(p) for s, p in paths.items()}
 
     def key(self, spec: tuple) -> str:
+        """The job, the config fields it computes with, the weights it reads (learned runs) and the sources it runs:
+        :data:`BASELINE_SOURCES` for a baseline run, every source file otherwise."""
         extra = {"weights": self.weights[spec[2]]} if spec[0] == "learned" else {}
-        base = {"config": computing_fields(self.cfg, spec[0]), "sources": self.sources}
+        sources = self.baseline_sources if spec[0] == "baseline" else self.sources
+        base = {"config": computing_fields(self.cfg, spec[0]), "sources": sources}
         return ledger.digest({**base, "spec": repr(spec), **extra})[:24]
 
     def path(self, spec: tuple) -> str:

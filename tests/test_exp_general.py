@@ -255,3 +255,100 @@ def test_two_evaluations_sharing_a_jobs_dir_share_the_baseline_runs(monkeypatch,
     assert cache("v1").path(spec) == cache("v2").path(spec) == str(tmp_path / "jobs" / f"{cache('v1').key(spec)}.pkl")
     alone = JobCache(parse_config(general.Config, general.PRESETS, ["--out_dir", str(tmp_path / "v3")]), {})
     assert alone.path(spec) == str(tmp_path / "v3" / "jobs" / f"{alone.key(spec)}.pkl")
+
+
+def _traced_files(fn) -> set:
+    """The package and experiment files that define a function ``fn()`` calls."""
+    import sys as _sys
+
+    seen = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name != "<module>":
+            seen.add(frame.f_code.co_filename)
+
+    _sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        _sys.setprofile(None)
+    rel = {os.path.relpath(f, ROOT).replace(os.sep, "/") for f in seen if f.startswith(ROOT + os.sep)}
+    return {f for f in rel if f.startswith(("learned_opt/", "experiments/"))}
+
+
+def test_baseline_runs_execute_only_the_sources_their_key_hashes(monkeypatch, tmp_path):
+    """Guard of the baseline runs' narrower cache key: short baseline runs of every suite family and every protocol
+    baseline call functions defined only in :data:`general_jobs.BASELINE_SOURCES` (a baseline run that started to
+    use a module outside it would keep stale cached runs after that module changed)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import general
+    import general_jobs
+    from common import parse_config
+
+    from learned_opt.tasks.suite import SUITE
+
+    cfg = parse_config(general.Config, general.PRESETS, ["--preset", "smoke", "--out_dir", str(tmp_path)])
+    hparams = {"adam": {"lr": 1e-3}, "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
+               "momentum": {"lr": 1e-2, "momentum": 0.9}, "muon": {"lr": 1e-2}}
+    assert set(hparams) >= set(general.Config.baselines)
+
+    def runs():
+        for fam in SUITE:
+            for name, hp in hparams.items():
+                general_jobs.run_job(cfg, ("baseline", fam, name, tuple(hp.items()), 2, 1), {})
+
+    files = _traced_files(runs)
+    covered = general_jobs.BASELINE_SOURCES
+    outside = sorted(f for f in files if not any(f == s or f.startswith(s + "/") for s in covered))
+    assert {"learned_opt/optim/baselines.py", "learned_opt/optim/muon.py", "learned_opt/evaluate/run.py"} <= files
+    assert not outside, f"baseline runs execute {outside}: add them to general_jobs.BASELINE_SOURCES"
+
+
+def test_a_learned_optimizer_change_keeps_the_baseline_runs(monkeypatch, tmp_path):
+    """A source change outside BASELINE_SOURCES (a learned optimizer's module) re-keys the learned runs and keeps the
+    baseline runs; a change inside it (a task) re-keys both."""
+    import shutil
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import general
+    import general_jobs
+    from common import parse_config
+
+    root = tmp_path / "repo"
+    for folder in ("learned_opt", "experiments"):
+        shutil.copytree(os.path.join(ROOT, folder), root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
+    monkeypatch.setattr(general_jobs, "ROOT", str(root))
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    cfg = parse_config(general.Config, general.PRESETS, ["--out_dir", str(tmp_path / "out")])
+    base = ("baseline", "wine_mlp", "adam", (("lr", 0.01),), 200, 10)
+    learned = ("learned", "wine_mlp", 0, 200, 10)
+
+    def keys():
+        cache = general_jobs.JobCache(cfg, {0: str(weights)})
+        return cache.key(base), cache.key(learned)
+
+    before = keys()
+    with open(root / "learned_opt" / "optim" / "lstm.py", "a") as f:
+        f.write("\n# an edit\n")
+    after_lstm = keys()
+    assert after_lstm[0] == before[0] and after_lstm[1] != before[1]
+    with open(root / "learned_opt" / "tasks" / "tabular.py", "a") as f:
+        f.write("\n# an edit\n")
+    after_task = keys()
+    assert after_task[0] != after_lstm[0] and after_task[1] != after_lstm[1]
+
+
+def test_sources_digest_takes_files_and_refuses_a_missing_entry(tmp_path):
+    """A file entry enters by its bytes; a missing entry (a renamed module) is an error, not a silently smaller key."""
+    from learned_opt.evaluate import ledger
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 1\n")
+    one = ledger.sources_digest(str(tmp_path), ("pkg", "b.py"))
+    assert one != ledger.sources_digest(str(tmp_path), ("pkg",))
+    (tmp_path / "b.py").write_text("y = 2\n")
+    assert ledger.sources_digest(str(tmp_path), ("pkg", "b.py")) != one
+    with pytest.raises(FileNotFoundError, match="c.py"):
+        ledger.sources_digest(str(tmp_path), ("pkg", "c.py"))

@@ -64,16 +64,24 @@ def states_digest(states: Iterable[Mapping[str, Any]]) -> str:
 
 
 def sources_digest(root: str, folders: Sequence[str] = SOURCE_FOLDERS) -> str:
-    """SHA-256 over every ``.py`` file under ``root/<folder>`` (relative path and bytes, sorted by path)."""
+    """SHA-256 over every ``.py`` file under ``root/<folder>`` (relative path and bytes, sorted by path); an entry
+    of ``folders`` that is a file enters as itself (a missing one is an error, not an empty digest)."""
     h = hashlib.sha256()
     for folder in folders:
-        for here, dirs, files in os.walk(os.path.join(root, folder)):
-            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
-            for name in sorted(f for f in files if f.endswith(".py")):
-                path = os.path.join(here, name)
-                h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
-                with open(path, "rb") as f:
-                    h.update(hashlib.sha256(f.read()).digest())
+        top = os.path.join(root, folder)
+        if os.path.isfile(top):
+            paths = [top]
+        elif os.path.isdir(top):
+            paths = []
+            for here, dirs, files in os.walk(top):
+                dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+                paths += [os.path.join(here, f) for f in sorted(files) if f.endswith(".py")]
+        else:
+            raise FileNotFoundError(f"sources_digest: {top} does not exist")
+        for path in paths:
+            h.update(os.path.relpath(path, root).replace(os.sep, "/").encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
     return h.hexdigest()
 
 
