@@ -14,6 +14,7 @@ import numpy as np
 
 from learned_opt.evaluate import TEST_DRAW, paired, verdict  # noqa: F401  (re-exported for the scripts)
 from learned_opt.evaluate import ledger
+from learned_opt.evaluate.splits import evaluation_split
 from learned_opt.flags import add_dataclass_flags
 from learned_opt.log import git_state, provenance  # noqa: F401  (provenance re-exported for the scripts)
 
@@ -38,7 +39,7 @@ class ProtocolConfig:
 
 def eval_split(cfg: ProtocolConfig) -> Dict[str, Any]:
     """Keyword arguments of :func:`learned_opt.evaluate.evaluate` for the evaluation tasks of this run."""
-    return {"split": "test", "draw": cfg.test_draw} if cfg.final else {"split": "val", "stream": "dev"}
+    return evaluation_split(cfg.final, cfg.test_draw)
 
 
 def test_split_name(cfg: ProtocolConfig) -> str:

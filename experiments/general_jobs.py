@@ -3,10 +3,11 @@ each cached on disk so that a final run that a session ends resumes in the next 
 a method's run by family, horizon and metric.
 
 A job's result is stored under ``<out_dir>/jobs/<key>.pkl``; the key hashes the job, the config fields that decide
-what it computes, the weights it reads and the sources it runs (a baseline run: :data:`BASELINE_SOURCES`; any other
-job: every package and experiment source), so a changed code base never mixes with cached results (it recomputes). The final-test read is opened once: ``jobs/read.json`` holds it until the
-summary is written, and a run interrupted before that resumes the same read (same config, weights and sources)
-instead of counting a second one.
+what it computes, the weights it reads and the sources it runs (a baseline run: the files it executes,
+:data:`general_runs.BASELINE_SOURCES`; any other job: every package and experiment source), so a changed code base
+never mixes with cached results (it recomputes). The final-test read is opened once: ``jobs/read.json`` holds it
+until the summary is written, and a run interrupted before that resumes the same read (same config, weights and
+sources) instead of counting a second one.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from common import ROOT, eval_split, final_test_read, fmt_hp, parallel_map, write_json
+from common import ROOT, final_test_read, fmt_hp, parallel_map, write_json
+from general_runs import BASELINE_SOURCES, baseline_run, evaluation_run, horizons, marks  # noqa: F401
 
-from learned_opt.evaluate import evaluate, ledger, tune, tune_baseline
+from learned_opt.evaluate import ledger, tune, tune_baseline
 from learned_opt.evaluate.baselines import PROTOCOL_AXES, default_lr_axis, make_baseline
 from learned_opt.evaluate.batched import evaluate_batched
 from learned_opt.evaluate.search import lr_grid
@@ -37,19 +39,6 @@ ROWS = {"train_loss": "train_loss", "test_loss": "val_loss", "accuracy": "val_lo
 DEFAULT_NAME = "adam_lr1e-3"  # Adam at its default rate, untuned
 SINGLE_NAME = "adam_single_lr"  # Adam at the one rate best over every evaluated family (tuned on validation tasks)
 HEAVY_KINDS = ("cnn", "rnn", "transformer")  # scheduled first, so that the workers finish together
-
-
-def horizons(cfg) -> Tuple[int, int, int]:
-    """(h1, h10, h30): the horizon, ``long_factor`` and ``stress_factor`` times it."""
-    return cfg.horizon, cfg.long_factor * cfg.horizon, cfg.stress_factor * cfg.horizon
-
-
-def marks(cfg, steps: int) -> List[int]:
-    """Checkpoint steps of a run to ``steps``: 0, h1 and h10 where the run passes them, and ``cfg.checkpoints``
-    evenly spaced steps (the whole-split losses that late spikes are measured on)."""
-    h1, h10, _ = horizons(cfg)
-    even = np.linspace(0, steps, cfg.checkpoints + 1).round().astype(int).tolist()
-    return sorted({m for m in (0, h1, h10, *even) if m <= steps})
 
 
 def hp_key(hparams: Dict[str, float]) -> Tuple[Tuple[str, float], ...]:
@@ -68,17 +57,6 @@ def _sha256(path: str) -> str:
 STAGE1_FIELDS = ("tune_tasks", "horizon", "long_factor", "long_axes", "grid_low", "grid_high", "per_decade",
                  "resolution", "single_low", "single_high", "single_per_decade")
 EVAL_FIELDS = STAGE1_FIELDS + ("final", "test_draw", "test_tasks", "stress_factor", "stress_tasks", "checkpoints")
-
-
-# Every source file whose code a baseline evaluation run (``('baseline', ...)`` jobs) executes: its cache key hashes
-# these alone, so that a change to a learned optimizer or to meta-training keeps the baselines' cached runs (3.5
-# CPU-hours of a validation evaluation) while a change to a task, the evaluation loop or a baseline recomputes
-# them. tests/test_exp_general.py traces baseline runs of every suite family and protocol baseline and fails when
-# they call a function defined anywhere else (add the file here).
-BASELINE_SOURCES = ("experiments/common.py", "experiments/general_jobs.py", "learned_opt/control.py",
-                    "learned_opt/evaluate", "learned_opt/functional.py", "learned_opt/optim/base.py",
-                    "learned_opt/optim/baselines.py", "learned_opt/optim/muon.py", "learned_opt/registry.py",
-                    "learned_opt/tasks", "learned_opt/unroll.py", "learned_opt/validate.py")
 
 
 def computing_fields(cfg, kind: str = "eval") -> Dict[str, Any]:
@@ -195,13 +173,6 @@ def tune_job(cfg, name: str, family) -> Dict[Tuple[int, str], Any]:
     return out
 
 
-def _eval_out(res, seconds: float, steps: int, tasks: int) -> Dict[str, Any]:
-    c = np.where(np.isfinite(res.curves), res.curves, np.nan)
-    with np.errstate(all="ignore"):
-        curve = np.nanmean(c, 0) if np.isfinite(c).any() else np.full(c.shape[1], np.nan)
-    return {"at": res.at, "curve": curve, "seconds": seconds, "ms_per_step": 1e3 * seconds / (steps * tasks)}
-
-
 def run_job(cfg, spec: tuple, paths: Dict[int, str]) -> Dict[str, Any]:
     """One job, on one thread:
 
@@ -211,8 +182,15 @@ def run_job(cfg, spec: tuple, paths: Dict[int, str]) -> Dict[str, Any]:
       whole-split train loss at h1 and h10;
     - ``('learned', family, seed, steps, tasks)`` and ``('baseline', family, name, hparams, steps, tasks)``: one
       evaluation run per task (per-task metrics at :func:`marks`, mean minibatch curve, wall time)."""
-    torch.set_num_threads(1)
     kind, fam = spec[0], spec[1]
+    if kind == "baseline":
+        return baseline_run(cfg, spec)
+    if kind == "learned":
+        from learned_opt.meta import load_lopt
+
+        net = load_lopt(paths[spec[2]])
+        return evaluation_run(cfg, fam, net, net.as_controller, spec[-2], spec[-1])
+    torch.set_num_threads(1)
     family = suite_family(fam)
     h1, h10, _ = horizons(cfg)
     start = time.perf_counter()
@@ -230,18 +208,7 @@ def run_job(cfg, spec: tuple, paths: Dict[int, str]) -> Dict[str, Any]:
                 cache.put(key, got)
             scores[lr] = {h: got[str(h)] for h in (h1, h10)}
         return {"scores": scores, "seconds": time.perf_counter() - start}
-    if kind == "learned":
-        from learned_opt.meta import load_lopt
-
-        net = load_lopt(paths[spec[2]])
-        opt, ctrl = net, net.as_controller
-    elif kind == "baseline":
-        opt, ctrl = make_baseline(spec[2], dict(spec[3])), None
-    else:
-        raise ValueError(f"unknown job {kind!r}")
-    steps, tasks = spec[-2], spec[-1]
-    res = evaluate(family, opt, ctrl, num_tasks=tasks, steps=steps, checkpoints=marks(cfg, steps), **eval_split(cfg))
-    return _eval_out(res, time.perf_counter() - start, steps, tasks)
+    raise ValueError(f"unknown job {kind!r}")
 
 
 def _cached_job(cfg, spec: tuple, paths: Dict[int, str]) -> Dict[str, Any]:

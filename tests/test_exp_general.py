@@ -43,6 +43,7 @@ def _spied(out, train_dir, final, extra=()):
         mp.syspath_prepend(os.path.join(ROOT, "experiments"))
         import general
         import general_jobs
+        import general_runs
         import learned_opt.evaluate as E
 
         splits, script_evals, tune_evals = [], [], []
@@ -63,7 +64,7 @@ def _spied(out, train_dir, final, extra=()):
         mp.setattr(E.tuning, "evaluate", spy(tune_evals, real_eval))  # tune() calls its module's evaluate
         mp.setattr(E.tuning, "evaluate_batched", spy(tune_evals, E.tuning.evaluate_batched))
         mp.setattr(general_jobs, "evaluate_batched", spy(tune_evals, real_batched))  # the single-rate sweep
-        mp.setattr(general_jobs, "evaluate", spy(script_evals, real_eval))
+        mp.setattr(general_runs, "evaluate", spy(script_evals, real_eval))  # every evaluation run
         summary = general.main(SMOKE + ["--train_dir", str(train_dir), "--out_dir", str(out), "--final", str(final),
                                         *extra])
     return general, summary, splits, script_evals, tune_evals
@@ -257,32 +258,34 @@ def test_two_evaluations_sharing_a_jobs_dir_share_the_baseline_runs(monkeypatch,
     assert alone.path(spec) == str(tmp_path / "v3" / "jobs" / f"{alone.key(spec)}.pkl")
 
 
-def _traced_files(fn) -> set:
-    """The package and experiment files that define a function ``fn()`` calls."""
+def _traced_functions(fn) -> set:
+    """``(file, function)`` of every package and experiment function that ``fn()`` calls (module bodies left out)."""
     import sys as _sys
 
     seen = set()
 
     def profile(frame, event, arg):
         if event == "call" and frame.f_code.co_name != "<module>":
-            seen.add(frame.f_code.co_filename)
+            seen.add((frame.f_code.co_filename, frame.f_code.co_name))
 
     _sys.setprofile(profile)
     try:
         fn()
     finally:
         _sys.setprofile(None)
-    rel = {os.path.relpath(f, ROOT).replace(os.sep, "/") for f in seen if f.startswith(ROOT + os.sep)}
-    return {f for f in rel if f.startswith(("learned_opt/", "experiments/"))}
+    rel = {(os.path.relpath(f, ROOT).replace(os.sep, "/"), name) for f, name in seen if f.startswith(ROOT + os.sep)}
+    return {(f, name) for f, name in rel if f.startswith(("learned_opt/", "experiments/"))}
 
 
 def test_baseline_runs_execute_only_the_sources_their_key_hashes(monkeypatch, tmp_path):
-    """Guard of the baseline runs' narrower cache key: short baseline runs of every suite family and every protocol
-    baseline call functions defined only in :data:`general_jobs.BASELINE_SOURCES` (a baseline run that started to
-    use a module outside it would keep stale cached runs after that module changed)."""
+    """Guard of the baseline runs' narrower cache key: baseline jobs (through the job runner, as an evaluation runs
+    them) of every suite family and every protocol baseline call functions defined only in
+    :data:`general_runs.BASELINE_SOURCES`, besides the runner's dispatch (a baseline run that started to use a module
+    outside it would keep stale cached runs after that module changed)."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
     import general
     import general_jobs
+    import general_runs
     from common import parse_config
 
     from learned_opt.tasks.suite import SUITE
@@ -297,16 +300,17 @@ def test_baseline_runs_execute_only_the_sources_their_key_hashes(monkeypatch, tm
             for name, hp in hparams.items():
                 general_jobs.run_job(cfg, ("baseline", fam, name, tuple(hp.items()), 2, 1), {})
 
-    files = _traced_files(runs)
-    covered = general_jobs.BASELINE_SOURCES
+    called = _traced_functions(runs) - {("experiments/general_jobs.py", "run_job")}
+    files = {f for f, _ in called}
+    covered = general_runs.BASELINE_SOURCES
     outside = sorted(f for f in files if not any(f == s or f.startswith(s + "/") for s in covered))
     assert {"learned_opt/optim/baselines.py", "learned_opt/optim/muon.py", "learned_opt/evaluate/run.py"} <= files
-    assert not outside, f"baseline runs execute {outside}: add them to general_jobs.BASELINE_SOURCES"
+    assert not outside, f"baseline runs execute {outside}: add them to general_runs.BASELINE_SOURCES"
 
 
 def test_a_learned_optimizer_change_keeps_the_baseline_runs(monkeypatch, tmp_path):
-    """A source change outside BASELINE_SOURCES (a learned optimizer's module) re-keys the learned runs and keeps the
-    baseline runs; a change inside it (a task) re-keys both."""
+    """A source change outside BASELINE_SOURCES (a learned optimizer's module, the job runner) re-keys the learned
+    runs and keeps the baseline runs; a change inside it (a task) re-keys both."""
     import shutil
 
     monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
@@ -330,6 +334,8 @@ def test_a_learned_optimizer_change_keeps_the_baseline_runs(monkeypatch, tmp_pat
 
     before = keys()
     with open(root / "learned_opt" / "optim" / "lstm.py", "a") as f:
+        f.write("\n# an edit\n")
+    with open(root / "experiments" / "general_jobs.py", "a") as f:
         f.write("\n# an edit\n")
     after_lstm = keys()
     assert after_lstm[0] == before[0] and after_lstm[1] != before[1]

@@ -3,9 +3,9 @@ migration, issue #24), so that a later final run on the same draw (another versi
 check) re-uses them instead of re-running about 1.6 CPU-hours.
 
 Until commit 0afa7d7 every job was keyed on the digest of every source file; baseline runs are now keyed on
-:data:`general_jobs.BASELINE_SOURCES` only. A baseline run computed at ``--old_commit`` is valid today when those
-files compute the same thing: this script refuses unless ``git diff --stat OLD HEAD`` over them shows only the
-files named in ``--reviewed`` (changes read by hand and found not to touch a baseline run's computation). It
+:data:`general_runs.BASELINE_SOURCES` only. A baseline run computed at ``--old_commit`` is valid today when those
+files compute the same thing: this script refuses unless ``git diff OLD`` (the working tree) over them shows only the
+files named in ``REVIEWED`` (changes read by hand and found not to touch a baseline run's computation). It
 recomputes each baseline job's old key from the old commit's sources (extracted with ``git archive``) and copies the
 job file to its new key; the old files stay. Stage 1 (tuning, single rate) is re-read from the tuning caches.
 
@@ -28,13 +28,13 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import general  # noqa: E402
 import general_jobs as gj  # noqa: E402
 from common import parse_config  # noqa: E402
+from general_runs import BASELINE_SOURCES  # noqa: E402
 
 from learned_opt.evaluate import ledger  # noqa: E402
 
-# changed since 6321a34 and read: job keys and caches (general_jobs), digests (ledger), one-seed statistics
-# (stats), a class renamed (tuning); none changes what a baseline evaluation run computes
-REVIEWED = ("experiments/general_jobs.py", "learned_opt/evaluate/ledger.py", "learned_opt/evaluate/stats.py",
-            "learned_opt/evaluate/tuning.py")
+# changed since 6321a34 and read: the evaluation run moved out of general_jobs.run_job unchanged (general_runs),
+# the split rule moved from common.eval_split unchanged (splits); none changes what a baseline evaluation run computes
+REVIEWED = ("experiments/general_runs.py", "learned_opt/evaluate/splits.py")
 
 
 def main(argv=None) -> int:
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out_dir", default="results/general")
     ap.add_argument("--dry_run", action="store_true")
     args = ap.parse_args(argv)
-    changed = subprocess.run(["git", "diff", "--name-only", args.old_commit, "HEAD", "--", *gj.BASELINE_SOURCES],
+    changed = subprocess.run(["git", "diff", "--name-only", args.old_commit, "--", *BASELINE_SOURCES],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     unread = sorted(set(changed) - set(REVIEWED))
     if unread:

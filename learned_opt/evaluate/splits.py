@@ -39,3 +39,9 @@ def split_of(seed: int) -> str:
         if c == code:
             return name
     raise ValueError(f"seed {seed} belongs to no split")
+
+
+def evaluation_split(final: bool, draw: int) -> dict:
+    """Keyword arguments of :func:`~learned_opt.evaluate.evaluate` for an experiment's evaluation tasks: the
+    final-test split's ``draw`` in a final run, the validation stream ``dev`` in a development run."""
+    return {"split": "test", "draw": draw} if final else {"split": "val", "stream": "dev"}
