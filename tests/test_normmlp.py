@@ -237,12 +237,15 @@ def use_path(net, path, monkeypatch=None):
 @pytest.mark.parametrize("layers", [1, 2, 3])
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fast_path_equals_the_reference_path(dtype, path, layers, device, monkeypatch):
+@pytest.mark.parametrize("normalize", ["tensor", "none"])
+def test_fast_path_equals_the_reference_path(normalize, dtype, path, layers, device, monkeypatch):
     """Both no-graph paths give the reference's updates to 1e-6 (absolute, float32) and its decisions to 1e-6
-    over several steps, on matrices, vectors, scalars and 4-d convolution kernels, with 1 to 3 layers; the pooled
-    hidden units and the moments agree to float rounding."""
+    over several steps, on matrices, vectors, scalars and 4-d convolution kernels, with 1 to 3 layers, for both
+    outputs (normalised per tensor, or ``tanh(mlp) - adam``); the pooled hidden units and the moments agree to
+    float rounding."""
     torch.manual_seed(0)
-    net = use_path(randomize_(NormMLP(layers=layers).to(dtype), scale=0.5, seed=4).to(device), path, monkeypatch)
+    net = NormMLP(layers=layers, normalize=normalize).to(dtype)
+    net = use_path(randomize_(net, scale=0.5, seed=4).to(device), path, monkeypatch)
     g = torch.Generator().manual_seed(5)
     params = [torch.randn(s, generator=g, dtype=dtype).to(device) for s in BIG_SHAPES]
     states = {True: net.init(params), False: net.init(params)}

@@ -77,7 +77,7 @@ def test_option_round_trips_and_v1_config_is_unchanged(tmp_path):
     assert net.config["normalize"] == "none"
     save_lopt(str(tmp_path / "n.pt"), net)
     back = load_lopt(str(tmp_path / "n.pt"))
-    assert back.normalize == "none" and not back._wide_ok([200_000], 200_000, torch.zeros(1))
+    assert back.normalize == "none" and back._wide_ok([200_000], 200_000, torch.zeros(1))  # wide learners too
     with pytest.raises(ValueError, match="normalize"):
         NormMLP(normalize="layer")
     assert math.isfinite(float(back.log_lr))

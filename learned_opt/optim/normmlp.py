@@ -170,7 +170,7 @@ class NormMLP(_MetaNetwork):
     def _wide_ok(self, sizes: Sequence[int], n: int, like: Tensor) -> bool:
         """Whether :meth:`_update_wide` is the faster no-graph path for a learner of these tensor sizes (``n``
         coordinates in all)."""
-        if n < self.wide_min_coordinates or self.normalize != "tensor":  # the wide path normalises
+        if n < self.wide_min_coordinates:
             return False
         width = max(1, self._wide_width(n, like))
         return sum(-(-size // width) for size in sizes) * self.wide_min_mean_block <= n
@@ -334,6 +334,7 @@ def update_wide(net: "NormMLP", grads: Sequence[Tensor], params: Sequence[Tensor
     lin = [torch.cat([m.weight, m.bias.unsqueeze(1)], dim=1) for m in net.rest if isinstance(m, nn.Linear)]
     w_out = torch.cat([net.out.weight, net.out.bias.unsqueeze(1)], dim=1)
     a = min(1, k - 1)  # Adam's direction: the 0.9 momentum by default
+    unnormalized = net.normalize == "none"  # the output: tanh(mlp) - Adam's direction, or (mlp - it) / its RMS
     # block by block, in reused buffers with a row of ones at the bottom (written once): the features
     # (rows g, m_1..m_k, p | g r, m_1 r..m_k r with r = rsqrt(v + eps^2 (1 - beta_v^t))), the hidden layers,
     # the output minus Adam's direction, and the per-tensor sums of the last hidden layer
@@ -358,11 +359,15 @@ def update_wide(net: "NormMLP", grads: Sequence[Tensor], params: Sequence[Tensor
         for i, wb in enumerate(lin):
             torch.mm(wb, h[:, :c], out=hb[(i + 1) % 2][:hid, :c]).relu_()
             h = hb[(i + 1) % 2]
-        torch.mm(w_out, h[:, :c], out=u[:, s:e]).sub_(x[k + 3 + a], alpha=corr[a])
+        out = torch.mm(w_out, h[:, :c], out=u[:, s:e])
+        (out.tanh_() if unnormalized else out).sub_(x[k + 3 + a], alpha=corr[a])
         sums[j].add_(h[:hid, :c].sum(1))
     pooled = mean_of_block_sums(sums, sizes, like.dtype)
     u = u.squeeze(0)
     lr = torch.exp(net.log_rate())
-    for c in u.split(sizes):
-        c.mul_(lr * torch.rsqrt((torch.dot(c, c) / c.shape[0]).clamp_min(1e-30)))
+    if unnormalized:  # tanh(mlp) - Adam's direction, as it is
+        u.mul_(lr)
+    else:
+        for c in u.split(sizes):
+            c.mul_(lr * torch.rsqrt((torch.dot(c, c) / c.shape[0]).clamp_min(1e-30)))
     return unflatten(u, layout), NormMLPState(momenta, v, pooled, count, layout)
