@@ -76,7 +76,7 @@ reproduce: $(STAMP)
 
 # Ship new general weights as learned_opt/pretrained/general.pt (+ manifest), the only recipe that writes there, and
 # only if their recipe beats the shipped one's on validation tasks (experiments/general_promote.py: the rule, and the
-# general.py --final false evaluations it reads).
+# general.py --final false evaluations it reads, run here first: about 5.5 CPU-hours from scratch, resumable).
 # Statistical reproducibility (issue 23): where meta-training departs between the CPU kernel paths this machine can
 # select (tools/numerics_trace.py, a few minutes), then one meta-training seed of each experiment re-run under this
 # CPU's own kernels, each headline checked against the committed seeds' prediction interval
@@ -86,8 +86,16 @@ reproduce-check: $(STAMP)
 	$(PY) tools/numerics_trace.py
 	$(PY) experiments/reproduce_check.py
 
-promote: $(STAMP)
-	$(PY) experiments/general_promote.py
+GENERAL_DEV = --final false --horizon 200 --cache_dir results/general/tuning_cache --jobs_dir runs/general_dev/jobs \
+	--workers 2
+# (each evaluation is a file target: made once per set of weights, kept when only the code moved on)
+runs/general_dev/v1/summary.json: $(wildcard results/general/train/seed*/lopt.pt) | $(STAMP)
+	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train --out_dir runs/general_dev/v1
+runs/general_dev/v2/summary.json: $(wildcard results/general/train_v2b/seed*/lopt.pt) | $(STAMP)
+	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train_v2b --out_dir runs/general_dev/v2
+promote: runs/general_dev/v1/summary.json runs/general_dev/v2/summary.json
+	$(PY) experiments/general_promote.py --candidate_train results/general/train_v2b \
+		--candidate_eval runs/general_dev/v2 --incumbent_eval runs/general_dev/v1
 
 # Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about 5 minutes).
 bench: $(STAMP)

@@ -22,9 +22,9 @@ script exits 1 saying which part of the rule failed.
     python experiments/general_promote.py --candidate_train results/general/train_v2b \\
         --candidate_eval runs/general_dev/v2 --incumbent_eval runs/general_dev/v1
 
-(``--cache_dir``: the committed tuning scores and single-rate sweeps, validation tasks only, are re-used;
-``--jobs_dir``: the second evaluation re-uses the first one's baseline runs, which are keyed on the sources: run
-both on the same commit.)
+(``make promote`` runs the three. ``--cache_dir``: the committed tuning scores and single-rate sweeps, validation
+tasks only, are re-used; ``--jobs_dir``: the second evaluation re-uses the first one's baseline runs, keyed on the
+files a baseline run executes (``general_runs.BASELINE_SOURCES``); both evaluations resume from their cached jobs.)
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ CONFIG_COMPARABLE = ("tune_tasks", "test_tasks", "long_factor", "long_axes", "ba
 @dataclass
 class Config:
     """The promotion of the general optimizer; every field is a command-line flag."""
-    candidate_train: str = "runs/general_train_v2"  # general_train.py's out_dir of the candidate recipe
+    candidate_train: str = "results/general/train_v2b"  # general_train.py's out_dir of the candidate recipe
     candidate_eval: str = "runs/general_dev/v2"  # general.py --final false of candidate_train
     incumbent_eval: str = "runs/general_dev/v1"  # general.py --final false of the seeds the shipped weights are from
     rule_keys: tuple = ("train_vs_tuned_adam_1x", "train_vs_tuned_adam_10x", "test_vs_tuned_adam")
