@@ -3,9 +3,9 @@ each cached on disk so that a final run that a session ends resumes in the next 
 a method's run by family, horizon and metric.
 
 A job's result is stored under ``<out_dir>/jobs/<key>.pkl``; the key hashes the job, the config fields that decide
-what it computes, the weights it reads and the sources it runs (a baseline run: the files it executes,
-:data:`general_runs.BASELINE_SOURCES`; any other job: every package and experiment source), so a changed code base
-never mixes with cached results (it recomputes). The final-test read is opened once: ``jobs/read.json`` holds it
+what it computes, the weights it reads and the sources it runs (an evaluation run: the files it executes,
+:data:`general_runs.BASELINE_SOURCES` / :data:`general_runs.LEARNED_SOURCES`; any other job: every package and
+experiment source), so a changed code base never mixes with cached results (it recomputes). The final-test read is opened once: ``jobs/read.json`` holds it
 until the summary is written, and a run interrupted before that resumes the same read (same config, weights and
 sources) instead of counting a second one.
 """
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from common import ROOT, final_test_read, fmt_hp, parallel_map, write_json
-from general_runs import BASELINE_SOURCES, baseline_run, evaluation_run, horizons, marks  # noqa: F401
+from general_runs import (BASELINE_SOURCES, LEARNED_SOURCES, baseline_run, horizons, learned_run,  # noqa: F401
+                          marks)
 
 from learned_opt.evaluate import ledger, tune, tune_baseline
 from learned_opt.evaluate.baselines import PROTOCOL_AXES, default_lr_axis, make_baseline
@@ -70,14 +71,15 @@ class JobCache:
     def __init__(self, cfg, paths: Dict[int, str]):
         self.dir = cfg.jobs_dir or os.path.join(cfg.out_dir, "jobs")
         self.cfg, self.sources = cfg, ledger.sources_digest(ROOT)
-        self.baseline_sources = ledger.sources_digest(ROOT, BASELINE_SOURCES)
+        self.run_sources = {"baseline": ledger.sources_digest(ROOT, BASELINE_SOURCES),
+                            "learned": ledger.sources_digest(ROOT, LEARNED_SOURCES)}
         self.weights = {s: _sha256(p) for s, p in paths.items()}
 
     def key(self, spec: tuple) -> str:
         """The job, the config fields it computes with, the weights it reads (learned runs) and the sources it runs:
-        :data:`BASELINE_SOURCES` for a baseline run, every source file otherwise."""
+        :data:`BASELINE_SOURCES` / :data:`LEARNED_SOURCES` for an evaluation run, every source file otherwise."""
         extra = {"weights": self.weights[spec[2]]} if spec[0] == "learned" else {}
-        sources = self.baseline_sources if spec[0] == "baseline" else self.sources
+        sources = self.run_sources.get(spec[0], self.sources)
         base = {"config": computing_fields(self.cfg, spec[0]), "sources": sources}
         return ledger.digest({**base, "spec": repr(spec), **extra})[:24]
 
@@ -186,10 +188,7 @@ def run_job(cfg, spec: tuple, paths: Dict[int, str]) -> Dict[str, Any]:
     if kind == "baseline":
         return baseline_run(cfg, spec)
     if kind == "learned":
-        from learned_opt.meta import load_lopt
-
-        net = load_lopt(paths[spec[2]])
-        return evaluation_run(cfg, fam, net, net.as_controller, spec[-2], spec[-1])
+        return learned_run(cfg, spec, paths)
     torch.set_num_threads(1)
     family = suite_family(fam)
     h1, h10, _ = horizons(cfg)

@@ -1,9 +1,10 @@
 """One evaluation run of the general evaluation (issues #23 and #24): what a baseline's or the learned optimizer's
-run on one family executes, and nothing else, so that a baseline run's cache key can hash the few files it runs
-(:data:`BASELINE_SOURCES`) instead of every source file: a change to a learned optimizer, to meta-training or to the
-statistics keeps the baselines' cached runs (1.6 CPU-hours of an evaluation); a change to a task, the evaluation
-loop, a baseline optimizer or this module recomputes them. ``tests/test_exp_general.py`` traces baseline runs of
-every suite family and protocol baseline and fails when they call a function defined outside these files.
+run on one family executes, and nothing else, so that a run's cache key can hash the files it runs instead of every
+source file (:data:`BASELINE_SOURCES`, :data:`LEARNED_SOURCES`): a change to a learned optimizer or to meta-training
+keeps the baselines' cached runs (1.6 CPU-hours of an evaluation), a change to the statistics, the reports or the
+job runner keeps every run; a change to a task, the evaluation loop, an optimizer or this module recomputes them.
+``tests/test_exp_general.py`` traces runs of every suite family and fails when they call a function defined outside
+their files.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ BASELINE_SOURCES = ("experiments/general_runs.py", "learned_opt/control.py", "le
                     "learned_opt/optim/base.py", "learned_opt/optim/baselines.py", "learned_opt/optim/muon.py",
                     "learned_opt/registry.py", "learned_opt/tasks", "learned_opt/unroll.py",
                     "learned_opt/validate.py")
+# ... and a learned optimizer's run: those, every optimizer, and meta-training (loading weights rebuilds what
+# saved them); not the statistics, the tuning, the reports or the job runner, which change far more often.
+LEARNED_SOURCES = BASELINE_SOURCES + ("learned_opt/distributed.py", "learned_opt/estimators.py", "learned_opt/meta",
+                                      "learned_opt/optim")
 
 
 def horizons(cfg) -> Tuple[int, int, int]:
@@ -51,6 +56,15 @@ def evaluation_run(cfg, fam: str, opt, ctrl, steps: int, tasks: int) -> Dict[str
     with np.errstate(all="ignore"):
         curve = np.nanmean(c, 0) if np.isfinite(c).any() else np.full(c.shape[1], np.nan)
     return {"at": res.at, "curve": curve, "seconds": seconds, "ms_per_step": 1e3 * seconds / (steps * tasks)}
+
+
+def learned_run(cfg, spec: tuple, paths: Dict[int, str]) -> Dict[str, Any]:
+    """The job ``('learned', family, seed, steps, tasks)``: the weights ``paths[seed]``, their own controller."""
+    from learned_opt.meta import load_lopt
+
+    _, fam, seed, steps, tasks = spec
+    net = load_lopt(paths[seed])
+    return evaluation_run(cfg, fam, net, net.as_controller, steps, tasks)
 
 
 def baseline_run(cfg, spec: tuple) -> Dict[str, Any]:

@@ -300,17 +300,51 @@ def test_baseline_runs_execute_only_the_sources_their_key_hashes(monkeypatch, tm
             for name, hp in hparams.items():
                 general_jobs.run_job(cfg, ("baseline", fam, name, tuple(hp.items()), 2, 1), {})
 
-    called = _traced_functions(runs) - {("experiments/general_jobs.py", "run_job")}
-    files = {f for f, _ in called}
-    covered = general_runs.BASELINE_SOURCES
-    outside = sorted(f for f in files if not any(f == s or f.startswith(s + "/") for s in covered))
+    files = _run_files(runs)
     assert {"learned_opt/optim/baselines.py", "learned_opt/optim/muon.py", "learned_opt/evaluate/run.py"} <= files
+    outside = _outside(files, general_runs.BASELINE_SOURCES)
     assert not outside, f"baseline runs execute {outside}: add them to general_runs.BASELINE_SOURCES"
 
 
+def _run_files(fn) -> set:
+    """The files of the functions ``fn()`` calls, the job runner's dispatch left out."""
+    return {f for f, name in _traced_functions(fn) if (f, name) != ("experiments/general_jobs.py", "run_job")}
+
+
+def _outside(files, covered) -> list:
+    return sorted(f for f in files if not any(f == s or f.startswith(s + "/") for s in covered))
+
+
+def test_learned_runs_execute_only_the_sources_their_key_hashes(monkeypatch, tmp_path):
+    """The same guard for the learned runs' key (:data:`general_runs.LEARNED_SOURCES`): the committed weights of
+    both recipes (v1: per-tensor normalised output, v2b: ``tanh(mlp) - adam``) on every suite family."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
+    import general
+    import general_jobs
+    import general_runs
+    from common import parse_config
+
+    from learned_opt.tasks.suite import SUITE
+
+    cfg = parse_config(general.Config, general.PRESETS, ["--preset", "smoke", "--out_dir", str(tmp_path)])
+    paths = {0: os.path.join(ROOT, "results/general/train/seed0/lopt.pt"),
+             1: os.path.join(ROOT, "results/general/train_v2b/seed0/lopt.pt")}
+
+    def runs():
+        for fam in SUITE:
+            for seed in paths:
+                general_jobs.run_job(cfg, ("learned", fam, seed, 2, 1), paths)
+
+    files = _run_files(runs)
+    assert {"learned_opt/optim/normmlp.py", "learned_opt/meta/checkpoint.py", "learned_opt/evaluate/run.py"} <= files
+    outside = _outside(files, general_runs.LEARNED_SOURCES)
+    assert not outside, f"learned runs execute {outside}: add them to general_runs.LEARNED_SOURCES"
+
+
 def test_a_learned_optimizer_change_keeps_the_baseline_runs(monkeypatch, tmp_path):
-    """A source change outside BASELINE_SOURCES (a learned optimizer's module, the job runner) re-keys the learned
-    runs and keeps the baseline runs; a change inside it (a task) re-keys both."""
+    """A source change outside BASELINE_SOURCES (a learned optimizer's module) re-keys the learned runs and keeps
+    the baseline runs; one outside both (the statistics, the job runner) keeps both and re-keys the other jobs; a
+    change to a task re-keys both."""
     import shutil
 
     monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
@@ -328,15 +362,22 @@ def test_a_learned_optimizer_change_keeps_the_baseline_runs(monkeypatch, tmp_pat
     base = ("baseline", "wine_mlp", "adam", (("lr", 0.01),), 200, 10)
     learned = ("learned", "wine_mlp", 0, 200, 10)
 
+    tune = ("tune", "wine_mlp", "adam")
+
     def keys():
         cache = general_jobs.JobCache(cfg, {0: str(weights)})
-        return cache.key(base), cache.key(learned)
+        return cache.key(base), cache.key(learned), cache.key(tune)
+
+    def edit(path):
+        with open(root / path, "a") as f:
+            f.write("\n# an edit\n")
 
     before = keys()
-    with open(root / "learned_opt" / "optim" / "lstm.py", "a") as f:
-        f.write("\n# an edit\n")
-    with open(root / "experiments" / "general_jobs.py", "a") as f:
-        f.write("\n# an edit\n")
+    for path in ("learned_opt/evaluate/stats.py", "experiments/general_jobs.py", "experiments/general_report.py"):
+        edit(path)
+    after_stats = keys()
+    assert after_stats[:2] == before[:2] and after_stats[2] != before[2]
+    edit("learned_opt/optim/lstm.py")
     after_lstm = keys()
     assert after_lstm[0] == before[0] and after_lstm[1] != before[1]
     with open(root / "learned_opt" / "tasks" / "tabular.py", "a") as f:
