@@ -364,3 +364,70 @@ def test_fast_path_scratch_buffers_never_alias_what_it_returns_and_are_not_pickl
         again, _ = back.update(stream[1], state1, params)
         ref, _ = net.update(stream[1], state1, params)
     assert all(torch.equal(a, b) for a, b in zip(again, ref))
+
+
+@pytest.mark.parametrize("normalize", ["tensor", "none"])
+def test_a_donated_state_is_overwritten_and_gives_the_same_numbers(normalize, monkeypatch):
+    """Inside ``donated_state`` (the drop-in) the wide path writes the new moments over the state it was given and
+    returns the updates in a reused buffer; the numbers are bitwise those of the allocating path, and outside it
+    (evaluation, ES / PES particles) the given state is never changed. The flag does not outlive the block, even
+    when the update raises, and is not pickled."""
+    import pickle
+
+    from learned_opt.optim.network import donated_state
+
+    net = use_path(randomize_(NormMLP(hidden=8, normalize=normalize), seed=9), "wide", monkeypatch)
+    params = [torch.randn(s) for s in BIG_SHAPES]
+    stream = grad_stream(BIG_SHAPES, 4, dtype=torch.float32)
+    with torch.no_grad():
+        plain = donated = net.init(params)
+        for grads in stream:
+            before = plain.momenta.clone()
+            ref, plain_next = net.update(grads, plain, params)
+            assert torch.equal(plain.momenta, before)  # not donated: the input state is left as it was
+            plain = plain_next
+            given = donated
+            with donated_state(net):
+                assert pickle.loads(pickle.dumps(net))._donated() is False
+                got, donated = net.update(grads, donated, params)
+            assert donated.momenta is given.momenta and donated.v is given.v  # overwritten in place
+            for a, b in zip(ref, got):
+                assert torch.equal(a, b)
+            for key in ("momenta", "v", "pooled"):
+                assert torch.equal(getattr(plain, key), getattr(donated, key))
+    assert net._donated() is False
+    with pytest.raises(RuntimeError):
+        with donated_state(net):
+            raise RuntimeError("a failing step")
+    assert net._donated() is False
+
+
+def test_the_drop_in_trains_wide_learners_bitwise_as_without_donation(monkeypatch):
+    """ProtocolOptimizer donates its state: the same parameters after several steps as with the allocating path."""
+    import learned_opt.optim.adapter as A
+    from learned_opt.optim.adapter import ProtocolOptimizer
+
+    def train(donate: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Tanh(), torch.nn.Linear(96, 8))
+        net = use_path(randomize_(NormMLP(hidden=8, normalize="none"), seed=3), "wide", monkeypatch)
+        calls = []
+        real = net._update_wide
+        net._update_wide = lambda *a: calls.append(net._donated()) or real(*a)
+        if not donate:
+            monkeypatch.setattr(A, "donated_state", lambda opt: __import__("contextlib").nullcontext())
+        opt = ProtocolOptimizer(model.parameters(), net, total_steps=10)
+        x, y = torch.randn(32, 64), torch.randn(32, 8)
+        for _ in range(5):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step(loss=loss)
+        monkeypatch.undo()
+        return [p.detach().clone() for p in model.parameters()], calls
+
+    donated, calls_d = train(True)
+    plain, calls_p = train(False)
+    assert calls_d == [True] * 5 and calls_p == [False] * 5  # the wide path ran, with and without donation
+    for a, b in zip(donated, plain):
+        assert torch.equal(a, b)

@@ -21,6 +21,7 @@ from ..validate import check_nonnegative
 from .adapter_state import (STATE_FORMAT, Defaults, PerParameterState, decay_rate, from_plain, own_weight_decay,
                             reads_loss, to_plain)
 from .base import Optimizer
+from .network import donated_state
 
 __all__ = ["ProtocolOptimizer", "STATE_FORMAT", "to_plain", "from_plain"]
 
@@ -222,9 +223,10 @@ class ProtocolOptimizer(PerParameterState, torch.optim.Optimizer):
         gnorm = global_norm(grads) if self.controller is not None else None
         # The horizon is the run's length when the caller gave total_steps, else 0 ("unknown")
         horizon = 0 if self.total_steps is None else self.total_steps
-        updates, state, decision, ctrl_state = propose(optimizer, controller, grads, params, state, ctrl_state,
-                                                       step=gs["step"], horizon=horizon, loss=loss,
-                                                       val_loss=val_loss, grad_norm=gnorm, training=False)
+        with donated_state(self.opt):  # the old state is dropped and the updates applied below, at once
+            updates, state, decision, ctrl_state = propose(optimizer, controller, grads, params, state, ctrl_state,
+                                                           step=gs["step"], horizon=horizon, loss=loss,
+                                                           val_loss=val_loss, grad_norm=gnorm, training=False)
         commit(state)
         gs.update(step=gs["step"] + 1, ctrl=ctrl_state)
         if not decision.stop:

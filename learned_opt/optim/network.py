@@ -9,6 +9,8 @@ The update head starts at zero updates, the LR head at multiplier 1 and the stop
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -73,7 +75,14 @@ class _MetaNetwork(nn.Module):
         # scratch buffers are not state: a pickled optimizer (ProtocolOptimizer's state travels) leaves them out
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         state.pop("_ws", None)
+        state.pop("_state_donated", None)
         return state
+
+    def _donated(self) -> bool:
+        """Whether the caller of this update gave its state away (:func:`donated_state`): the fast path may then
+        write the new moments over the old ones and return updates in a scratch buffer, as torch.optim does,
+        instead of allocating them afresh (at 5M coordinates, fresh buffers are a third of the step)."""
+        return self.__dict__.get("_state_donated", False)
 
     def _check_common(self, lr_mode: str) -> None:
         if lr_mode not in ("global", "per_tensor"):
@@ -110,3 +119,19 @@ class LearnedControl:
     def decide(self, obs: Observation, state: DecisionState):
         """Delegate to the network's heads."""
         return self.net.decide(obs, state)
+
+
+@contextlib.contextmanager
+def donated_state(opt: Any):
+    """Inside: ``opt``'s updates may overwrite the state they were given and return updates in a scratch buffer
+    reused by its next update (the drop-in optimizer, which keeps only the new state and applies the updates at
+    once). Outside, and for every other caller (evaluation runs, ES / PES particles that branch from one state),
+    an update never changes its inputs."""
+    if not isinstance(opt, _MetaNetwork):
+        yield
+        return
+    opt.__dict__["_state_donated"] = True
+    try:
+        yield
+    finally:
+        opt.__dict__.pop("_state_donated", None)

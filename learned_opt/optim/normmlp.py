@@ -317,8 +317,14 @@ def update_wide(net: "NormMLP", grads: Sequence[Tensor], params: Sequence[Tensor
     # the moments, whole (the per-tensor RMS of the momenta must be known before any product)
     g = torch.cat([t.reshape(-1) for t in grads], out=net._workspace("wide_g", (n,), like))
     flat_p = [t.reshape(-1) for t in params]
-    momenta = torch.lerp(state.momenta, g.unsqueeze(0), 1 - net._decays(g))
-    v = torch.lerp(state.v, torch.mul(g, g, out=net._workspace("wide_gg", (n,), like)), 1 - net.rms_decay)
+    gg = torch.mul(g, g, out=net._workspace("wide_gg", (n,), like))
+    donated = net._donated()  # the drop-in: the new moments over the old ones, the updates in a scratch buffer
+    if donated:
+        momenta = state.momenta.lerp_(g.unsqueeze(0), 1 - net._decays(g))
+        v = state.v.lerp_(gg, 1 - net.rms_decay)
+    else:
+        momenta = torch.lerp(state.momenta, g.unsqueeze(0), 1 - net._decays(g))
+        v = torch.lerp(state.v, gg, 1 - net.rms_decay)
     cv = 1 - net.rms_decay ** count
     # per-tensor RMS of g, m_k, p, and each tensor's first layer with its columns scaled: the RMS normalisers,
     # sqrt(1 - beta_v^t) (for g r and m_k r) and the bias corrections (for m_k r); its bias as a last column
@@ -341,7 +347,7 @@ def update_wide(net: "NormMLP", grads: Sequence[Tensor], params: Sequence[Tensor
     bw = net._wide_width(n, like)
     xb = net._workspace("wide_x", (f + 1, bw), like, fill=1.0)
     hb = [net._workspace(f"wide_h{i}", (hid + 1, bw), like, fill=1.0) for i in range(2)]
-    u = like.new_empty((1, n))
+    u = net._workspace("wide_u", (1, n), like) if donated else like.new_empty((1, n))
     sums = like.new_zeros((len(sizes), hid), dtype=torch.float64)  # float32 within a block, float64 across
     e2 = net.eps ** 2 * cv
     offsets = list(itertools.accumulate(sizes, initial=0))  # where each tensor starts in the flat layout
