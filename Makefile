@@ -86,16 +86,16 @@ reproduce-check: $(STAMP)
 	$(PY) tools/numerics_trace.py
 	$(PY) experiments/reproduce_check.py
 
-GENERAL_DEV = --final false --horizon 200 --cache_dir results/general/tuning_cache --jobs_dir runs/general_dev/jobs \
+GENERAL_DEV = --final false --horizon 200 --cache_dir results/general/tuning_cache --jobs_dir results/general/dev/jobs \
 	--workers 2
 # (each evaluation is a file target: made once per set of weights, kept when only the code moved on)
-runs/general_dev/v1/summary.json: $(wildcard results/general/train/seed*/lopt.pt) | $(STAMP)
-	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train --out_dir runs/general_dev/v1
-runs/general_dev/v2/summary.json: $(wildcard results/general/train_v2b/seed*/lopt.pt) | $(STAMP)
-	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train_v2b --out_dir runs/general_dev/v2
-promote: runs/general_dev/v1/summary.json runs/general_dev/v2/summary.json
+results/general/dev/v1/summary.json: $(wildcard results/general/train/seed*/lopt.pt) | $(STAMP)
+	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train --out_dir results/general/dev/v1
+results/general/dev/v2/summary.json: $(wildcard results/general/train_v2b/seed*/lopt.pt) | $(STAMP)
+	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train_v2b --out_dir results/general/dev/v2
+promote: results/general/dev/v1/summary.json results/general/dev/v2/summary.json
 	$(PY) experiments/general_promote.py --candidate_train results/general/train_v2b \
-		--candidate_eval runs/general_dev/v2 --incumbent_eval runs/general_dev/v1
+		--candidate_eval results/general/dev/v2 --incumbent_eval results/general/dev/v1
 
 # Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about 5 minutes).
 bench: $(STAMP)

@@ -16,15 +16,16 @@ measured validation numbers, and lists every unmet target as a known failure; ot
 script exits 1 saying which part of the rule failed.
 
     python experiments/general.py --final false --horizon 200 --cache_dir results/general/tuning_cache \\
-        --jobs_dir runs/general_dev/jobs --train_dir results/general/train --out_dir runs/general_dev/v1
+        --jobs_dir results/general/dev/jobs --train_dir results/general/train --out_dir results/general/dev/v1
     python experiments/general.py --final false --horizon 200 --cache_dir results/general/tuning_cache \\
-        --jobs_dir runs/general_dev/jobs --train_dir results/general/train_v2b --out_dir runs/general_dev/v2
+        --jobs_dir results/general/dev/jobs --train_dir results/general/train_v2b --out_dir results/general/dev/v2
     python experiments/general_promote.py --candidate_train results/general/train_v2b \\
-        --candidate_eval runs/general_dev/v2 --incumbent_eval runs/general_dev/v1
+        --candidate_eval results/general/dev/v2 --incumbent_eval results/general/dev/v1
 
 (``make promote`` runs the three. ``--cache_dir``: the committed tuning scores and single-rate sweeps, validation
 tasks only, are re-used; ``--jobs_dir``: the second evaluation re-uses the first one's baseline runs, keyed on the
-files a baseline run executes (``general_runs.BASELINE_SOURCES``); both evaluations resume from their cached jobs.)
+files a baseline run executes (``general_runs.BASELINE_SOURCES``); both evaluations resume from their cached jobs,
+which are committed with them under ``results/general/dev``: validation tasks only, no reported result.)
 """
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ CONFIG_COMPARABLE = ("tune_tasks", "test_tasks", "long_factor", "long_axes", "ba
 class Config:
     """The promotion of the general optimizer; every field is a command-line flag."""
     candidate_train: str = "results/general/train_v2b"  # general_train.py's out_dir of the candidate recipe
-    candidate_eval: str = "runs/general_dev/v2"  # general.py --final false of candidate_train
-    incumbent_eval: str = "runs/general_dev/v1"  # general.py --final false of the seeds the shipped weights are from
+    candidate_eval: str = "results/general/dev/v2"  # general.py --final false of candidate_train
+    incumbent_eval: str = "results/general/dev/v1"  # general.py --final false of the seeds the shipped weights are from
     rule_keys: tuple = ("train_vs_tuned_adam_1x", "train_vs_tuned_adam_10x", "test_vs_tuned_adam")
     max_regression: float = 1.1  # no rule headline may be more than this times the incumbent's
     name: str = "general"
