@@ -5,9 +5,9 @@ a method's run by family, horizon and metric.
 A job's result is stored under ``<out_dir>/jobs/<key>.pkl``; the key hashes the job, the config fields that decide
 what it computes, the weights it reads and the sources it runs (an evaluation run: the files it executes,
 :data:`general_runs.BASELINE_SOURCES` / :data:`general_runs.LEARNED_SOURCES`; any other job: every package and
-experiment source), so a changed code base never mixes with cached results (it recomputes). The final-test read is opened once: ``jobs/read.json`` holds it
-until the summary is written, and a run interrupted before that resumes the same read (same config, weights and
-sources) instead of counting a second one.
+experiment source), so a changed code base never mixes with cached results (it recomputes). The final-test read is
+opened once: ``jobs/read.json`` holds it until the summary is written, and a run interrupted before that resumes
+the same read (same config, weights and sources) instead of counting a second one.
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from common import ROOT, final_test_read, fmt_hp, parallel_map, write_json
-from general_runs import (BASELINE_SOURCES, LEARNED_SOURCES, baseline_run, horizons, learned_run,  # noqa: F401
-                          marks)
+from general_runs import BASELINE_SOURCES, LEARNED_SOURCES, baseline_run, horizons, learned_run
 
 from learned_opt.evaluate import ledger, tune, tune_baseline
 from learned_opt.evaluate.baselines import PROTOCOL_AXES, default_lr_axis, make_baseline
