@@ -14,6 +14,8 @@ job file to its new key; the old files stay. Stage 1 (tuning, single rate) is re
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import os
 import shutil
 import subprocess
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
     unread = sorted(set(changed) - set(REVIEWED))
     if unread:
         sys.exit(f"error: --old_commit: {', '.join(unread)} changed since {args.old_commit} and were not reviewed")
-    summary = general.json.load(open(os.path.join(args.out_dir, "summary.json")))
+    with open(os.path.join(args.out_dir, "summary.json")) as f:
+        summary = json.load(f)
     flags = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in summary["config"].items()
              if k in general.Config.__dataclass_fields__ and k not in ("families",)]
     cfg = parse_config(general.Config, general.PRESETS, flags + ["--out_dir", args.out_dir, "--workers", "1"])
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as old:
         archive = subprocess.run(["git", "archive", args.old_commit, *ledger.SOURCE_FOLDERS], cwd=ROOT,
                                  capture_output=True, check=True).stdout
-        with tarfile.open(fileobj=__import__("io").BytesIO(archive)) as tar:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(old, filter="data")
         old_sources = ledger.sources_digest(old)
     # stage 1 from the tuning caches (validation tasks only; no evaluation run), in a scratch job dir
