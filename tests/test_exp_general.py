@@ -277,11 +277,28 @@ def _traced_functions(fn) -> set:
     return {(f, name) for f, name in rel if f.startswith(("learned_opt/", "experiments/"))}
 
 
-def test_baseline_runs_execute_only_the_sources_their_key_hashes(monkeypatch, tmp_path):
-    """Guard of the baseline runs' narrower cache key: baseline jobs (through the job runner, as an evaluation runs
-    them) of every suite family and every protocol baseline call functions defined only in
-    :data:`general_runs.BASELINE_SOURCES`, besides the runner's dispatch (a baseline run that started to use a module
-    outside it would keep stale cached runs after that module changed)."""
+# per kind of evaluation run: the specs to trace (every suite family), files it must reach, the list keying it
+HPARAMS = {"adam": {"lr": 1e-3}, "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
+           "momentum": {"lr": 1e-2, "momentum": 0.9}, "muon": {"lr": 1e-2}}
+WEIGHTS = {0: os.path.join(ROOT, "results/general/train/seed0/lopt.pt"),  # v1: per-tensor normalised output
+           1: os.path.join(ROOT, "results/general/train_v2b/seed0/lopt.pt")}  # v2b: tanh(mlp) - adam
+GUARDS = {
+    "baseline": (lambda fam: [("baseline", fam, n, tuple(hp.items()), 2, 1) for n, hp in HPARAMS.items()],
+                 {"learned_opt/optim/baselines.py", "learned_opt/optim/muon.py", "learned_opt/evaluate/run.py"},
+                 "BASELINE_SOURCES"),
+    "learned": (lambda fam: [("learned", fam, seed, 2, 1) for seed in WEIGHTS],
+                {"learned_opt/optim/normmlp.py", "learned_opt/meta/checkpoint.py", "learned_opt/evaluate/run.py"},
+                "LEARNED_SOURCES"),
+}
+
+
+@pytest.mark.parametrize("kind", list(GUARDS))
+def test_evaluation_runs_execute_only_the_sources_their_key_hashes(kind, monkeypatch, tmp_path):
+    """Guard of the evaluation runs' narrower cache keys: jobs through the job runner (as an evaluation runs them)
+    of every suite family, for every protocol baseline and for the committed weights of both recipes, call
+    functions defined only in :data:`general_runs.BASELINE_SOURCES` / :data:`general_runs.LEARNED_SOURCES`,
+    besides the runner's dispatch (a run that started to use a module outside its list would keep stale cached
+    runs after that module changed)."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
     import general
     import general_jobs
@@ -290,55 +307,21 @@ def test_baseline_runs_execute_only_the_sources_their_key_hashes(monkeypatch, tm
 
     from learned_opt.tasks.suite import SUITE
 
+    assert set(HPARAMS) >= set(general.Config.baselines)
     cfg = parse_config(general.Config, general.PRESETS, ["--preset", "smoke", "--out_dir", str(tmp_path)])
-    hparams = {"adam": {"lr": 1e-3}, "adamw": {"lr": 1e-3, "weight_decay": 1e-2},
-               "momentum": {"lr": 1e-2, "momentum": 0.9}, "muon": {"lr": 1e-2}}
-    assert set(hparams) >= set(general.Config.baselines)
+    specs, reached, listed = GUARDS[kind]
 
     def runs():
         for fam in SUITE:
-            for name, hp in hparams.items():
-                general_jobs.run_job(cfg, ("baseline", fam, name, tuple(hp.items()), 2, 1), {})
+            for spec in specs(fam):
+                general_jobs.run_job(cfg, spec, WEIGHTS)
 
-    files = _run_files(runs)
-    assert {"learned_opt/optim/baselines.py", "learned_opt/optim/muon.py", "learned_opt/evaluate/run.py"} <= files
-    outside = _outside(files, general_runs.BASELINE_SOURCES)
-    assert not outside, f"baseline runs execute {outside}: add them to general_runs.BASELINE_SOURCES"
-
-
-def _run_files(fn) -> set:
-    """The files of the functions ``fn()`` calls, the job runner's dispatch left out."""
-    return {f for f, name in _traced_functions(fn) if (f, name) != ("experiments/general_jobs.py", "run_job")}
-
-
-def _outside(files, covered) -> list:
-    return sorted(f for f in files if not any(f == s or f.startswith(s + "/") for s in covered))
-
-
-def test_learned_runs_execute_only_the_sources_their_key_hashes(monkeypatch, tmp_path):
-    """The same guard for the learned runs' key (:data:`general_runs.LEARNED_SOURCES`): the committed weights of
-    both recipes (v1: per-tensor normalised output, v2b: ``tanh(mlp) - adam``) on every suite family."""
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
-    import general
-    import general_jobs
-    import general_runs
-    from common import parse_config
-
-    from learned_opt.tasks.suite import SUITE
-
-    cfg = parse_config(general.Config, general.PRESETS, ["--preset", "smoke", "--out_dir", str(tmp_path)])
-    paths = {0: os.path.join(ROOT, "results/general/train/seed0/lopt.pt"),
-             1: os.path.join(ROOT, "results/general/train_v2b/seed0/lopt.pt")}
-
-    def runs():
-        for fam in SUITE:
-            for seed in paths:
-                general_jobs.run_job(cfg, ("learned", fam, seed, 2, 1), paths)
-
-    files = _run_files(runs)
-    assert {"learned_opt/optim/normmlp.py", "learned_opt/meta/checkpoint.py", "learned_opt/evaluate/run.py"} <= files
-    outside = _outside(files, general_runs.LEARNED_SOURCES)
-    assert not outside, f"learned runs execute {outside}: add them to general_runs.LEARNED_SOURCES"
+    called = _traced_functions(runs) - {("experiments/general_jobs.py", "run_job")}
+    files = {f for f, _ in called}
+    assert reached <= files
+    covered = getattr(general_runs, listed)
+    outside = sorted(f for f in files if not any(f == s or f.startswith(s + "/") for s in covered))
+    assert not outside, f"{kind} runs execute {outside}: add them to general_runs.{listed}"
 
 
 def test_a_learned_optimizer_change_keeps_the_baseline_runs(monkeypatch, tmp_path):
