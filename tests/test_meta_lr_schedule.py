@@ -1,5 +1,6 @@
 """The meta-learning rate's cosine decay (``MetaConfig.meta_lr_decay_iterations``): the schedule's values, the
-meta-updates it scales, its resumption across a stop, the config checks, and the v2c preset that uses it."""
+meta-updates it scales, its resumption across a stop, the config checks; and the two v2b ablation arms: v2c (the
+decay) and v2d (a lower step ceiling)."""
 from __future__ import annotations
 
 import math
@@ -140,5 +141,27 @@ def test_v2c_preset_is_v2b_with_the_decay_only():
     assert (meta.meta_lr_decay_iterations, meta.meta_lr_min_ratio) == (v2c.iterations, 0.1)
     root = os.path.join(os.path.dirname(__file__), "..")
     ignored = subprocess.run(["git", "check-ignore", "-q", "results/general/train_v2c/seed0/checkpoint.pt"],
+                             cwd=root).returncode
+    assert ignored == 1  # 1: not ignored
+
+
+def test_v2d_preset_is_v2b_with_a_lower_step_ceiling_only():
+    """--preset v2d is the other ablation arm: v2b with base rate 1e-3 and multiplier bound 3 (the largest step
+    3e-3 in Adam's units), in its own committed directory."""
+    import subprocess
+    from dataclasses import asdict
+
+    import general_train
+    from common import parse_config
+
+    v2d = parse_config(general_train.Config, general_train.PRESETS, ["--preset", "v2d"])
+    arm = parse_config(general_train.Config, general_train.PRESETS,
+                       ["--preset", "v2b", "--init_lr", "1e-3", "--lr_bound", "3", "--out_dir",
+                        "results/general/train_v2d"])
+    assert asdict(v2d) == asdict(arm)
+    net = general_train.new_net(v2d, 0)
+    assert net.config["lr_bound"] == 3.0 and net.config["init_lr"] == 1e-3
+    root = os.path.join(os.path.dirname(__file__), "..")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "results/general/train_v2d/seed0/checkpoint.pt"],
                              cwd=root).returncode
     assert ignored == 1  # 1: not ignored
