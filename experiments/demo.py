@@ -241,11 +241,13 @@ def evaluate(task, model: nn.Module, split: str) -> Dict[str, float]:
 
 # ------------------------------------------------------------------ one training run
 def make_optimizer(spec: Dict[str, Any], model: nn.Module, steps: int, cfg: Config):
-    """The shipped learned optimizer (untuned) or AdamW at ``spec['lr']``."""
+    """The shipped learned optimizer (untuned; ``spec['name']`` / ``spec['lr']`` where given: other weights, another
+    multiplier, for general_offsuite.py) or AdamW at ``spec['lr']``."""
     if spec["optimizer"] == "general":
         import learned_opt
 
-        return learned_opt.LearnedOptimizer(model.parameters(), total_steps=steps)
+        return learned_opt.LearnedOptimizer(model.parameters(), spec.get("name"), total_steps=steps,
+                                            lr=spec.get("lr", 1.0))
     return torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=cfg.weight_decay)
 
 
@@ -260,6 +262,7 @@ def train_run(cfg: Config, kind: str, spec: Dict[str, Any], split: str) -> Dict[
     order = task.order(torch.Generator().manual_seed(cfg.seed + 1))
     opt = make_optimizer(spec, model, task.steps, cfg)
     losses: List[float] = []
+    scales: List[float] = []
     t0, c0 = time.perf_counter(), time.process_time()
     model.train()
     for idx in order:
@@ -268,11 +271,21 @@ def train_run(cfg: Config, kind: str, spec: Dict[str, Any], split: str) -> Dict[
         loss.backward()
         opt.step(loss=loss) if spec["optimizer"] == "general" else opt.step()
         losses.append(loss.item())
+        if spec["optimizer"] == "general":  # the learned LR multiplier of the step (its mean over the tensors)
+            scales.append(mean_scale(opt))
         if not math.isfinite(losses[-1]):  # diverged: the score below says so
             break
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {**spec, "kind": kind, "steps": len(losses), "train_losses": losses, "eval": evaluate(task, model, split),
+            **({"lr_scale": scales} if scales else {}),
             "init_sha256": init, "data_order_sha256": sha256(order), "seconds": seconds, "cpu_seconds": cpu}
+
+
+def mean_scale(opt) -> float:
+    """The mean learned LR multiplier of ``opt``'s last step over its groups and tensors."""
+    vals = [torch.as_tensor(x, dtype=torch.float64).mean() for d in opt.decisions if d is not None
+            for x in (d.lr_scale if isinstance(d.lr_scale, (list, tuple)) else [d.lr_scale])]
+    return float(torch.stack(vals).mean()) if vals else math.nan
 
 
 def adamw(role: str, lr: float) -> Dict[str, Any]:
@@ -427,7 +440,8 @@ def assemble(cfg: Config, first: List[Dict], tuned: List[Dict], tuning: Dict, gr
         runs = {r["role"]: r for r in first + tuned if r["kind"] == kind}
         for r in runs.values():
             r["final_train_loss"] = sum(r["train_losses"][-20:]) / len(r["train_losses"][-20:])
-            r["train_losses"] = [float(f"{x:.4g}") for x in r["train_losses"]]  # the curves, 4 digits
+            for key in {"train_losses", "lr_scale"} & set(r):  # the curves, 4 digits
+                r[key] = [float(f"{x:.4g}") for x in r[key]]
         every = list(runs.values()) + grid_runs[kind]
         same = {"init": len({r["init_sha256"] for r in every}) == 1,
                 "data_order": len({r["data_order_sha256"] for r in every}) == 1}

@@ -32,6 +32,11 @@ class MetaConfig:
     tasks_per_step: int = 1
     iterations: int = 100
     meta_lr: float = 1e-3
+    # a cosine decay of the meta-learning rate from meta_lr to meta_lr * meta_lr_min_ratio over this many
+    # meta-iterations, then flat (0: constant). Its own setting, not ``iterations``: a run stopped at a compute
+    # budget and resumed with more iterations follows the one schedule (meta_lr_factor)
+    meta_lr_decay_iterations: int = 0
+    meta_lr_min_ratio: float = 0.1
     clip_norm: float = 1.0
     meta_loss: str = "sum"
     halting_lambda: float = 0.0
@@ -84,6 +89,12 @@ class MetaConfig:
             check_at_most("sampled horizon", h, MAX_HORIZON)
         if not (self.meta_lr > 0 and math.isfinite(self.meta_lr)):
             raise ValueError(f"meta_lr must be a finite number > 0, got {self.meta_lr!r}")
+        value = self.meta_lr_decay_iterations
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"meta_lr_decay_iterations must be an integer >= 0 (0: no decay), got {value!r}")
+        if isinstance(self.meta_lr_min_ratio, bool) or not (isinstance(self.meta_lr_min_ratio, (int, float))
+                                                            and 0 <= self.meta_lr_min_ratio <= 1):
+            raise ValueError(f"meta_lr_min_ratio must be a number in [0, 1], got {self.meta_lr_min_ratio!r}")
         if not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {self.clip_norm!r}")
         if self.meta_loss not in META_LOSSES:
@@ -121,6 +132,17 @@ class MetaConfig:
         if self.meta_loss == "halting" and not ESTIMATOR_TYPES[self.estimator].supports_halting:
             raise ValueError("the halting meta-loss needs estimator='tbptt' (its survival state is not carried per "
                              "ES / PES particle)")
+
+
+def meta_lr_factor(cfg: MetaConfig, iteration: int) -> float:
+    """The meta-learning rate of meta-iteration ``iteration`` (0-based) over ``cfg.meta_lr``: 1 without a decay;
+    with ``meta_lr_decay_iterations = n``, ``r + (1 - r) (1 + cos(pi min(i, n) / n)) / 2`` for
+    ``r = meta_lr_min_ratio`` (1 at the start, ``r`` from iteration ``n`` on)."""
+    n = cfg.meta_lr_decay_iterations
+    if n <= 0:
+        return 1.0
+    r = cfg.meta_lr_min_ratio
+    return r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(iteration, n) / n))
 
 
 def check_at_most(name: str, value: int, limit: int) -> None:

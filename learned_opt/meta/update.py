@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..unroll import UnrollResult, unroll
-from .config import VAL_LOSSES
+from .config import VAL_LOSSES, meta_lr_factor
 from .losses import InnerRun, advance
 
 
@@ -86,10 +86,16 @@ class MetaUpdate:
         return record
 
     def _apply(self, grads: List[Tensor], gnorm: Tensor, record: Dict[str, Any]) -> None:
-        """Clip the meta-gradient to ``clip_norm`` and update the meta-weights, unless the update is non-finite."""
+        """Clip the meta-gradient to ``clip_norm`` and update the meta-weights at the iteration's meta-learning rate
+        (:func:`~learned_opt.meta.config.meta_lr_factor`; Adam's update is linear in its rate), unless the update is
+        non-finite."""
         factor = min(1.0, self.cfg.clip_norm / (float(gnorm) + 1e-12))
         grads = [g * factor for g in grads]
         updates, new_state = self.meta_opt.update(grads, self.meta_state, [p.detach() for p in self.meta_params])
+        scale = meta_lr_factor(self.cfg, self.iteration)
+        record["meta_lr"] = self.cfg.meta_lr * scale
+        if scale != 1.0:
+            updates = [u * scale for u in updates]
         if all(torch.isfinite(u).all() for u in updates):
             with torch.no_grad():
                 for p, u in zip(self.meta_params, updates):

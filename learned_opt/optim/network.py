@@ -10,7 +10,6 @@ The update head starts at zero updates, the LR head at multiplier 1 and the stop
 from __future__ import annotations
 
 import contextlib
-
 from typing import Any, Dict, Optional, Tuple
 
 import torch

@@ -319,12 +319,8 @@ def update_wide(net: "NormMLP", grads: Sequence[Tensor], params: Sequence[Tensor
     flat_p = [t.reshape(-1) for t in params]
     gg = torch.mul(g, g, out=net._workspace("wide_gg", (n,), like))
     donated = net._donated()  # the drop-in: the new moments over the old ones, the updates in a scratch buffer
-    if donated:
-        momenta = state.momenta.lerp_(g.unsqueeze(0), 1 - net._decays(g))
-        v = state.v.lerp_(gg, 1 - net.rms_decay)
-    else:
-        momenta = torch.lerp(state.momenta, g.unsqueeze(0), 1 - net._decays(g))
-        v = torch.lerp(state.v, gg, 1 - net.rms_decay)
+    momenta = torch.lerp(state.momenta, g.unsqueeze(0), 1 - net._decays(g), out=state.momenta if donated else None)
+    v = torch.lerp(state.v, gg, 1 - net.rms_decay, out=state.v if donated else None)
     cv = 1 - net.rms_decay ** count
     # per-tensor RMS of g, m_k, p, and each tensor's first layer with its columns scaled: the RMS normalisers,
     # sqrt(1 - beta_v^t) (for g r and m_k r) and the bias corrections (for m_k r); its bias as a last column
