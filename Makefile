@@ -59,6 +59,10 @@ test-mutations: $(STAMP)
 # results/ and never into learned_opt/pretrained/ (shipping weights is `make promote`); each final run reads its
 # test split once (results/*/test_reads.json): a second reproduce of the same weights stops until forced. The
 # horizon part runs before estimators.py, which copies its target keys from the horizon summary.
+# the weights general_offsuite.py compares on the demo's LM and ViT (validation splits): v1 and the five v2b seeds
+V2B = results/general/train_v2b
+OFFSUITE_WEIGHTS = v1=general,v2b_s0=$(V2B)/seed0/lopt.pt,v2b_s1=$(V2B)/seed1/lopt.pt,v2b_s2=$(V2B)/seed2/lopt.pt,$\
+	v2b_s3=$(V2B)/seed3/lopt.pt,v2b_s4=$(V2B)/seed4/lopt.pt
 reproduce: $(STAMP)
 	$(PY) experiments/quadratic.py --final true --workers 2
 	$(PY) experiments/digits.py --final true --workers 2
@@ -72,6 +76,7 @@ reproduce: $(STAMP)
 	$(PY) experiments/general_usage.py
 	$(PY) experiments/demo.py --workers 2
 	$(PY) experiments/demo.py --models text,vit --out_dir results/general/offsuite --workers 2
+	$(PY) experiments/general_offsuite.py --weights $(OFFSUITE_WEIGHTS)
 	$(PY) benchmarks/bench.py
 
 # Ship new general weights as learned_opt/pretrained/general.pt (+ manifest), the only recipe that writes there, and
@@ -91,11 +96,15 @@ GENERAL_DEV = --final false --horizon 200 --cache_dir results/general/tuning_cac
 # (each evaluation is a file target: made once per set of weights, kept when only the code moved on)
 results/general/dev/v1/summary.json: $(wildcard results/general/train/seed*/lopt.pt) | $(STAMP)
 	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train --out_dir results/general/dev/v1
-results/general/dev/v2/summary.json: $(wildcard results/general/train_v2b/seed*/lopt.pt) | $(STAMP)
-	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train_v2b --out_dir results/general/dev/v2
-promote: results/general/dev/v1/summary.json results/general/dev/v2/summary.json
-	$(PY) experiments/general_promote.py --candidate_train results/general/train_v2b \
-		--candidate_eval results/general/dev/v2 --incumbent_eval results/general/dev/v1
+# the candidate recipe: general_train.py --preset $(CANDIDATE) writes results/general/train_$(CANDIDATE) (v2b was
+# evaluated and not promoted: results/general/dev/v2b/promotion.json)
+CANDIDATE ?= v2d
+results/general/dev/$(CANDIDATE)/summary.json: $(wildcard results/general/train_$(CANDIDATE)/seed*/lopt.pt) | $(STAMP)
+	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train_$(CANDIDATE) \
+		--out_dir results/general/dev/$(CANDIDATE)
+promote: results/general/dev/v1/summary.json results/general/dev/$(CANDIDATE)/summary.json
+	$(PY) experiments/general_promote.py --candidate_train results/general/train_$(CANDIDATE) \
+		--candidate_eval results/general/dev/$(CANDIDATE) --incumbent_eval results/general/dev/v1
 
 # Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about 5 minutes).
 bench: $(STAMP)
