@@ -89,8 +89,8 @@ class Config:
 # v2 as diagnosed on validation streams (results/general/train_v2/pilots.md): the v2 run's selection score reached
 # -3.18 at iteration 25 and drifted back to -1.4 by 175 while the multiplier fell to its lower bound; pilot A
 # (lr_gain 1, meta-lr 1e-3, base rate 3e-3, the initial weights scored too) reached -4.28 at iteration 25 with the
-# multiplier's median at 2.9-4.5 of [0.1, 10]. 250 iterations (pilot A's best came early; about 1-1.5 CPU-hours per seed with 11
-# selections at 2000 steps), budgets 25 and 100: with the final weights, the three compute-scaling points
+# multiplier's median at 2.9-4.5 of [0.1, 10]. 250 iterations (pilot A's best came early; about 1-1.5 CPU-hours per
+# seed with 11 selections at 2000 steps), budgets 25 and 100: with the final weights, the three compute-scaling points
 V2B = dict(normalize="none", estimator="pes", particles=8, sigma=0.01, meta_loss="mean_log_val",
            sample_horizons=(250, 500, 1000, 2000), truncation=50, lr_bound=10.0, init_lr=3e-3,
            families=meta_families(), val_horizon=2000, val_metric="mean_log_train_val", val_every=25,
