@@ -1,5 +1,6 @@
 """Small tasks and settings shared by several test files."""
 import math
+import warnings
 
 import torch
 
@@ -47,3 +48,10 @@ def randomize_(net, scale=1.0, seed=0):
         for p in net.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return net
+
+
+def quiet(fn, *args, **kwargs):
+    """Run ``fn`` with warnings silenced (edge-of-grid and skipped-step warnings are expected in meta-training)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)

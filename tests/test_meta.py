@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import warnings
 
 import pytest
 import torch
@@ -27,14 +26,7 @@ from learned_opt.optim.learned import CoordLSTM, CoordMLP
 from learned_opt.tasks import MetaNetFamily, QuadraticFamily
 from learned_opt.tasks.base import generator
 from learned_opt.unroll import UnrollResult, unroll
-from tests.helpers import Square, SquareFamily
-
-
-def quiet(fn, *args, **kwargs):
-    """Run ``fn`` with warnings silenced (edge-of-grid and skipped-step warnings are expected here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
+from tests.helpers import Square, SquareFamily, quiet
 
 
 def weights(net):

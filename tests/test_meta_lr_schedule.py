@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 
 import pytest
 import torch
@@ -15,14 +14,9 @@ from learned_opt.meta import MetaConfig, MetaTrainer
 from learned_opt.meta.config import meta_lr_factor
 from learned_opt.optim.learned import CoordMLP
 from learned_opt.tasks import QuadraticFamily
+from tests.helpers import quiet
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 def test_factor_is_a_cosine_from_one_to_the_floor_then_flat():
