@@ -3,10 +3,13 @@ dataclass, provenance, parallel runs, tables (figures: figures.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -116,18 +119,75 @@ def run_main(main: Callable[[], Any]) -> None:
     from learned_opt.repro import ensure_portable_numerics
 
     ensure_portable_numerics()
-    main()
+    from learned_opt.meta import Interrupted
+
+    try:
+        main()
+    except Interrupted as e:  # a meta-training run stopped by its signal, its checkpoint saved
+        print(f"error: {e}; rerun the same command to continue from it", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+
+
+_STOP = None  # in a pool worker: the pool's shared stop event (set by a failed or interrupted job, or the parent)
+
+
+class PoolStopped(Exception):
+    """A queued job that was not started because the pool is stopping."""
+
+
+def _worker_init(stop) -> None:
+    global _STOP
+    _STOP = stop
 
 
 def _call(job):
+    if _STOP is not None and _STOP.is_set():
+        raise PoolStopped("not started: the pool is stopping")
     fn, args = job
-    return fn(*args)
+    try:
+        return fn(*args)
+    except BaseException:
+        if _STOP is not None:
+            _STOP.set()  # no worker starts another job after this one failed or was interrupted
+        raise
+
+
+def _failures(futures) -> list:
+    """The exceptions of the finished futures, in submission order."""
+    return [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """In the main thread, SIGTERM and SIGINT raise :class:`_Signalled` (the parent then cancels the queue and
+    waits for its workers, which save on their own signal); elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Signalled(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def parallel_map(fn: Callable, arg_tuples: Iterable[tuple], workers: int = 1, context: str = "fork") -> List[Any]:
     """``[fn(*a) for a in arg_tuples]``, in ``workers`` processes when ``workers > 1`` (each one thread).
 
     ``fn`` must be a module-level function; results come back in order. Runs are deterministic either way.
+    The pool stops as a whole: after a job fails or SIGTERM / SIGINT arrives, no queued job starts; the running
+    ones end on their own signal (a meta-training run saves its checkpoint), and a signal exits 128 + its number.
     ``context``: how workers start; ``"spawn"`` for long jobs (a forked worker once hung at 0% CPU on this
     machine, a lock copied from the parent held forever).
     """
@@ -135,12 +195,41 @@ def parallel_map(fn: Callable, arg_tuples: Iterable[tuple], workers: int = 1, co
     if workers <= 1 or len(jobs) <= 1:
         return [_call(j) for j in jobs]
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     sys.stdout.flush()
     sys.stderr.flush()
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context(context)) as ex:
-        return list(ex.map(_call, jobs))
+    ctx = mp.get_context(context)
+    stop = ctx.Event()
+    ex = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx, initializer=_worker_init,
+                             initargs=(stop,))
+    futures = []
+    try:
+        with _signals_raise():
+            futures = [ex.submit(_call, j) for j in jobs]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = _failures(futures)
+            if failed:
+                raise failed[0]
+            return [f.result() for f in futures]
+    except BaseException as e:
+        # a failed job, or a signal: no queued job starts (items already handed to the pool are refused by the
+        # shared event), and the running ones end on their own (a meta-training run saves on its signal)
+        stop.set()
+        why = signal.Signals(e.signum).name if isinstance(e, _Signalled) else f"a job stopped: {e}"
+        print(f"stopping ({why}): queued jobs cancelled, waiting for the running ones"
+              + ("; signal the whole process group to stop them now" if isinstance(e, _Signalled) else ""),
+              file=sys.stderr, flush=True)
+        ex.shutdown(wait=True, cancel_futures=True)
+        causes = [x for x in _failures(futures) if not isinstance(x, PoolStopped)]
+        if not isinstance(e, _Signalled):
+            raise (causes[0] if causes and isinstance(e, PoolStopped) else e)  # the cause, not a refusal
+        for x in causes:  # what each stopped job says (a meta-training run: where it saved)
+            print(f"{type(x).__name__}: {x}", file=sys.stderr)
+        print("error: stopped; rerun the same command to continue", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+    finally:
+        ex.shutdown(wait=True)
 
 
 LOSS_FLOOR = 1e-6  # losses below it count as it in ratios: below it a ratio measures float32 rounding
