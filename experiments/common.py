@@ -20,6 +20,7 @@ from learned_opt.evaluate import ledger
 from learned_opt.evaluate.splits import evaluation_split
 from learned_opt.flags import add_dataclass_flags
 from learned_opt.log import git_state, provenance  # noqa: F401  (provenance re-exported for the scripts)
+from learned_opt.meta import Interrupted
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: its sources are hashed
 
@@ -119,11 +120,9 @@ def run_main(main: Callable[[], Any]) -> None:
     from learned_opt.repro import ensure_portable_numerics
 
     ensure_portable_numerics()
-    from learned_opt.meta import Interrupted
-
     try:
         main()
-    except Interrupted as e:  # a meta-training run stopped by its signal, its checkpoint saved
+    except (Interrupted, JobInterrupted) as e:  # a meta-training run stopped by its signal, its checkpoint saved
         print(f"error: {e}; rerun the same command to continue from it", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
 
@@ -133,6 +132,18 @@ _STOP = None  # in a pool worker: the pool's shared stop event (set by a failed 
 
 class PoolStopped(Exception):
     """A queued job that was not started because the pool is stopping."""
+
+
+class JobInterrupted(Exception):
+    """A job stopped by its signal (a meta-training run's ``Interrupted``: its checkpoint saved), in a form that
+    crosses process boundaries."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(signum, message)
+        self.signum, self.message = signum, message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _worker_init(stop) -> None:
@@ -146,9 +157,11 @@ def _call(job):
     fn, args = job
     try:
         return fn(*args)
-    except BaseException:
+    except BaseException as e:
         if _STOP is not None:
             _STOP.set()  # no worker starts another job after this one failed or was interrupted
+        if isinstance(e, Interrupted):  # its constructor's arguments are not its pickled ones
+            raise JobInterrupted(e.signum, str(e)) from None
         raise
 
 

@@ -42,12 +42,9 @@ class Interrupted(Exception):
     """Meta-training stopped by SIGINT or SIGTERM after writing a checkpoint; ``signum`` says which signal."""
 
     def __init__(self, signum: int, iteration: int, path: Optional[str]):
-        self.signum, self.iteration, self.path = signum, iteration, path
+        self.signum = signum
         where = f"checkpoint of iteration {iteration} saved in {path}" if path else "no run directory to save in"
         super().__init__(f"interrupted by {signal.Signals(signum).name}; {where}")
-
-    def __reduce__(self):  # it crosses process boundaries (a pool worker's run stopped by its signal)
-        return type(self), (self.signum, self.iteration, self.path)
 
 
 @contextlib.contextmanager
