@@ -94,17 +94,22 @@ reproduce-check: $(STAMP)
 GENERAL_DEV = --final false --horizon 200 --cache_dir results/general/tuning_cache --jobs_dir results/general/dev/jobs \
 	--workers 2
 # (each evaluation is a file target: made once per set of weights, kept when only the code moved on)
-results/general/dev/v1/summary.json: $(wildcard results/general/train/seed*/lopt.pt) | $(STAMP)
-	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train --out_dir results/general/dev/v1
+# the shipped recipe's evaluation, the incumbent: v2d since 2026-12-08 (v1's is results/general/dev/v1)
+INCUMBENT ?= v2d
+results/general/dev/$(INCUMBENT)/summary.json: $(wildcard results/general/train_$(INCUMBENT)/seed*/lopt.pt) | $(STAMP)
+	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train_$(INCUMBENT) \
+		--out_dir results/general/dev/$(INCUMBENT)
 # the candidate recipe: general_train.py --preset $(CANDIDATE) writes results/general/train_$(CANDIDATE) (v2b was
-# evaluated and not promoted: results/general/dev/v2b/promotion.json)
-CANDIDATE ?= v2d
+# evaluated and not promoted: results/general/dev/v2b/promotion.json; v2d was promoted: dev/v2d/promotion.json)
+CANDIDATE ?= v2c
+ifneq ($(CANDIDATE),$(INCUMBENT))
 results/general/dev/$(CANDIDATE)/summary.json: $(wildcard results/general/train_$(CANDIDATE)/seed*/lopt.pt) | $(STAMP)
 	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train_$(CANDIDATE) \
 		--out_dir results/general/dev/$(CANDIDATE)
-promote: results/general/dev/v1/summary.json results/general/dev/$(CANDIDATE)/summary.json
+endif
+promote: results/general/dev/$(INCUMBENT)/summary.json results/general/dev/$(CANDIDATE)/summary.json
 	$(PY) experiments/general_promote.py --candidate_train results/general/train_$(CANDIDATE) \
-		--candidate_eval results/general/dev/$(CANDIDATE) --incumbent_eval results/general/dev/v1
+		--candidate_eval results/general/dev/$(CANDIDATE) --incumbent_eval results/general/dev/$(INCUMBENT)
 
 # Speed and memory benchmarks: results/benchmarks/{summary.json, table.md} (about 5 minutes).
 bench: $(STAMP)
