@@ -159,3 +159,17 @@ def test_v2d_preset_is_v2b_with_a_lower_step_ceiling_only():
     ignored = subprocess.run(["git", "check-ignore", "-q", "results/general/train_v2d/seed0/checkpoint.pt"],
                              cwd=root).returncode
     assert ignored == 1  # 1: not ignored
+
+
+def test_v2e_preset_is_the_shipped_v2d_with_the_decay_only():
+    """--preset v2e is the next candidate: v2d (the shipped recipe) plus v2c's decayed meta-learning rate."""
+    from dataclasses import asdict
+
+    import general_train
+    from common import parse_config
+
+    v2e = parse_config(general_train.Config, general_train.PRESETS, ["--preset", "v2e"])
+    arm = parse_config(general_train.Config, general_train.PRESETS,
+                       ["--preset", "v2d", "--meta_lr_decay_iterations", "250", "--meta_lr_min_ratio", "0.1",
+                        "--out_dir", "results/general/train_v2e"])
+    assert asdict(v2e) == asdict(arm)
