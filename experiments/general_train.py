@@ -96,6 +96,7 @@ V2B = dict(normalize="none", estimator="pes", particles=8, sigma=0.01, meta_loss
            families=meta_families(), val_horizon=2000, val_metric="mean_log_train_val", val_every=25,
            val_at_start=True, ship_horizon=2000, iterations=250, budgets=(25, 100), lr_gain=1.0,
            meta_lr=1e-3, out_dir="results/general/train_v2b")
+V2D = dict(V2B, lr_bound=3.0, init_lr=1e-3, out_dir="results/general/train_v2d")  # shipped as general (2026-12-08)
 
 PRESETS = {
     "smoke": dict(seeds=2, iterations=2, sample_horizons=(6, 10), truncation=5, val_every=1, val_tasks=2,
@@ -129,12 +130,11 @@ PRESETS = {
     # of about 2e-2 in Adam's units, while Adam at its default 1e-3 is within 1.2x of tuned AdamW on both; meta-
     # training on small tasks at 2000 steps rewards the largest step it is allowed, so the allowance is the lever.
     # An ablation arm, not a shipped recipe
-    "v2d": dict(V2B, lr_bound=3.0, init_lr=1e-3, out_dir="results/general/train_v2d"),
+    "v2d": V2D,
     # v2d (shipped as general on 2026-12-08) with v2c's one change, the decayed meta-learning rate: v2d's seeds spread
     # widely on the held-out validation families (seed 4: 11x tuned Adam at 200 steps, the others 1.7-2.8x), and its
     # multiplier drifts to the bound during meta-training. The next candidate against v2d (make promote's default)
-    "v2e": dict(V2B, lr_bound=3.0, init_lr=1e-3, meta_lr_decay_iterations=250, meta_lr_min_ratio=0.1,
-                out_dir="results/general/train_v2e"),
+    "v2e": dict(V2D, meta_lr_decay_iterations=250, meta_lr_min_ratio=0.1, out_dir="results/general/train_v2e"),
 }
 
 
