@@ -129,7 +129,7 @@ PRESETS = {
     # to the last on the demo's transformer LM and ViT (results/general/offsuite_val, validation splits), a step
     # of about 2e-2 in Adam's units, while Adam at its default 1e-3 is within 1.2x of tuned AdamW on both; meta-
     # training on small tasks at 2000 steps rewards the largest step it is allowed, so the allowance is the lever.
-    # An ablation arm, not a shipped recipe
+    # An ablation arm of v2b, promoted over v1 and shipped as general on 2026-12-08 (results/general/dev/v2d)
     "v2d": V2D,
     # v2d (shipped as general on 2026-12-08) with v2c's one change, the decayed meta-learning rate: v2d's seeds spread
     # widely on the held-out validation families (seed 4: 11x tuned Adam at 200 steps, the others 1.7-2.8x), and its
