@@ -60,9 +60,10 @@ test-mutations: $(STAMP)
 # test split once (results/*/test_reads.json): a second reproduce of the same weights stops until forced. The
 # horizon part runs before estimators.py, which copies its target keys from the horizon summary.
 # the weights general_offsuite.py compares on the demo's LM and ViT (validation splits): v1 and the five v2b seeds
+# (then the shipped v2d alone); general.py's final run and general_usage.py read the shipped recipe's seeds, v2d's
 V2B = results/general/train_v2b
-OFFSUITE_WEIGHTS = v1=general,v2b_s0=$(V2B)/seed0/lopt.pt,v2b_s1=$(V2B)/seed1/lopt.pt,v2b_s2=$(V2B)/seed2/lopt.pt,$\
-	v2b_s3=$(V2B)/seed3/lopt.pt,v2b_s4=$(V2B)/seed4/lopt.pt
+OFFSUITE_WEIGHTS = v1=results/general/train/seed1/lopt.pt,v2b_s0=$(V2B)/seed0/lopt.pt,$\
+	v2b_s1=$(V2B)/seed1/lopt.pt,v2b_s2=$(V2B)/seed2/lopt.pt,v2b_s3=$(V2B)/seed3/lopt.pt,v2b_s4=$(V2B)/seed4/lopt.pt
 reproduce: $(STAMP)
 	$(PY) experiments/quadratic.py --final true --workers 2
 	$(PY) experiments/digits.py --final true --workers 2
@@ -72,11 +73,14 @@ reproduce: $(STAMP)
 	$(PY) experiments/estimators_horizon.py --final true --workers 2
 	$(PY) experiments/estimators.py
 	$(PY) experiments/general_train.py --workers 3
-	$(PY) experiments/general.py --final true --workers 2 --horizon 200
-	$(PY) experiments/general_usage.py
+	$(PY) experiments/general_train.py --preset v2d --workers 2
+	$(PY) experiments/general.py --final true --workers 2 --horizon 200 --train_dir results/general/train_v2d
+	$(PY) experiments/general_usage.py --train_dir results/general/train_v2d
 	$(PY) experiments/demo.py --workers 2
 	$(PY) experiments/demo.py --models text,vit --out_dir results/general/offsuite --workers 2
 	$(PY) experiments/general_offsuite.py --weights $(OFFSUITE_WEIGHTS)
+	$(PY) experiments/general_offsuite.py --weights v2d_s3=general --lrs 1,0.3,0.1 --workers 1 \
+		--out_dir results/general/offsuite_val_v2d
 	$(PY) benchmarks/bench.py
 
 # Ship new general weights as learned_opt/pretrained/general.pt (+ manifest), the only recipe that writes there, and
