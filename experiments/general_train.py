@@ -67,6 +67,7 @@ class Config:
     particles: int = 8
     sigma: float = 0.01
     meta_loss: str = "mean_log"
+    hyper: bool = False  # NormMLP's scheduler also reads the gradient-momentum cosines (version-3 candidate)
     # compute scaling (issue #24): at each of these iteration counts below ``iterations`` the seed saves the weights
     # it would ship if it stopped there (its best on stream "select" so far) as seed{N}/lopt_it{count}.pt, with its
     # meta-training seconds in seed{N}/budgets.json; general.py evaluates them beside the final weights
@@ -135,13 +136,21 @@ PRESETS = {
     # widely on the held-out validation families (seed 4: 11x tuned Adam at 200 steps, the others 1.7-2.8x), and its
     # multiplier drifts to the bound during meta-training. The next candidate against v2d (make promote's default)
     "v2e": dict(V2D, meta_lr_decay_iterations=250, meta_lr_min_ratio=0.1, out_dir="results/general/train_v2e"),
+    # v2b with one change, a version-3 candidate: the scheduler also reads, per tensor, the cosine of the gradient
+    # with each momentum before it (NormMLP(hyper=True), the hypergradient signal: were the last steps too short or
+    # too long?). Why: in every version so far the multiplier is a near-constant at its bound, while the step size
+    # tuned Adam needs differs by 10x across the held-out families and horizons (tuned rates 3e-3 to 3e-2 on the
+    # validation tuning; 1.0 on the ill-conditioned quadratics) and the scheduler's inputs (loss and gradient-norm
+    # ratios, time) do not say which. On v2b's range (bound 10, base 3e-3), where v2b's too-long steps spiked on
+    # the CNN and the ViT, so that its evaluation (results/general/dev/v2b) is the ablation's other arm
+    "v3a": dict(V2B, hyper=True, out_dir="results/general/train_v3a"),
 }
 
 
 def net_args(cfg: Config) -> dict:
     """The meta-network's constructor arguments."""
     return dict(hidden=cfg.hidden, layers=cfg.layers, init_lr=cfg.init_lr, lr_bound=cfg.lr_bound,
-                horizon_dropout=cfg.horizon_dropout, normalize=cfg.normalize, lr_gain=cfg.lr_gain)
+                horizon_dropout=cfg.horizon_dropout, normalize=cfg.normalize, lr_gain=cfg.lr_gain, hyper=cfg.hyper)
 
 
 def family(cfg: Config) -> MixtureFamily:

@@ -55,6 +55,23 @@ WIDE_MEAN_BLOCK = 16384
 NORMALIZE = ("tensor", "none")
 
 
+def grad_momentum_cosines(g: Tensor, momenta: Tensor, sizes: Sequence[int]) -> Tensor:
+    """Per tensor, the cosine between this step's gradient and each momentum *before* it takes the gradient in:
+    ``(tensors, k)``, each in [-1, 1], 0 where either vector is zero (the first step). The hypergradient signal of
+    the step size (Baydin et al. 2018): the loss's derivative with respect to the last step's rate is ``-g_t .
+    u_{t-1}``, and the momenta are the smoothed past steps, so a positive cosine says the steps were too short (the
+    gradient still points where they went) and a negative one that they overshot. Scale-free like every other
+    input. Dot products per tensor (no ``(k, n)`` temporary), differentiable (sums of squares, not norms, so that a
+    zero vector gives a zero gradient instead of NaN)."""
+    rows = []
+    for gc, mc in zip(g.split(list(sizes)), momenta.split(list(sizes), dim=1)):
+        dot = torch.mv(mc, gc)  # (k,)
+        mm = torch.bmm(mc.unsqueeze(1), mc.unsqueeze(2)).reshape(-1)  # (k,) sums of squares, no temporary
+        gg = torch.dot(gc, gc)
+        rows.append(dot * torch.rsqrt(mm.clamp_min(1e-30)) * torch.rsqrt(gg.clamp_min(1e-30)))
+    return torch.stack(rows)
+
+
 class NormMLPState(NamedTuple):
     """Per-coordinate momenta ``(k, n)`` and second moment ``(n,)``, pooled hidden, count, layout."""
     momenta: Tensor
@@ -112,7 +129,8 @@ class NormMLP(_MetaNetwork):
     def __init__(self, hidden: int = 8, layers: int = 2, momentum_decays: Sequence[float] = (0.5, 0.9, 0.99),
                  rms_decay: float = 0.999, init_lr: float = 1e-3, lr_bound: float = 30.0,
                  lr_max: Optional[float] = None, stop_bias: float = -6.0, stop_threshold: float = 0.5,
-                 horizon_dropout: float = 0.5, eps: float = 1e-8, normalize: str = "tensor", lr_gain: float = 1.0):
+                 horizon_dropout: float = 0.5, eps: float = 1e-8, normalize: str = "tensor", lr_gain: float = 1.0,
+                 hyper: bool = False):
         super().__init__()
         if isinstance(hidden, bool) or int(hidden) != hidden or hidden < 1 or int(layers) != layers or layers < 1:
             raise ValueError(f"hidden and layers must be integers >= 1, got hidden={hidden!r}, layers={layers!r}")
@@ -140,6 +158,12 @@ class NormMLP(_MetaNetwork):
         # part of the step size goes to the base rate instead of pushing the scheduler's multiplier to its bound
         self.lr_gain = float(lr_gain)
         self.config.update({"lr_gain": self.lr_gain} if lr_gain != 1 else {})
+        # hyper: the scheduler also reads, per tensor, the cosines of the gradient with the momenta before it
+        # (grad_momentum_cosines), the signal of whether the last steps were too short or too long
+        if not isinstance(hyper, bool):
+            raise ValueError(f"hyper must be True or False, got {hyper!r}")
+        self.hyper = hyper
+        self.config.update({"hyper": True} if hyper else {})
         self.lr_mode = "global"
         self.momentum_decays, self.rms_decay, self.eps = tuple(momentum_decays), rms_decay, eps
         k = len(self.momentum_decays)
@@ -155,11 +179,20 @@ class NormMLP(_MetaNetwork):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.log_lr = nn.Parameter(torch.tensor(math.log(init_lr) / self.lr_gain))
-        self.heads = SchedulerHeads(hidden, horizon_dropout=horizon_dropout, lr_bound=lr_bound,
-                                    stop_bias=stop_bias, stop_threshold=stop_threshold, lr_max=lr_max)
+        self.heads = SchedulerHeads(hidden + (k if hyper else 0), horizon_dropout=horizon_dropout,
+                                    lr_bound=lr_bound, stop_bias=stop_bias, stop_threshold=stop_threshold,
+                                    lr_max=lr_max)
 
     normalize = "tensor"  # the class default: instances pickled before the option existed are v1 networks
     lr_gain = 1.0
+    hyper = False
+
+    def _pooled(self, pooled: Tensor, g: Tensor, old_momenta: Tensor, sizes: Sequence[int]) -> Tensor:
+        """The per-tensor row the heads read: the pooled hidden units, then (``hyper``) the gradient-momentum
+        cosines."""
+        if not self.hyper:
+            return pooled
+        return torch.cat([pooled, grad_momentum_cosines(g, old_momenta, sizes).to(pooled.dtype)], dim=1)
 
     def log_rate(self) -> Tensor:
         """The log of the base rate, ``lr_gain * log_lr``."""
@@ -282,12 +315,14 @@ class NormMLP(_MetaNetwork):
                 v = torch.lerp(state.v, torch.mul(g, g, out=self._workspace("gg", g.shape, g)), 1 - self.rms_decay)
                 u, pooled = self._direction_fast(g, p, momenta, v, count, layout)
                 step = u.mul_(torch.exp(self.log_rate()))
+                pooled = self._pooled(pooled, g, state.momenta, layout.sizes)
             return unflatten(step, layout), NormMLPState(momenta, v, pooled, count, layout)
         momenta = b * state.momenta + (1 - b) * g
         v = self.rms_decay * state.v + (1 - self.rms_decay) * g * g
         u, h = self.direction(g, p, momenta, v, count, layout)
         step = torch.exp(self.log_rate()) * u
-        return unflatten(step, layout), NormMLPState(momenta, v, segment_mean_acc(h, layout), count, layout)
+        pooled = self._pooled(segment_mean_acc(h, layout), g, state.momenta, layout.sizes)
+        return unflatten(step, layout), NormMLPState(momenta, v, pooled, count, layout)
 
     def state_floats_per_param(self) -> int:
         """Floats of per-coordinate optimizer state per parameter."""
@@ -319,6 +354,7 @@ def update_wide(net: "NormMLP", grads: Sequence[Tensor], params: Sequence[Tensor
     flat_p = [t.reshape(-1) for t in params]
     gg = torch.mul(g, g, out=net._workspace("wide_gg", (n,), like))
     donated = net._donated()  # the drop-in: the new moments over the old ones, the updates in a scratch buffer
+    cosines = grad_momentum_cosines(g, state.momenta, sizes) if net.hyper else None  # before they are overwritten
     momenta = torch.lerp(state.momenta, g.unsqueeze(0), 1 - net._decays(g), out=state.momenta if donated else None)
     v = torch.lerp(state.v, gg, 1 - net.rms_decay, out=state.v if donated else None)
     cv = 1 - net.rms_decay ** count
@@ -365,6 +401,8 @@ def update_wide(net: "NormMLP", grads: Sequence[Tensor], params: Sequence[Tensor
         (out.tanh_() if unnormalized else out).sub_(x[k + 3 + a], alpha=corr[a])
         sums[j].add_(h[:hid, :c].sum(1))
     pooled = mean_of_block_sums(sums, sizes, like.dtype)
+    if cosines is not None:
+        pooled = torch.cat([pooled, cosines.to(pooled.dtype)], dim=1)
     u = u.squeeze(0)
     lr = torch.exp(net.log_rate())
     if unnormalized:  # tanh(mlp) - Adam's direction, as it is
