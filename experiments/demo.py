@@ -420,8 +420,8 @@ def report(cfg: Config, summary: Dict[str, Any]) -> str:
         "loss (nats per character) on the last 10%.",
         f"- digits: scikit-learn's bundled 8x8 digits, {summary['digits_images']}; held-out = test images.",
         "- AdamW tuned: lr chosen on the validation split only, then one run scored on the held-out split.",
-        "- 'general' was meta-trained on small tasks (digits MLPs among them, never a CNN or a transformer); its "
-        "card, learned_opt.pretrained.info('general'), lists where it is known to fail.", "",
+        "- 'general' was meta-trained on small synthetic and bundled tasks, never on these models or this text; its "
+        "card, learned_opt.pretrained.info('general'), says what it was trained on and where it is known to fail.", "",
         markdown_table(["model", "optimizer", "steps", "final train loss (last 20 steps)", "held-out loss",
                         "test accuracy"], rows), "",
         markdown_table(["model", "AdamW validation loss by lr", "chosen lr"], grid_rows), "",
