@@ -105,7 +105,7 @@ results/general/dev/$(INCUMBENT)/summary.json: $(wildcard results/general/train_
 		--out_dir results/general/dev/$(INCUMBENT)
 # the candidate recipe: general_train.py --preset $(CANDIDATE) writes results/general/train_$(CANDIDATE) (v2b was
 # evaluated and not promoted: results/general/dev/v2b/promotion.json; v2d was promoted: dev/v2d/promotion.json)
-CANDIDATE ?= v2e
+CANDIDATE ?= v3a
 ifneq ($(CANDIDATE),$(INCUMBENT))
 results/general/dev/$(CANDIDATE)/summary.json: $(wildcard results/general/train_$(CANDIDATE)/seed*/lopt.pt) | $(STAMP)
 	$(PY) experiments/general.py $(GENERAL_DEV) --train_dir results/general/train_$(CANDIDATE) \

@@ -18,11 +18,11 @@ script exits 1 saying which part of the rule failed.
     python experiments/general.py --final false --horizon 200 --cache_dir results/general/tuning_cache \\
         --jobs_dir results/general/dev/jobs --train_dir results/general/train_v2d --out_dir results/general/dev/v2d
     python experiments/general.py --final false --horizon 200 --cache_dir results/general/tuning_cache \\
-        --jobs_dir results/general/dev/jobs --train_dir results/general/train_v2e --out_dir results/general/dev/v2e
-    python experiments/general_promote.py --candidate_train results/general/train_v2e \\
-        --candidate_eval results/general/dev/v2e --incumbent_eval results/general/dev/v2d
+        --jobs_dir results/general/dev/jobs --train_dir results/general/train_v3a --out_dir results/general/dev/v3a
+    python experiments/general_promote.py --candidate_train results/general/train_v3a \\
+        --candidate_eval results/general/dev/v3a --incumbent_eval results/general/dev/v2d
 
-(``make promote`` runs the three, for ``CANDIDATE=v2e`` against ``INCUMBENT=v2d`` by default; v2b's verdict, not
+(``make promote`` runs the three, for ``CANDIDATE=v3a`` against ``INCUMBENT=v2d`` by default; v2b's verdict, not
 promoted, is in ``results/general/dev/v2b/promotion.json``, v2d's, promoted over v1, in ``dev/v2d/promotion.json``. ``--cache_dir``: the committed tuning scores and single-rate sweeps,
 validation tasks only, are re-used; ``--jobs_dir``: the second evaluation re-uses the first one's baseline runs, keyed on the
 files a baseline run executes (``general_runs.BASELINE_SOURCES``); both evaluations resume from their cached jobs,
@@ -48,8 +48,8 @@ CONFIG_COMPARABLE = ("tune_tasks", "test_tasks", "long_factor", "long_axes", "ba
 @dataclass
 class Config:
     """The promotion of the general optimizer; every field is a command-line flag."""
-    candidate_train: str = "results/general/train_v2e"  # general_train.py's out_dir of the candidate recipe
-    candidate_eval: str = "results/general/dev/v2e"  # general.py --final false of candidate_train
+    candidate_train: str = "results/general/train_v3a"  # general_train.py's out_dir of the candidate recipe
+    candidate_eval: str = "results/general/dev/v3a"  # general.py --final false of candidate_train
     incumbent_eval: str = "results/general/dev/v2d"  # general.py --final false of the seeds the shipped weights are from
     rule_keys: tuple = ("train_vs_tuned_adam_1x", "train_vs_tuned_adam_10x", "test_vs_tuned_adam")
     max_regression: float = 1.1  # no rule headline may be more than this times the incumbent's

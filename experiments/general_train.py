@@ -134,7 +134,8 @@ PRESETS = {
     "v2d": V2D,
     # v2d (shipped as general on 2026-12-08) with v2c's one change, the decayed meta-learning rate: v2d's seeds spread
     # widely on the held-out validation families (seed 4: 11x tuned Adam at 200 steps, the others 1.7-2.8x), and its
-    # multiplier drifts to the bound during meta-training. The next candidate against v2d (make promote's default)
+    # multiplier drifts to the bound during meta-training. A candidate against v2d, not run yet (make promote's
+    # default candidate is v3a, below, the one meta-training)
     "v2e": dict(V2D, meta_lr_decay_iterations=250, meta_lr_min_ratio=0.1, out_dir="results/general/train_v2e"),
     # v2b with one change, a version-3 candidate: the scheduler also reads, per tensor, the cosine of the gradient
     # with each momentum before it (NormMLP(hyper=True), the hypergradient signal: were the last steps too short or
