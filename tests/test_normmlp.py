@@ -154,38 +154,46 @@ def test_scheduler_reads_the_fraction_done_only_when_the_horizon_is_known():
         assert hidden.heads.features(obs, hidden.heads.observe(obs, hidden.heads.init()), like)[-2:].tolist() == [0, 0]
 
 
-def test_meta_gradient_matches_finite_differences():
-    torch.manual_seed(0)
-    net = randomize_(NormMLP(hidden=6, init_lr=0.05).double(), scale=0.3)
+def digits_objective(net):
+    """The mean log train loss of a 4-step differentiable unroll of ``net`` on a small digits MLP (float64)."""
     task = Digits(dtype=torch.float64, hidden=(6,))
 
     def objective():
         res = unroll(task, net, net.as_controller(), steps=4, generator=generator(1), differentiable=True,
                      second_order=True, horizon=10)
         return torch.log(torch.stack(res.train_losses[1:])).mean()
+    return objective
 
+
+def central_difference(net, objective, tape, w, idx, eps=1e-6) -> float:
+    """The central finite difference of ``objective`` in ``w[idx]``, the decision features replayed from ``tape``."""
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            orig = w[idx].item()
+            w[idx] = orig + sign * eps
+        with net.heads.replay_features(tape):
+            values.append(objective().item())
+        with torch.no_grad():
+            w[idx] = orig
+    return (values[0] - values[1]) / (2 * eps)
+
+
+def test_meta_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    net = randomize_(NormMLP(hidden=6, init_lr=0.05).double(), scale=0.3)
+    objective = digits_objective(net)
     with net.heads.record_features() as tape:
         loss = objective()
     named = dict(net.named_parameters())
     names = ["first.weight", "first_tensor.weight", "rest.0.weight", "out.weight", "out.bias", "log_lr",
              "heads.lr.0.weight", "heads.lr.2.bias"]
     grads = torch.autograd.grad(loss, [named[n] for n in names])
-    eps = 1e-6
     for name, grad in zip(names, grads):
         idx = tuple(int(i) for i in torch.unravel_index(grad.abs().argmax(), grad.shape))
         analytic = grad[idx].item()
         assert abs(analytic) > 1e-6, (name, analytic)
-        w = named[name]
-        values = []
-        for sign in (1, -1):
-            with torch.no_grad():
-                orig = w[idx].item()
-                w[idx] = orig + sign * eps
-            with net.heads.replay_features(tape):
-                values.append(objective().item())
-            with torch.no_grad():
-                w[idx] = orig
-        numeric = (values[0] - values[1]) / (2 * eps)
+        numeric = central_difference(net, objective, tape, named[name], idx)
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9), (name, analytic, numeric)
 
 

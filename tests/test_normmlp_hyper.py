@@ -12,11 +12,8 @@ from learned_opt.control import Observation
 from learned_opt.meta import load_lopt, save_lopt
 from learned_opt.optim.learned import flatten
 from learned_opt.optim.normmlp import NormMLP, grad_momentum_cosines
-from learned_opt.tasks import Digits
-from learned_opt.tasks.base import generator
-from learned_opt.unroll import unroll
 from tests.helpers import randomize_
-from tests.test_normmlp import BIG_SHAPES, use_path
+from tests.test_normmlp import BIG_SHAPES, central_difference, digits_objective, use_path
 
 
 def test_cosines_by_hand_scale_free_and_zero_before_any_momentum():
@@ -109,34 +106,18 @@ def test_the_cosines_move_the_scheduler_and_a_fresh_network_steps_as_without_the
 def test_meta_gradient_through_the_cosines_matches_finite_differences():
     torch.manual_seed(0)
     net = randomize_(NormMLP(hidden=6, init_lr=0.05, hyper=True).double(), 0.3, 0)
-    task = Digits(dtype=torch.float64, hidden=(6,))
-
-    def objective():
-        res = unroll(task, net, net.as_controller(), steps=4, generator=generator(1), differentiable=True,
-                     second_order=True, horizon=10)
-        return torch.log(torch.stack(res.train_losses[1:])).mean()
-
+    objective = digits_objective(net)
     with net.heads.record_features() as tape:
         loss = objective()
-    named = dict(net.named_parameters())
     # the LR head's first layer: its columns past the hidden units read the cosines
     hidden = net.first.out_features
-    w = named["heads.lr.0.weight"]
+    w = net.heads.lr[0].weight
     (grad,) = torch.autograd.grad(loss, [w])
     best = int(grad[:, hidden:hidden + 3].abs().argmax())
     idx = (best // 3, hidden + best % 3)
     analytic = grad[idx].item()
     assert abs(analytic) > 1e-7
-    values = []
-    for sign in (1, -1):
-        with torch.no_grad():
-            orig = w[idx].item()
-            w[idx] = orig + sign * 1e-6
-        with net.heads.replay_features(tape):
-            values.append(objective().item())
-        with torch.no_grad():
-            w[idx] = orig
-    assert analytic == pytest.approx((values[0] - values[1]) / 2e-6, rel=1e-5, abs=1e-9)
+    assert analytic == pytest.approx(central_difference(net, objective, tape, w, idx), rel=1e-5, abs=1e-9)
 
 
 def test_config_round_trips_and_networks_without_it_keep_their_config(tmp_path):
