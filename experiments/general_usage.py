@@ -45,6 +45,7 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 class Config:
     """LR-multiplier usage of the general optimizer; every field is a command-line flag."""
     train_dir: str = "results/general/train"
+    seeds: tuple = ()  # default: every seed{N}/lopt.pt of train_dir (e.g. --seeds 3: the shipped one alone)
     families: tuple = ()  # default: every held-out family
     tasks: int = 2  # validation tasks per family (stream "usage")
     horizon: int = 2000
@@ -106,6 +107,11 @@ def main(argv=None) -> dict:
     paths = seed_paths(cfg.train_dir)
     if not paths:
         sys.exit(f"error: --train_dir {cfg.train_dir} holds no seed{{N}}/lopt.pt")
+    missing = [s for s in cfg.seeds if str(s) not in {str(k) for k in paths}]
+    if missing:
+        sys.exit(f"error: --seeds: {cfg.train_dir} holds no seed{missing[0]}/lopt.pt")
+    if cfg.seeds:
+        paths = {s: p for s, p in paths.items() if str(s) in {str(x) for x in cfg.seeds}}
     fams = [n for n in SUITE if (n in cfg.families if cfg.families else SUITE[n].role == "heldout")]
     torch.set_num_threads(1)
     t0 = time.perf_counter()

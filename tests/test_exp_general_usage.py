@@ -41,3 +41,8 @@ def test_usage_record_matches_the_scheduler_outputs(train_dir, tmp_path, monkeyp
     assert not np.array_equal(a, b)  # the scheduler reads the horizon it is told
     with pytest.raises(SystemExit, match="--families"):
         gu.main(["--preset", "smoke", "--train_dir", str(train_dir), "--families", "nope"])
+    # --seeds: those seeds alone, the same record for each; a seed the folder lacks is refused by name
+    one = gu.main(["--preset", "smoke", "--train_dir", str(train_dir), "--out_dir", str(tmp_path), "--seeds", "1"])
+    assert set(one["seeds"]) == {"1"} and one["seeds"]["1"]["quantiles"] == rec["seeds"]["1"]["quantiles"]
+    with pytest.raises(SystemExit, match="--seeds.*seed7"):
+        gu.main(["--preset", "smoke", "--train_dir", str(train_dir), "--seeds", "7"])
