@@ -163,9 +163,9 @@ def test_the_drop_in_trains_with_the_cosines_per_tensor():
     assert flatten([p.detach() for p in model.parameters()]).isfinite().all()
 
 
-def test_v3a_preset_is_v2b_with_the_cosines_only_and_builds_such_a_network():
-    """--preset v3a is an ablation arm of v2b (whose validation evaluation is results/general/dev/v2b): the same
-    recipe with hyper on and its own directory; the meta-network it trains reads the cosines."""
+def test_v3a_and_v3b_presets_add_the_cosines_only_and_build_such_a_network():
+    """--preset v3a is an ablation arm of v2b (whose validation evaluation is results/general/dev/v2b), v3b one of the
+    shipped v2d: the same recipe with hyper on and its own directory; the meta-network it trains reads the cosines."""
     import os
     import sys
     from dataclasses import asdict
@@ -178,6 +178,9 @@ def test_v3a_preset_is_v2b_with_the_cosines_only_and_builds_such_a_network():
     arm = parse_config(general_train.Config, general_train.PRESETS,
                        ["--preset", "v2b", "--hyper", "true", "--out_dir", "results/general/train_v3a"])
     assert asdict(v3a) == asdict(arm) and v3a.hyper is True
+    v3b = parse_config(general_train.Config, general_train.PRESETS, ["--preset", "v3b"])  # the same, on v2d
+    assert asdict(v3b) == asdict(parse_config(general_train.Config, general_train.PRESETS, [
+        "--preset", "v2d", "--hyper", "true", "--out_dir", "results/general/train_v3b"]))
     net = general_train.new_net(v3a, 0)
     assert net.hyper is True and net.heads.lr[0].in_features == general_train.new_net(
         parse_config(general_train.Config, general_train.PRESETS, ["--preset", "v2b"]), 0).heads.lr[0].in_features + 3
