@@ -140,8 +140,8 @@ PRESETS = {
     # v2b with one change, a version-3 candidate: the scheduler also reads, per tensor, the cosine of the gradient
     # with each momentum before it (NormMLP(hyper=True), the hypergradient signal: were the last steps too short or
     # too long?). Why: in every version so far the multiplier is a near-constant at its bound, while the step size
-    # tuned Adam needs differs by 10x across the held-out families and horizons (tuned rates 3e-3 to 3e-2 on the
-    # validation tuning; 1.0 on the ill-conditioned quadratics) and the scheduler's inputs (loss and gradient-norm
+    # tuned Adam needs differs by 1000x across the held-out families and horizons (rates tuned for the train loss on
+    # validation tasks: 3e-3 to 3; most 1e-2 to 3e-2) and the scheduler's inputs (loss and gradient-norm
     # ratios, time) do not say which. On v2b's range (bound 10, base 3e-3), where v2b's too-long steps spiked on
     # the CNN and the ViT, so that its evaluation (results/general/dev/v2b) is the ablation's other arm
     "v3a": dict(V2B, hyper=True, out_dir="results/general/train_v3a"),

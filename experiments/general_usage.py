@@ -107,11 +107,12 @@ def main(argv=None) -> dict:
     paths = seed_paths(cfg.train_dir)
     if not paths:
         sys.exit(f"error: --train_dir {cfg.train_dir} holds no seed{{N}}/lopt.pt")
-    missing = [s for s in cfg.seeds if str(s) not in {str(k) for k in paths}]
-    if missing:
-        sys.exit(f"error: --seeds: {cfg.train_dir} holds no seed{missing[0]}/lopt.pt")
     if cfg.seeds:
-        paths = {s: p for s, p in paths.items() if str(s) in {str(x) for x in cfg.seeds}}
+        wanted, held = [str(x) for x in cfg.seeds], {str(k): k for k in paths}
+        missing = [s for s in wanted if s not in held]
+        if missing:
+            sys.exit(f"error: --seeds: {cfg.train_dir} holds no seed{missing[0]}/lopt.pt")
+        paths = {held[s]: paths[held[s]] for s in wanted}
     fams = [n for n in SUITE if (n in cfg.families if cfg.families else SUITE[n].role == "heldout")]
     torch.set_num_threads(1)
     t0 = time.perf_counter()

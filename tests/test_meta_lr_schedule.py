@@ -162,7 +162,7 @@ def test_v2d_preset_is_v2b_with_a_lower_step_ceiling_only():
 
 
 def test_v2e_preset_is_the_shipped_v2d_with_the_decay_only():
-    """--preset v2e is the next candidate: v2d (the shipped recipe) plus v2c's decayed meta-learning rate."""
+    """--preset v2e is a candidate against the shipped v2d: v2d plus v2c's decayed meta-learning rate."""
     from dataclasses import asdict
 
     import general_train
